@@ -1,0 +1,33 @@
+# `make demo` and `make test` need nothing but python3 (3.11+): each creates or reuses .venv
+# with the exact versions in constraints.txt.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+CHECKED := pipeline models data tests benchmarks run_pipeline.py
+
+.PHONY: venv demo test lint typecheck unit clean
+
+$(STAMP): setup.cfg constraints.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) run_pipeline.py demo --output demo_out
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(CHECKED)
+	$(VENV)/bin/ruff format --check $(CHECKED)
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) demo_out .mypy_cache .ruff_cache .pytest_cache

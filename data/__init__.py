@@ -1,0 +1,1 @@
+"""Datasets, manifests, patient-wise folds and synthetic CT phantoms."""

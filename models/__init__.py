@@ -1,0 +1,1 @@
+"""Network definitions, checkpoint I/O (safetensors + JSON card) and training loops."""

@@ -1,0 +1,70 @@
+"""Command line: ``corona-ct SUBCOMMAND`` (also ``python run_pipeline.py SUBCOMMAND``).
+
+Each subcommand lives in ``pipeline/commands/<name>.py`` with ``register(subparsers)``;
+heavy libraries (torch, pydicom) are imported inside the handlers so that ``--help``
+is instant. Project errors become one line on stderr and exit code 2; a study
+that fails inside a batch makes the batch exit with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from pipeline import __version__
+from pipeline.errors import CoronaCTError
+
+COMMAND_MODULES = (
+    "pipeline.commands.inspect",
+    "pipeline.commands.run",
+    "pipeline.commands.train",
+    "pipeline.commands.analyze",
+)
+
+EXIT_OK, EXIT_STUDY_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corona-ct",
+        description="COVID-19 pneumonia detection and quantification on chest CT. Research use only.",
+    )
+    parser.add_argument("--version", action="version", version=f"corona-ct {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks of unexpected errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args))
+    except CoronaCTError as error:
+        print(f"corona-ct: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("corona-ct: interrupted; finished results are kept", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        print(
+            f"corona-ct: internal error ({type(error).__name__}: {error}); "
+            "rerun with --debug for the traceback and please report it",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
