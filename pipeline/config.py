@@ -151,7 +151,11 @@ def _coerce_fields(instance: Any, values: Mapping[str, Any], section: str) -> di
                 if not isinstance(value, bool):
                     raise TypeError
             elif isinstance(default, tuple):
-                value = tuple(type(d)(v) for d, v in zip(default, value, strict=False)) if default else tuple(value)
+                value = (
+                    tuple(type(d)(v) for d, v in zip(default, value, strict=False))
+                    if default
+                    else tuple(value)
+                )
                 if default and len(value) != len(default):
                     raise TypeError
             else:

@@ -85,7 +85,7 @@ class Geometry:
         """Signed position of each slice along the slice axis, in mm (z of the report)."""
         normal = np.asarray(self.axes_lps[0], dtype=np.float64)
         first = float(np.dot(np.asarray(self.origin_lps), normal))
-        return first + np.arange(self.shape[0]) * self.spacing_mm[0]
+        return first + np.arange(self.shape[0], dtype=np.float64) * self.spacing_mm[0]
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,9 @@ def derive_study_id(folder_name: str | None, uid: str, identifiers: Iterable[str
     """
     if folder_name and _SAFE_NAME.match(folder_name) and folder_name not in {".", ".."}:
         lowered = folder_name.lower()
-        parts = {p.lower() for ident in identifiers for p in re.split(r"[\^\s,]+", ident or "") if len(p) >= 3}
+        parts = {
+            p.lower() for ident in identifiers for p in re.split(r"[\^\s,]+", ident or "") if len(p) >= 3
+        }
         if not any(part in lowered for part in parts):
             return folder_name
     return hashed_id(uid)

@@ -1,0 +1,605 @@
+"""The study runner: the only place where the stages are wired together.
+
+``analyze_study`` takes one loaded ``Volume`` and loaded models and returns a
+``StudyResult``; ``run_batch`` discovers studies under the inputs, isolates
+failures per study, writes every output atomically and can resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.atomic import atomic_path, write_text
+from pipeline.config import PipelineConfig
+from pipeline.datamodel import CamStack, LungMask, Severity, SliceFeatures, SliceScores, StudyFailure, Volume
+from pipeline.errors import CoronaCTError, ModelError, StageError
+
+log = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS = (
+    "study_id",
+    "status",
+    "source",
+    "n_slices",
+    "slices_evaluated",
+    "positive_slices",
+    "case_probability",
+    "corona_score_cm3",
+    "corona_score_in_lung_cm3",
+    "lung_volume_cm3",
+    "affected_percent",
+    "ggo_percent",
+    "consolidation_percent",
+    "error",
+)
+THUMBNAIL_SIZE = 112
+UNTRAINED_NOTICE = (
+    "UNTRAINED WEIGHTS: the classifier has random weights; probabilities, heat maps and "
+    "Corona scores in this report are meaningless."
+)
+
+
+@dataclass(frozen=True)
+class Models:
+    """The networks a run uses, loaded once per batch."""
+
+    classifier: object  # models.checkpoint.LoadedModel
+    segmenter: object | None  # LoadedModel, or None for the classical segmenter
+
+    @property
+    def untrained(self) -> bool:
+        return not getattr(self.classifier, "trained", False)
+
+    def describe(self) -> dict[str, dict[str, object] | None]:
+        """Names, architectures and checksums for the report."""
+
+        def one(model: object | None) -> dict[str, object] | None:
+            if model is None:
+                return None
+            card = getattr(model, "card", {})
+            path = getattr(model, "path", None)
+            return {
+                "architecture": card.get("architecture"),
+                "file": path.name if path else None,
+                "sha256": getattr(model, "sha256", None),
+                "trained": getattr(model, "trained", False),
+            }
+
+        return {"classifier": one(self.classifier), "segmenter": one(self.segmenter)}
+
+
+def load_models(
+    config: PipelineConfig,
+    cls_weights: Path | None = None,
+    seg_weights: Path | None = None,
+    *,
+    allow_untrained: bool = False,
+) -> Models:
+    """Load the classifier and (when configured) the U-Net segmenter.
+
+    Explicit paths win over the project's default weights in ``models/weights``.
+    Without classifier weights this refuses unless ``allow_untrained`` is set.
+    """
+    from models.checkpoint import load_classifier, load_segmenter, resolve_device
+    from models.weights import default_weights
+
+    device = str(resolve_device(config.runtime.device))
+    cls_path = cls_weights or default_weights("classifier")
+    if cls_path is None and not allow_untrained:
+        raise ModelError(
+            "no classifier weights: pass --cls-weights RUN/model.safetensors (train one with "
+            "`corona-ct train-cls`), or --allow-untrained to run with random weights (numbers meaningless)"
+        )
+    classifier = load_classifier(cls_path, device=device, backbone=config.classify.backbone)
+
+    method = config.segment.method
+    if method not in {"auto", "unet", "classical"}:
+        raise ModelError(f"segment.method={method!r}; use auto, unet or classical")
+    seg_path = seg_weights if seg_weights is not None else default_weights("segmenter")
+    if method == "unet" and seg_path is None:
+        raise ModelError("segment.method=unet needs --seg-weights (train one with `corona-ct train-seg`)")
+    segmenter = None
+    if method != "classical" and seg_path is not None:
+        segmenter = load_segmenter(seg_path, device=device)
+    return Models(classifier=classifier, segmenter=segmenter)
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """Everything the pipeline computed for one study."""
+
+    volume: Volume
+    lung_mask: LungMask
+    scores: SliceScores
+    cams: CamStack
+    features: SliceFeatures
+    thumbnails: np.ndarray  # (n_evaluated, 112, 112) uint8: windowed lung-ROI crops
+    cam_thumbnails: np.ndarray  # (n_evaluated, 112, 112) uint8: fused map × 255 on the crop
+    severity: Severity
+    case_probability: float
+    timings_s: dict[str, float]
+    warnings: tuple[str, ...]
+
+
+@contextlib.contextmanager
+def _stage(name: str, study_id: str, timings: dict[str, float]) -> Iterator[None]:
+    """Time a stage and re-raise any failure as a StageError naming the stage."""
+    start = time.perf_counter()
+    try:
+        yield
+    except StageError:
+        raise
+    except CoronaCTError as error:
+        raise StageError(name, study_id, str(error)) from error
+    except Exception as error:
+        raise StageError(name, study_id, f"{type(error).__name__}: {error}") from error
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def analyze_study(
+    volume: Volume,
+    models: Models,
+    config: PipelineConfig,
+    progress: Callable[[int], None] | None = None,
+) -> StudyResult:
+    """Lungs → ROI → slice classifier + multi-scale Grad-CAM → 3D map → severity."""
+    import torch
+
+    from models.checkpoint import resolve_device
+    from pipeline.classify import case_probability, classify_slices
+    from pipeline.preprocess import evaluable_slices, lung_bounding_box, paste_back, to_model_input, window
+    from pipeline.segment import segment_lungs
+    from pipeline.severity import severity
+
+    timings: dict[str, float] = {}
+    study_id = volume.study_id
+    device = resolve_device(config.runtime.device)
+    warnings = list(volume.warnings)
+    classifier = models.classifier
+    spec = classifier.spec  # type: ignore[attr-defined]
+    size = spec.input_size
+
+    with _stage("segment", study_id, timings):
+        seg_model = getattr(models.segmenter, "module", None)
+        lung_mask = segment_lungs(volume, config.segment, config.window, model=seg_model, device=str(device))
+        warnings.extend(lung_mask.warnings)
+
+    with _stage("roi", study_id, timings):
+        lungs = lung_mask.lungs
+        box = lung_bounding_box(lungs, config.roi)
+        evaluated = (
+            evaluable_slices(lungs, config.roi) if box is not None else np.zeros(volume.n_slices, bool)
+        )
+        windowed = window(volume.array, volume.units, config.window)
+
+    n_slices = volume.n_slices
+    probs = np.full(n_slices, np.nan, dtype=np.float32)
+    cam_volume = np.zeros(volume.array.shape, dtype=np.float32)
+    eval_index = np.flatnonzero(evaluated)
+    feature_dim = spec.feature_dim
+    features = np.zeros((len(eval_index), feature_dim), np.float32)
+    feature_weights = np.zeros_like(features)
+    thumbnails = np.zeros((len(eval_index), THUMBNAIL_SIZE, THUMBNAIL_SIZE), np.uint8)
+    cam_thumbnails = np.zeros_like(thumbnails)
+    if len(eval_index) == 0:
+        warnings.append("no lungs found: no slice was classified and no score was computed")
+
+    batch = config.classify.batch_size
+    for start in range(0, len(eval_index), batch):
+        chunk = eval_index[start : start + batch]
+        with _stage("classify+gradcam", study_id, timings):
+            inputs = to_model_input(windowed[chunk], box, size)
+            out = classify_slices(
+                classifier,
+                spec,
+                inputs,
+                batch_size=batch,
+                device=device,
+                amp=config.runtime.amp,
+                explain=True,
+            )
+        with _stage("paste-back", study_id, timings):
+            fused = torch.as_tensor(np.asarray(out.fused))
+            probs[chunk] = np.asarray(out.probabilities, dtype=np.float32)
+            cam_volume[chunk] = paste_back(fused, box, volume.array.shape[1:])
+            rows = slice(start, start + len(chunk))
+            features[rows] = np.asarray(out.features, dtype=np.float32)
+            feature_weights[rows] = np.asarray(out.feature_weights, dtype=np.float32)
+            thumbnails[rows] = _thumbnail(inputs[:, 0])
+            cam_thumbnails[rows] = _thumbnail(fused)
+        if progress is not None:
+            progress(len(chunk))
+
+    scores = SliceScores(probs=probs, evaluated=evaluated)
+    cams = CamStack(maps=cam_volume, layers=tuple(spec.cam_layers), fusion=config.cam.fusion)
+    with _stage("severity", study_id, timings):
+        measures = severity(volume, lung_mask, cams, scores, config)
+        case_p = case_probability(probs[evaluated], config.classify) if len(eval_index) else 0.0
+    if not volume.spacing_known:
+        warnings.append("voxel spacing unknown (slice images): volumes are in nominal 1 mm³ voxels")
+    return StudyResult(
+        volume=volume,
+        lung_mask=lung_mask,
+        scores=scores,
+        cams=cams,
+        features=SliceFeatures(
+            slice_index=eval_index.astype(np.int64), features=features, weights=feature_weights
+        ),
+        thumbnails=thumbnails,
+        cam_thumbnails=cam_thumbnails,
+        severity=measures,
+        case_probability=float(case_p),
+        timings_s=timings,
+        warnings=tuple(dict.fromkeys(warnings)),
+    )
+
+
+def _thumbnail(images: object) -> np.ndarray:
+    """(n, S, S) maps in [0, 1] → (n, 112, 112) uint8."""
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.as_tensor(images, dtype=torch.float32)[:, None]
+    small = F.interpolate(tensor, size=(THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="bilinear", antialias=True)
+    return (small[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+# --------------------------------------------------------------------------- batch
+
+
+@dataclass
+class BatchOutcome:
+    """What a batch run did; ``rows`` mirror summary.csv."""
+
+    rows: list[dict[str, object]] = field(default_factory=list)
+    failures: list[StudyFailure] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failures else 0
+
+
+def summary_row(
+    study_id: str, source: str, result: StudyResult | None = None, error: str = ""
+) -> dict[str, object]:
+    """One summary.csv row; numeric fields empty for failed studies."""
+    row: dict[str, object] = dict.fromkeys(SUMMARY_COLUMNS, "")
+    row.update(study_id=study_id, source=source, status="failed" if result is None else "ok", error=error)
+    if result is not None:
+        sev = result.severity
+        row.update(
+            n_slices=result.volume.n_slices,
+            slices_evaluated=int(result.scores.evaluated.sum()),
+            positive_slices=sev.positive_slices,
+            case_probability=_fmt(result.case_probability),
+            corona_score_cm3=_fmt(sev.corona_score_cm3),
+            corona_score_in_lung_cm3=_fmt(sev.corona_score_in_lung_cm3),
+            lung_volume_cm3=_fmt(sev.lung_volume_cm3),
+            affected_percent=_fmt(sev.affected_percent),
+            ggo_percent=_fmt(sev.ggo_percent),
+            consolidation_percent=_fmt(sev.consolidation_percent),
+        )
+    return row
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.6g}"
+
+
+def write_summary(path: Path, rows: Sequence[dict[str, object]]) -> None:
+    """summary.csv, atomically, one row per study sorted by study id."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in sorted(rows, key=lambda r: str(r["study_id"])):
+        writer.writerow({k: row.get(k, "") for k in SUMMARY_COLUMNS})
+    write_text(path, buffer.getvalue())
+
+
+def completed_report(study_dir: Path, config_hash: str, models_key: str) -> dict[str, object] | None:
+    """The study's report.json if it is complete for this config and these models, else None."""
+    path = study_dir / "report.json"
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if report.get("config_hash") != config_hash or report.get("models_key") != models_key:
+        return None
+    if any(not (study_dir / name).is_file() for name in report.get("files", [])):
+        return None
+    return report
+
+
+def models_key(models: Models) -> str:
+    """Identity of the loaded weights, for resume checks."""
+    desc = models.describe()
+    return json.dumps([d and d.get("sha256") for d in desc.values()], sort_keys=True)
+
+
+def run_batch(
+    inputs: Sequence[str | Path],
+    output: Path,
+    config: PipelineConfig,
+    models: Models,
+    *,
+    resume: bool = False,
+    series_uid: str | None = None,
+    show_progress: bool | None = None,
+) -> BatchOutcome:
+    """Analyse every study found under ``inputs``; write per-study outputs and summary.csv.
+
+    Failures are isolated per study (status=failed, one-line error); finished
+    studies are never rewritten or lost; summary.csv is rewritten atomically
+    after every study.
+    """
+    from tqdm import tqdm
+
+    from pipeline.ingest import discover, load_input
+    from pipeline.report import write_study_outputs
+
+    output.mkdir(parents=True, exist_ok=True)
+    outcome = BatchOutcome()
+    config_hash = config.hash()
+    key = models_key(models)
+    items, discovery_failures = _discover_each(inputs, config, discover)
+    for failure in discovery_failures:
+        outcome.failures.append(failure)
+        outcome.rows.append(summary_row(failure.study_id, failure.source, error=failure.message))
+    summary_path = output / "summary.csv"
+    write_summary(summary_path, outcome.rows)
+
+    disable = None if show_progress is None else not show_progress  # None: bars only on a terminal
+    bar = tqdm(items, desc="studies", unit="study", disable=disable)
+    for item in bar:
+        study_id = item.study_id
+        source = _display_source(item)
+        study_dir = output / study_id
+        if resume and (report := completed_report(study_dir, config_hash, key)) is not None:
+            outcome.skipped.append(study_id)
+            outcome.rows.append(dict(report["summary"]))  # type: ignore[call-overload]
+            write_summary(summary_path, outcome.rows)
+            continue
+        try:
+            timings: dict[str, float] = {}
+            with _stage("ingest", study_id, timings):
+                volume = load_input(item, config.ingest, series_uid=series_uid)
+            with tqdm(
+                total=volume.n_slices, desc=study_id, unit="slice", leave=False, disable=disable
+            ) as sbar:
+                result = analyze_study(volume, models, config, progress=sbar.update)
+            result.timings_s["ingest"] = timings["ingest"]
+            row = summary_row(study_id, source, result)
+            with _stage("report", study_id, result.timings_s):
+                write_study_outputs(study_dir, result, models, config, row, untrained=models.untrained)
+            outcome.rows.append(row)
+            log.info("%s: ok (%.1f s)", study_id, sum(result.timings_s.values()))
+        except CoronaCTError as error:
+            stage = getattr(error, "stage", "run")
+            message = _one_line(str(error))
+            outcome.failures.append(StudyFailure(study_id, source, stage, type(error).__name__, message))
+            outcome.rows.append(summary_row(study_id, source, error=message))
+            log.warning("%s: failed: %s", study_id, message)
+        write_summary(summary_path, outcome.rows)
+    return outcome
+
+
+def _discover_each(
+    inputs: Sequence[str | Path], config: PipelineConfig, discover: Callable[..., list]
+) -> tuple[list, list[StudyFailure]]:
+    """Discover studies input by input, so that one unreadable input does not stop the others."""
+    from pipeline.ingest.deid import clean_text, hashed_id
+
+    items: list = []
+    failures: list[StudyFailure] = []
+    seen: set[str] = set()
+    for path in inputs:
+        try:
+            found = discover([path], config.ingest)
+        except CoronaCTError as error:
+            study_id = hashed_id(str(Path(path).resolve()), prefix="input")
+            failures.append(
+                StudyFailure(
+                    study_id,
+                    clean_text(Path(path).name),
+                    "discover",
+                    type(error).__name__,
+                    _one_line(str(error)),
+                )
+            )
+            continue
+        for item in found:
+            if item.study_id in seen:  # the same study given twice, or two inputs with one name
+                item = _with_unique_id(item, seen)
+            seen.add(item.study_id)
+            items.append(item)
+    return items, failures
+
+
+def _with_unique_id(item: object, seen: set[str]) -> object:
+    import dataclasses
+
+    base = item.study_id  # type: ignore[attr-defined]
+    n = 2
+    while f"{base}-{n}" in seen:
+        n += 1
+    return dataclasses.replace(item, study_id=f"{base}-{n}")  # type: ignore[type-var]
+
+
+def _display_source(item: object) -> str:
+    """The input's kind and file or folder name, cleaned; never a header string.
+
+    A DICOM folder's name is shown only when the study id was derived from it, i.e.
+    when it was judged free of patient identifiers; otherwise it is withheld.
+    """
+    from pipeline.ingest.deid import clean_text
+
+    kind, name = item.kind, Path(item.source).name  # type: ignore[attr-defined]
+    study_id = item.study_id  # type: ignore[attr-defined]
+    if kind == "dicom" and study_id != name and not re.fullmatch(re.escape(name) + r"-\d+", study_id):
+        return "dicom:(folder name withheld)"
+    return f"{kind}:{clean_text(name, 80)}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------- single slices
+
+
+def explain_images(
+    paths: Sequence[Path],
+    output: Path,
+    config: PipelineConfig,
+    models: Models,
+    *,
+    roi: str = "lung",
+) -> tuple[list[dict[str, object]], list[str]]:
+    """Classify single 2D slices; write predictions.csv, ``<name>_cam.npy`` and ``<name>_overlay.png``.
+
+    Each slice goes through the same preprocessing as a study: window, lung box
+    crop (``roi="lung"``; the whole image when no lung is found or ``roi="none"``),
+    resize, classifier and fused Grad-CAM, map pasted back at the image's size.
+    """
+    from models.checkpoint import resolve_device
+    from pipeline.classify import classify_slices
+    from pipeline.datamodel import Geometry
+    from pipeline.ingest.deid import clean_text
+    from pipeline.ingest.slices import read_slice_image
+    from pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
+    from pipeline.segment import segment_lungs
+
+    output.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.runtime.device)
+    spec = models.classifier.spec  # type: ignore[attr-defined]
+    rows: list[dict[str, object]] = []
+    failures: list[str] = []
+    used_names: set[str] = set()
+    for path in paths:
+        name = clean_text(Path(path).name, 80)
+        try:
+            image, units = read_slice_image(Path(path), config.ingest)
+            windowed = window(image[None].astype(np.float32), units, config.window)
+            box, roi_used = None, "image"
+            if roi == "lung":
+                volume = Volume(
+                    array=image[None].astype(np.float32),
+                    units="HU" if units == "HU" else "window",
+                    geometry=Geometry(shape=(1, *image.shape), spacing_mm=(1.0, 1.0, 1.0)),
+                    study_id="slice",
+                    source=name,
+                    spacing_known=False,
+                )
+                lungs = segment_lungs(volume, config.segment, config.window).lungs
+                box = lung_bounding_box(lungs, config.roi)
+                roi_used = "lung" if box is not None else "image (no lung found)"
+            inputs = to_model_input(windowed, box, spec.input_size)
+            out = classify_slices(
+                models.classifier,
+                spec,
+                inputs,
+                batch_size=1,
+                device=device,
+                amp=config.runtime.amp,
+                explain=True,
+            )
+            import torch
+
+            cam = paste_back(torch.as_tensor(np.asarray(out.fused)), box, image.shape)[0].astype(np.float32)
+        except CoronaCTError as error:
+            failures.append(f"{name}: {_one_line(str(error))}")
+            continue
+        stem = _unique_stem(Path(name).stem, used_names)
+        with atomic_path(output / f"{stem}_cam.npy") as tmp, tmp.open("wb") as handle:
+            np.save(handle, cam)
+        _write_overlay(output / f"{stem}_overlay.png", windowed[0], cam)
+        probability = float(np.asarray(out.probabilities)[0])
+        rows.append(
+            {"file": name, "probability": f"{probability:.6f}", "roi": roi_used, "cam": f"{stem}_cam.npy"}
+        )
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["file", "probability", "roi", "cam"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(output / "predictions.csv", buffer.getvalue())
+    return rows, failures
+
+
+def _unique_stem(stem: str, used: set[str]) -> str:
+    candidate, n = stem, 2
+    while candidate in used:
+        candidate, n = f"{stem}-{n}", n + 1
+    used.add(candidate)
+    return candidate
+
+
+def _write_overlay(path: Path, grey: np.ndarray, cam: np.ndarray) -> None:
+    """CT slice in grey with the fused map in colour (alpha grows with the map)."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    heat = colormaps["jet"](cam)[..., :3]
+    alpha = 0.5 * cam[..., None]
+    blended = (rgb * (1 - alpha) + heat * alpha).clip(0, 1)
+    with atomic_path(path) as tmp:
+        Image.fromarray((blended * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def run_demo(output: Path, config: PipelineConfig, *, cls_weights: Path | None = None) -> int:
+    """Write two phantom studies (with and without lesions) as DICOM and run the pipeline on them."""
+    from data.phantom import make_phantom, write_dicom_series
+
+    inputs = output / "inputs"
+    phantoms = {
+        "phantom-lesions": make_phantom(seed=1, lesions="mixed"),
+        "phantom-normal": make_phantom(seed=2, lesions="none"),
+    }
+    for name, phantom in phantoms.items():
+        write_dicom_series(phantom, inputs / name)
+    print(f"wrote {len(phantoms)} phantom DICOM studies under {inputs}")
+    models = load_models(config, cls_weights, allow_untrained=True)
+    if models.untrained:
+        print(
+            "NOTE: no trained classifier weights are installed (models/weights/ is empty), so the demo runs with "
+            "UNTRAINED random weights: probabilities and Corona scores below are meaningless; lung volumes and "
+            "HU measures are real.",
+            file=sys.stderr,
+        )
+    outcome = run_batch([inputs / name for name in phantoms], output / "results", config, models)
+    print(
+        f"{'study':<16} {'true lesion cm3':>15} {'true lung cm3':>13} {'lung cm3':>9} {'GGO %':>6} {'p(case)':>8} {'score cm3':>10}"
+    )
+    for row in outcome.rows:
+        phantom = phantoms.get(str(row["study_id"]))
+        truth = (
+            (phantom.lesion_volume_mm3 / 1000.0, phantom.lung_volume_mm3 / 1000.0)
+            if phantom is not None
+            else (math.nan,) * 2
+        )
+        print(
+            f"{row['study_id']!s:<16} {truth[0]:>15.1f} {truth[1]:>13.1f} {row['lung_volume_cm3']!s:>9} "
+            f"{row['ggo_percent']!s:>6} {row['case_probability']!s:>8} {row['corona_score_cm3']!s:>10} {row['error']}"
+        )
+    print(f"reports: {output / 'results'}/<study>/report.html; summary: {output / 'results' / 'summary.csv'}")
+    return outcome.exit_code
