@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.atomic import atomic_path, write_text
+from pipeline.ingest.deid import clean_text, derive_study_id, hashed_id
+
+
+def test_study_id_uses_a_safe_folder_name_else_a_hash() -> None:
+    assert derive_study_id("case_017", "1.2.3", ["DOE^JOHN", "12345"]) == "case_017"
+    hashed = derive_study_id("DOE_JOHN_CT", "1.2.3", ["DOE^JOHN", "12345"])
+    assert hashed == hashed_id("1.2.3") and "DOE" not in hashed
+    assert derive_study_id("LIDC-IDRI-0001", "1.2.3", ["LIDC-IDRI-0001"]).startswith("study-")
+    assert derive_study_id("../etc", "1.2.3").startswith("study-")
+    assert derive_study_id("a" * 80, "1.2.3").startswith("study-")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Müller^Jörg", "Muller_Jorg"),
+        ("../../etc/passwd", "____etc_passwd"),
+        ("a\x00b\nc", "a_b_c"),
+        ("LUNG 1.0 B70f", "LUNG 1.0 B70f"),
+    ],
+)
+def test_clean_text_removes_control_and_path_characters(raw: str, expected: str) -> None:
+    assert clean_text(raw) == expected
+
+
+def test_clean_text_never_yields_path_tricks() -> None:
+    for raw in ["..", "a/../b", "\\..\\x", "....//", "\u202e/etc"]:
+        cleaned = clean_text(raw)
+        assert "/" not in cleaned and "\\" not in cleaned and ".." not in cleaned and cleaned.isascii()
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "report.json"
+    write_text(target, "first")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half written")
+        raise RuntimeError("crash while writing")
+    assert target.read_text() == "first"
+    assert [p.name for p in target.parent.iterdir()] == ["report.json"]
