@@ -95,8 +95,7 @@ def squared_distances(
     c_sq = centres.pow(2).sum(dim=1)
     out = torch.empty(x.shape[0], centres.shape[0], dtype=x.dtype, device=x.device)
     for rows in _row_chunks(x.shape[0], chunk_size):
-        torch.addmm(c_sq[None, :], x[rows], centres.T, alpha=-2.0, out=out[rows])
-        out[rows] += x_sq[rows, None]
+        out[rows] = torch.addmm(c_sq[None, :], x[rows], centres.T, alpha=-2.0) + x_sq[rows, None]
     # Rounding can make a tiny true distance slightly negative.
     return out.clamp_min_(0.0)
 

@@ -57,7 +57,7 @@ class RoiConfig:
     """Case-wide lung bounding box and network input size."""
 
     margin_fraction: float = 0.05  # margin added on each side, fraction of the box size
-    input_size: int = 224
+    input_size: int = 0  # network input side; 0 = the backbone's native size (224 for ResNet-50)
     min_lung_pixels: int = 200  # a slice with less lung than this is not classified
 
 

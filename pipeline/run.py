@@ -171,7 +171,7 @@ def analyze_study(
     warnings = list(volume.warnings)
     classifier = models.classifier
     spec = classifier.spec  # type: ignore[attr-defined]
-    size = spec.input_size
+    size = config.roi.input_size or spec.input_size
 
     with _stage("segment", study_id, timings):
         seg_model = getattr(models.segmenter, "module", None)
@@ -510,7 +510,7 @@ def explain_images(
                 lungs = segment_lungs(volume, config.segment, config.window).lungs
                 box = lung_bounding_box(lungs, config.roi)
                 roi_used = "lung" if box is not None else "image (no lung found)"
-            inputs = to_model_input(windowed, box, spec.input_size)
+            inputs = to_model_input(windowed, box, config.roi.input_size or spec.input_size)
             out = classify_slices(
                 models.classifier,
                 spec,

@@ -9,7 +9,7 @@ from pipeline.errors import ConfigError
 def test_defaults_are_the_papers_values() -> None:
     config = PipelineConfig()
     assert (config.window.hu_min, config.window.hu_max) == (-1000.0, 0.0)
-    assert config.roi.input_size == 224
+    assert config.roi.input_size == 0  # the backbone's native size: 224 for ResNet-50
     assert config.cam.layers == ("layer2", "layer3")
     assert config.cam.activation_threshold == 0.6
     assert config.classify.positive_threshold == 0.5

@@ -1,0 +1,190 @@
+"""Torch datasets of preprocessed slices, built with the pipeline's own preprocessing.
+
+Every image goes through :mod:`pipeline.preprocess` exactly as at inference:
+``window`` (HU → [0, 1], or pre-windowed images unchanged), the lung bounding box
+from :func:`pipeline.segment.segment_lungs` when ``roi == "lung"``, then
+``to_model_input`` (crop, antialiased resize, grey replicated to 3 channels).
+Because the 3 channels are identical, datasets keep one grey channel, stored as
+float16 (half the memory), and :func:`as_network_input` expands it again; the
+network sees the same values either way. Preprocessing runs once; random
+augmentation is applied later to whole batches (``models.train.augment_batch``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.data import Dataset
+
+from data.manifest import Manifest
+from pipeline.config import PipelineConfig
+from pipeline.datamodel import Geometry, Volume
+from pipeline.errors import ConfigError, InputError
+from pipeline.preprocess import Box, lung_bounding_box, to_model_input, window
+
+log = logging.getLogger(__name__)
+
+ROI_MODES = ("lung", "none")
+
+
+class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Preprocessed grey slices (n, size, size) in [0, 1] with integer labels (n,)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | npt.ArrayLike) -> None:
+        label_tensor = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        if images.ndim != 3 or images.shape[1] != images.shape[2]:
+            raise ConfigError(f"slice images must be (n, size, size), got {tuple(images.shape)}")
+        if label_tensor.shape != (images.shape[0],):
+            raise ConfigError(f"{images.shape[0]} images but {tuple(label_tensor.shape)} labels")
+        self.images = images.to(torch.float16).contiguous()
+        self.labels = label_tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index, None].float(), self.labels[index]
+
+    @property
+    def input_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def subset(self, indices: Sequence[int] | npt.NDArray[np.int64]) -> SliceDataset:
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return SliceDataset(self.images[index], self.labels[index])
+
+
+def as_network_input(grey: torch.Tensor) -> torch.Tensor:
+    """(N, 1, S, S) grey batch → (N, 3, S, S), the replicated-channel input of ``to_model_input``."""
+    return grey.expand(-1, 3, -1, -1)
+
+
+def slices_to_model_input(
+    windowed: npt.NDArray[np.float32],
+    lungs: npt.NDArray[np.bool_] | None,
+    size: int,
+    config: PipelineConfig,
+    per_slice_box: bool = False,
+) -> torch.Tensor:
+    """(n, y, x) windowed slices → (n, size, size) grey network input.
+
+    With ``lungs`` the slices are cropped to the case-wide lung box (as inference
+    does for one study) or, with ``per_slice_box``, each to its own box (independent
+    slice images). Slices or cases without lung are used whole.
+    """
+    if lungs is None:
+        return to_model_input(windowed, None, size)[:, 0]
+    if not per_slice_box:
+        return to_model_input(windowed, lung_bounding_box(lungs, config.roi), size)[:, 0]
+    boxes: list[Box | None] = [lung_bounding_box(lungs[i : i + 1], config.roi) for i in range(len(lungs))]
+    return torch.cat([to_model_input(windowed[i : i + 1], box, size)[:, 0] for i, box in enumerate(boxes)])
+
+
+def _slice_volume(array: npt.NDArray[np.float32], units: str, path: Path) -> Volume:
+    height, width = array.shape
+    return Volume(
+        array=np.ascontiguousarray(array[None], dtype=np.float32),
+        units="HU" if units == "HU" else "window",
+        geometry=Geometry((1, height, width), (1.0, 1.0, 1.0)),
+        study_id=path.stem,
+        source=str(path),
+        spacing_known=False,
+    )
+
+
+def load_slice_input(path: Path, roi: str, size: int, config: PipelineConfig) -> torch.Tensor:
+    """One slice image file → (size, size) grey network input (see module docstring)."""
+    from pipeline.ingest.slices import read_slice_image
+
+    array, units = read_slice_image(path, config.ingest)
+    windowed = window(array, units, config.window)[None]
+    lungs = None
+    if roi == "lung":
+        from pipeline.segment import segment_lungs
+
+        mask = segment_lungs(_slice_volume(array, units, path), config.segment, config.window)
+        lungs = np.asarray(mask.lungs)
+        if not lungs.any():
+            log.warning("%s: no lung found; the whole slice is used", path)
+    return slices_to_model_input(windowed, lungs, size, config)[0]
+
+
+def build_slice_dataset(
+    manifest: Manifest, roi: str, size: int, config: PipelineConfig, workers: int = 0
+) -> SliceDataset:
+    """Read and preprocess every manifest image once (threads when ``workers`` > 0)."""
+    if roi not in ROI_MODES:
+        raise ConfigError(f"--roi must be one of {ROI_MODES}, got {roi!r}")
+
+    def load(path: Path) -> torch.Tensor:
+        try:
+            return load_slice_input(path, roi, size, config)
+        except InputError:
+            raise
+        except (OSError, ValueError) as error:
+            raise InputError(f"{path}: cannot be read as a slice image ({error}); remove it from the data") from None
+
+    if workers > 0:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            images = list(pool.map(load, manifest.paths))
+    else:
+        images = [load(path) for path in manifest.paths]
+    return SliceDataset(torch.stack(images), manifest.labels)
+
+
+class SegmentationSlices(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Windowed grey slices (n, 1, S, S) with lung labels (n, S, S) (0 bg, 1 right, 2 left)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.ndim != 3 or labels.shape != images.shape:
+            raise ConfigError(
+                f"segmentation slices must be (n, S, S) images and labels of the same shape, got "
+                f"{tuple(images.shape)} and {tuple(labels.shape)}"
+            )
+        self.images = images.to(torch.float16).contiguous()
+        self.labels = labels.to(torch.uint8).contiguous()
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index, None].float(), self.labels[index].long()
+
+    def subset(self, indices: Sequence[int] | npt.NDArray[np.int64]) -> SegmentationSlices:
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return SegmentationSlices(self.images[index], self.labels[index])
+
+
+def resize_labels(labels: npt.NDArray[np.uint8], size: int) -> torch.Tensor:
+    """(n, y, x) label maps → (n, size, size) by nearest neighbour (labels are never blended)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.uint8))[:, None].float()
+    resized = torch.nn.functional.interpolate(tensor, size=(size, size), mode="nearest")
+    return resized[:, 0].to(torch.uint8)
+
+
+def segmentation_slices_from_volume(
+    windowed: npt.NDArray[np.float32], labels: npt.NDArray[np.uint8], size: int, binary: bool = False
+) -> SegmentationSlices:
+    """Whole (uncropped) slices of one volume resized to ``size``; ``binary`` merges both lungs to 1.
+
+    The segmenter sees whole slices at inference, so training does not crop either.
+    """
+    if windowed.shape != labels.shape:
+        raise ConfigError(f"image {windowed.shape} and mask {labels.shape} differ in shape")
+    images = to_model_input(windowed, None, size)[:, 0]
+    label_maps = resize_labels(labels, size)
+    if binary:
+        label_maps = (label_maps > 0).to(torch.uint8)
+    return SegmentationSlices(images, label_maps)
+
+
+def concat_segmentation(parts: Sequence[SegmentationSlices]) -> SegmentationSlices:
+    if not parts:
+        raise InputError("no segmentation training data were found")
+    return SegmentationSlices(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
