@@ -326,12 +326,12 @@ def load_segmenter(path: Path, device: str | torch.device = "cpu") -> LoadedMode
     ``num_classes`` comes from the card (default 3: background, right, left lung),
     the input channel count from ``card["input"]["channels"]``.
     """
-    from models.segmenter import build_unet  # lazy: segmentation-models-pytorch is heavy
-
     path = Path(path)
     card = read_card(path)
     name = _architecture_name(card, "segmenter", path)
     state, card = load_checkpoint(path, expected_architecture=f"segmenter/{name}")
+    from models.segmenter import build_unet  # lazy: segmentation-models-pytorch is heavy
+
     module = build_unet(
         num_classes=int(card.get("num_classes", 3)), in_channels=int(card["input"]["channels"])
     )

@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step.
+    """Yield a hidden temporary path beside ``path``; on success it replaces ``path`` in one step.
 
     The temporary name keeps the final suffixes (``.nii.gz``, ``.npz``) so that
-    libraries choosing a format from the name behave the same.
+    libraries choosing a format from the name behave the same. On failure the
+    temporary file is removed and ``path`` is left untouched. The parent folder is
+    created when missing.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
+    suffix = "".join(target.suffixes[-2:]) if target.name.endswith(".nii.gz") else target.suffix
+    stem = target.name[: len(target.name) - len(suffix)]
+    tmp = target.with_name(f".{stem}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
     try:
         yield tmp
         tmp.replace(target)

@@ -132,14 +132,15 @@ class GradCamHooks:
 def normalize_per_slice(maps: MapsT) -> MapsT:
     """Min–max each (h, w) map of an (n, h, w) stack to [0, 1]; constant maps become 0.
 
-    A map counts as constant when its span is within float32 rounding of its
-    magnitude (4 ulp), so numerical noise on a flat map is not blown up to [0, 1].
-    Accepts and returns a torch tensor or a numpy array (float32).
+    A map counts as constant when its span is within rounding of its magnitude
+    (4 ulp), so numerical noise on a flat map is not blown up to [0, 1].
+    Accepts and returns a torch tensor (float32 or float64) or a numpy array (float32).
     """
     is_numpy = not isinstance(maps, torch.Tensor)
-    values = (
-        maps.float() if isinstance(maps, torch.Tensor) else torch.from_numpy(np.asarray(maps, np.float32))
-    )
+    if isinstance(maps, torch.Tensor):
+        values = _at_least_fp32(maps)
+    else:
+        values = torch.from_numpy(np.asarray(maps, np.float32))
     if values.ndim != 3:
         raise ConfigError(f"maps must be an (n, h, w) stack, got shape {tuple(values.shape)}")
     flat = values.flatten(1)
@@ -147,7 +148,7 @@ def normalize_per_slice(maps: MapsT) -> MapsT:
     high = flat.amax(dim=1)[:, None, None]
     span = high - low
     magnitude = torch.maximum(high.abs(), low.abs())
-    flat_map = span <= 4 * torch.finfo(torch.float32).eps * magnitude
+    flat_map = span <= 4 * torch.finfo(values.dtype).eps * magnitude
     safe_span = torch.where(flat_map, torch.ones_like(span), span)
     normalised = torch.where(flat_map, torch.zeros_like(values), (values - low) / safe_span)
     return normalised.numpy() if is_numpy else normalised  # type: ignore[return-value]
@@ -173,7 +174,7 @@ def fuse(
     target = (size, size) if isinstance(size, int) else tuple(size)
     upsampled = torch.stack(
         [
-            F.interpolate(m[:, None].float(), size=target, mode="bilinear", align_corners=False)[:, 0]
+            F.interpolate(_at_least_fp32(m)[:, None], size=target, mode="bilinear", align_corners=False)[:, 0]
             for m in maps
         ]
     )
@@ -197,13 +198,19 @@ class ExplainOutput:
     feature_weights: FloatArray
 
 
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """Upcast fp16/bf16 (autocast) tensors to float32; float32 and float64 stay as they are."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
 def _to_numpy(tensor: torch.Tensor) -> FloatArray:
     return tensor.detach().to("cpu", torch.float32).numpy()
 
 
 def _channel_means(tensor: torch.Tensor) -> torch.Tensor:
     """(n, C, ...) → (n, C): mean over every axis after the channel axis."""
-    return tensor.float().flatten(2).mean(dim=2) if tensor.ndim > 2 else tensor.float()
+    tensor = _at_least_fp32(tensor)
+    return tensor.flatten(2).mean(dim=2) if tensor.ndim > 2 else tensor
 
 
 def raw_grad_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
@@ -212,8 +219,8 @@ def raw_grad_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tens
         raise ModelError(
             f"Grad-CAM needs a convolutional (n, C, h, w) layer output, got shape {tuple(activation.shape)}"
         )
-    alpha = gradient.float().mean(dim=(2, 3))
-    return torch.relu(torch.einsum("nc,nchw->nhw", alpha, activation.float()))
+    alpha = _at_least_fp32(gradient).mean(dim=(2, 3))
+    return torch.relu(torch.einsum("nc,nchw->nhw", alpha, _at_least_fp32(activation)))
 
 
 def explain_batch(
@@ -232,21 +239,27 @@ def explain_batch(
     One forward and one backward pass serve the whole batch. Gradients are
     enabled inside even under an outer ``torch.inference_mode``/``no_grad``, and
     the model is evaluated in eval mode (its mode is restored afterwards).
-    ``amp`` applies bf16 autocast and channels_last on CUDA only; CPU is fp32.
+    ``amp`` applies bf16 autocast and channels_last on CUDA only; otherwise the
+    computation runs in float32 (float64 for a float64 model). Results are float32.
     """
     if inputs.ndim != 4:
         raise ConfigError(
             f"explain_batch expects an (n, channels, S, S) batch, got shape {tuple(inputs.shape)}"
         )
     cam_layers = tuple(layers) if layers is not None else spec.cam_layers
-    device = next(model.parameters()).device
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        raise ModelError(f"{type(model).__name__} has no parameters; Grad-CAM needs a trained network")
+    device = parameter.device
+    # float64 models (reference computations in tests) keep float64; everything else runs in float32
+    dtype = torch.float64 if parameter.dtype == torch.float64 else torch.float32
     use_amp = amp and device.type == "cuda"
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(False), torch.enable_grad():
             # clone() turns a tensor made under inference_mode into one autograd may save
-            batch = inputs.detach().to(device=device, dtype=torch.float32).clone()
+            batch = inputs.detach().to(device=device, dtype=dtype).clone()
             if use_amp:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             batch.requires_grad_(True)  # parameters may be frozen; the input carries the graph
@@ -254,7 +267,7 @@ def explain_batch(
             with GradCamHooks(model, cam_layers, spec.feature_layer) as hooks:
                 with autocast:
                     logits = model(batch)
-                logits = logits.float()
+                logits = _at_least_fp32(logits)
                 probabilities = positive_probability(logits)
                 gradients = hooks.gradients(positive_score(logits).sum())
                 activations = hooks.activations

@@ -575,8 +575,9 @@ def run_demo(output: Path, config: PipelineConfig, *, cls_weights: Path | None =
         "phantom-lesions": make_phantom(seed=1, lesions="mixed"),
         "phantom-normal": make_phantom(seed=2, lesions="none"),
     }
-    for name, phantom in phantoms.items():
-        write_dicom_series(phantom, inputs / name)
+    for number, (name, phantom) in enumerate(phantoms.items(), start=1):
+        # patient strings that the folder names do not contain, so the ids stay readable
+        write_dicom_series(phantom, inputs / name, patient_name=f"Anonymous^{number}", patient_id=f"DEMO-{number}")
     print(f"wrote {len(phantoms)} phantom DICOM studies under {inputs}")
     models = load_models(config, cls_weights, allow_untrained=True)
     if models.untrained:

@@ -42,3 +42,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
         raise RuntimeError("crash while writing")
     assert target.read_text() == "first"
     assert [p.name for p in target.parent.iterdir()] == ["report.json"]
+    with atomic_path(tmp_path / "mask.nii.gz") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith(".nii.gz") and tmp.name.startswith(".")
+        tmp.write_text("new")
+    assert (tmp_path / "mask.nii.gz").read_text() == "new"

@@ -1,0 +1,417 @@
+"""Find studies under input paths and load one CT series as a ``Volume``.
+
+``discover(paths)`` walks the inputs and returns one ``StudyInput`` per study:
+a NIfTI file, a folder of TIFF or PNG/JPEG slices, or one (PatientID,
+StudyInstanceUID) of DICOM files found anywhere below a folder.
+``choose_series`` picks the series to analyse by a documented rule,
+``load_input`` reads it, ``load_study(path)`` does all three for one study.
+
+Example::
+
+    from pipeline.ingest import load_study
+    volume = load_study("LIDC-IDRI-0001")   # float32 HU, (z, y, x), +S +P +L
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config import IngestConfig
+from pipeline.datamodel import Volume
+from pipeline.errors import (
+    AmbiguousInputError,
+    ConfigError,
+    InputError,
+    NoImageDataError,
+    UnsupportedInputError,
+)
+from pipeline.ingest.deid import clean_text, derive_study_id
+from pipeline.ingest.dicom import (
+    SeriesInfo,
+    SliceHeader,
+    describe_series,
+    display_path,
+    read_series,
+    scan_file,
+    series_label,
+)
+
+__all__ = [
+    "SeriesInfo",
+    "StudyInput",
+    "choose_series",
+    "discover",
+    "find_series",
+    "load_all_series",
+    "load_input",
+    "load_study",
+]
+
+log = logging.getLogger(__name__)
+
+InputKind = Literal["dicom", "nifti", "tiff", "images"]
+
+_TIFF_SUFFIXES = {".tif", ".tiff"}
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# Files that are certainly not DICOM; skipped without trying to parse them.
+_NEVER_DICOM = {".txt", ".md", ".csv", ".json", ".xml", ".html", ".pdf", ".zip", ".gz", ".py", ".log", ".ini"}
+#: Series selection rule, in order of precedence (see docs/ingest.md).
+SELECTION_RULE = ("axial", "ORIGINAL/PRIMARY", "most slices", "thinnest slices")
+
+
+@dataclass(frozen=True)
+class StudyInput:
+    """One study found by ``discover``: what it is, where, and (DICOM) its series.
+
+    ``study_id`` is de-identified and unique within one ``discover`` result;
+    ``notes`` say which files were skipped and why.
+    """
+
+    kind: InputKind
+    study_id: str
+    source: Path
+    series: tuple[SeriesInfo, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def _is_nifti(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith((".nii", ".nii.gz"))
+
+
+def _nifti_stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every non-hidden file below ``folder``, sorted, symlinked folders not followed."""
+    found: list[Path] = []
+    for current, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(Path(current) / f for f in sorted(files) if not f.startswith("."))
+    return found
+
+
+def _summarise_skipped(skipped: dict[str, list[Path]], root: Path) -> list[str]:
+    notes = []
+    for reason, files in sorted(skipped.items()):
+        names = ", ".join(display_path(f, root) for f in files[:3])
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        notes.append(f"{len(files)} file(s) ignored, {reason}: {names}{more}")
+    return notes
+
+
+def _dicom_studies(
+    headers: list[SliceHeader], root: Path, notes: list[str], config: IngestConfig
+) -> list[StudyInput]:
+    """Group headers by (PatientID, StudyInstanceUID), then by series; never merges patients."""
+    by_study: dict[tuple[str, str], list[SliceHeader]] = defaultdict(list)
+    for header in headers:
+        study_key = header.study_uid or f"nouid:{header.path.parent}"
+        by_study[(header.patient_id, study_key)].append(header)
+    studies = []
+    for (_, study_key), members in sorted(
+        by_study.items(), key=lambda item: str(min(h.path for h in item[1]))
+    ):
+        common = Path(os.path.commonpath([str(h.path) for h in members]))
+        folder = root if len(by_study) == 1 and root.is_dir() else common
+        if not folder.is_dir():
+            folder = folder.parent
+        identifiers = [i for h in members[:1] for i in h.identifiers]
+        study_id = derive_study_id(folder.name, study_key, identifiers)
+        by_series: dict[str, list[SliceHeader]] = defaultdict(list)
+        for header in members:
+            by_series[header.series_uid].append(header)
+        study_notes = list(notes)
+        for uid, group in sorted(by_series.items()):
+            if all(h.is_localizer for h in group):
+                # A scout series is no candidate; list it as a note, not as a series.
+                del by_series[uid]
+                names = ", ".join(display_path(h.path, root) for h in group[:3])
+                study_notes.append(
+                    f"series {series_label(uid)}: {len(group)} localizer/scout image(s) ignored: {names}"
+                )
+        series = tuple(
+            describe_series(sorted(group, key=lambda h: h.path), config, root)
+            for _, group in sorted(
+                by_series.items(), key=lambda item: (item[1][0].series_number or 0, item[0])
+            )
+        )
+        series_notes = [f"series {series_label(s.uid)}: {note}" for s in series for note in s.notes]
+        studies.append(StudyInput("dicom", study_id, folder, series, tuple(study_notes + series_notes)))
+    return studies
+
+
+def _discover_folder(folder: Path, config: IngestConfig) -> list[StudyInput]:
+    files = _walk(folder)
+    found: list[StudyInput] = []
+    slice_folders: dict[tuple[Path, InputKind], int] = defaultdict(int)
+    skipped: dict[str, list[Path]] = defaultdict(list)
+    headers: list[SliceHeader] = []
+    for path in files:
+        suffix = path.suffix.lower()
+        if _is_nifti(path):
+            found.append(StudyInput("nifti", derive_study_id(_nifti_stem(path), str(path)), path))
+        elif suffix in _TIFF_SUFFIXES:
+            slice_folders[(path.parent, "tiff")] += 1
+        elif suffix in _IMAGE_SUFFIXES:
+            slice_folders[(path.parent, "images")] += 1
+        elif suffix in _NEVER_DICOM:
+            skipped["not image data"].append(path)
+        else:
+            result = scan_file(path)
+            if isinstance(result, str):
+                skipped[result].append(path)
+            else:
+                headers.append(result)
+    for (slice_folder, kind), _count in sorted(slice_folders.items()):
+        found.append(StudyInput(kind, derive_study_id(slice_folder.name, str(slice_folder)), slice_folder))
+    notes = _summarise_skipped(skipped, folder)
+    if headers:
+        found.extend(_dicom_studies(headers, folder, notes, config))
+    elif not found:
+        detail = f" ({'; '.join(notes)})" if notes else ""
+        raise NoImageDataError(
+            f"{folder}: no CT data found{detail}; pass a folder of DICOM files, a NIfTI file, "
+            "or a folder of TIFF/PNG/JPEG slices"
+            if files
+            else f"{folder}: the folder is empty; pass a folder with a CT series"
+        )
+    return found
+
+
+def _discover_path(path: Path, config: IngestConfig) -> list[StudyInput]:
+    if not path.exists():
+        raise NoImageDataError(f"{path}: no such file or folder; check the path")
+    if path.is_dir():
+        return _discover_folder(path, config)
+    if _is_nifti(path):
+        return [StudyInput("nifti", derive_study_id(_nifti_stem(path), str(path)), path)]
+    if path.suffix.lower() in _TIFF_SUFFIXES | _IMAGE_SUFFIXES:
+        raise UnsupportedInputError(
+            f"{path}: a single slice image is not a CT volume; pass the folder that holds all slices"
+        )
+    result = scan_file(path)
+    if isinstance(result, str):
+        raise NoImageDataError(f"{path}: {result}; pass a CT series folder, a DICOM file or a NIfTI file")
+    return _dicom_studies([result], path.parent, [], config)
+
+
+def _unique_ids(studies: list[StudyInput]) -> list[StudyInput]:
+    seen: dict[str, int] = {}
+    unique = []
+    for study in studies:
+        count = seen.get(study.study_id, 0) + 1
+        seen[study.study_id] = count
+        if count > 1:
+            study = StudyInput(
+                study.kind, f"{study.study_id}-{count}", study.source, study.series, study.notes
+            )
+        unique.append(study)
+    return unique
+
+
+def discover(paths: Sequence[str | Path], config: IngestConfig | None = None) -> list[StudyInput]:
+    """Every study under ``paths`` (files or folders, searched recursively), in sorted order.
+
+    Raises ``NoImageDataError`` naming the path when a path does not exist or
+    nothing usable is found under any of them.
+    """
+    config = config or IngestConfig()
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    if not paths:
+        raise NoImageDataError("no input path given; pass a DICOM folder, a NIfTI file or a slice folder")
+    studies: list[StudyInput] = []
+    problems: list[InputError] = []
+    for raw in paths:
+        try:
+            studies.extend(_discover_path(Path(raw), config))
+        except NoImageDataError as error:
+            if len(paths) == 1 or not Path(raw).exists():
+                raise
+            problems.append(error)
+            log.warning("%s", error)
+    if not studies:
+        raise NoImageDataError(
+            "; ".join(str(p) for p in problems) or f"no CT data under {', '.join(map(str, paths))}"
+        )
+    studies.sort(key=lambda s: (str(s.source), s.study_id))
+    return _unique_ids(studies)
+
+
+def _series_key(info: SeriesInfo) -> tuple[bool, bool, int, float]:
+    thickness = info.slice_thickness_mm or info.slice_spacing_mm or float("inf")
+    return (
+        info.orientation == "axial",
+        "ORIGINAL" in info.image_type and "PRIMARY" in info.image_type,
+        info.n_slices,
+        -thickness,
+    )
+
+
+def _describe(info: SeriesInfo) -> str:
+    thickness = f", {info.slice_thickness_mm:g} mm" if info.slice_thickness_mm else ""
+    kind = "/".join(info.image_type[:2]) or "no image type"
+    return f"{series_label(info.uid)} ({info.orientation} {info.modality}, {kind}, {info.n_slices} slices{thickness})"
+
+
+def find_series(item: StudyInput, query: str) -> SeriesInfo:
+    wanted = query.strip().lstrip("…").lstrip(".")
+    series = item.series
+    for test in (
+        lambda s: wanted in (s.uid, s.short_uid),
+        lambda s: s.uid.startswith(wanted),
+        lambda s: s.uid.endswith(wanted),
+    ):
+        matches = [s for s in series if wanted and test(s)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            break
+    options = "; ".join(_describe(s) for s in series) or "none"
+    raise ConfigError(
+        f"study {item.study_id}: series {clean_text(query)!r} not found or not unique; "
+        f"series there: {options}; pass a full UID or a unique part of one"
+    )
+
+
+def choose_series(item: StudyInput, series_uid: str | None = None) -> tuple[SeriesInfo, str]:
+    """The series to analyse and why.
+
+    With ``series_uid`` (full UID, its short form, or a unique prefix/suffix) that
+    series; otherwise the best usable CT series by the rule: axial first, then
+    ORIGINAL/PRIMARY, then most slices, then thinnest slices.
+    """
+    if item.kind != "dicom":
+        raise ConfigError(f"study {item.study_id} is {item.kind} input, which has no DICOM series to choose")
+    if series_uid:
+        chosen = find_series(item, series_uid)
+        return chosen, f"chosen with --series {series_label(chosen.uid)}"
+    usable = sorted((s for s in item.series if s.usable), key=_series_key, reverse=True)
+    if not item.series:
+        raise UnsupportedInputError(
+            f"study {item.study_id} holds no image series ({'; '.join(item.notes) or 'no images'}); "
+            "pass the folder with the axial CT series"
+        )
+    if not usable:
+        ct = [s for s in item.series if s.modality == "CT" and s.problem]
+        if ct:
+            best = max(ct, key=lambda s: s.n_slices)
+            raise (best.problem_type or InputError)(best.problem)
+        found = ", ".join(sorted({s.modality for s in item.series})) or "no images"
+        problems = [s.problem for s in item.series if s.problem]
+        raise UnsupportedInputError(
+            problems[0]
+            if len(item.series) == 1 and problems
+            else f"study {item.study_id} holds no CT series (found {found}); corona-ct analyses chest CT only"
+        )
+    chosen = usable[0]
+    if len(usable) == 1:
+        others = len(item.series) - 1
+        suffix = f"; {others} other series not usable" if others else ""
+        return chosen, f"the only usable CT series{suffix}"
+    runner_up = usable[1]
+    best_key, next_key = _series_key(chosen), _series_key(runner_up)
+    deciding = next((i for i in range(4) if best_key[i] != next_key[i]), 3)
+    return chosen, (
+        f"best of {len(usable)} CT series by the rule {' > '.join(SELECTION_RULE)} "
+        f"(decided by: {SELECTION_RULE[deciding]}); others: {', '.join(_describe(s) for s in usable[1:])}; "
+        "use --series UID to pick another or --all-series for all"
+    )
+
+
+def _load_series(
+    item: StudyInput, info: SeriesInfo, config: IngestConfig, study_id: str, extra: Sequence[str]
+) -> Volume:
+    root = item.source if item.source.is_dir() else item.source.parent
+    return read_series(info, config, study_id, str(item.source), root, extra_warnings=extra)
+
+
+def load_input(item: StudyInput, config: IngestConfig | None = None, series_uid: str | None = None) -> Volume:
+    """Read one discovered study as a ``Volume`` (DICOM: the chosen series)."""
+    config = config or IngestConfig()
+    if item.kind == "nifti":
+        from pipeline.ingest.nifti import read_nifti
+
+        return read_nifti(item.source, config, item.study_id)
+    if item.kind == "tiff":
+        from pipeline.ingest.slices import read_tiff_folder
+
+        return read_tiff_folder(item.source, config, item.study_id)
+    if item.kind == "images":
+        from pipeline.ingest.slices import read_image_folder
+
+        return read_image_folder(item.source, config, item.study_id)
+    chosen, reason = choose_series(item, series_uid)
+    extra = []
+    if sum(s.usable for s in item.series) > 1 and not series_uid:
+        extra.append(f"study has several CT series; analysed {series_label(chosen.uid)}: {reason}")
+    return _load_series(item, chosen, config, item.study_id, extra)
+
+
+def load_all_series(item: StudyInput, config: IngestConfig | None = None) -> list[Volume]:
+    """Every usable CT series of a DICOM study (study ids suffixed with the short series UID).
+
+    Non-DICOM inputs give their one volume. Raises the first series' error when none loads.
+    """
+    config = config or IngestConfig()
+    if item.kind != "dicom":
+        return [load_input(item, config)]
+    usable = [s for s in item.series if s.usable]
+    if not usable:
+        choose_series(item)  # raises the reason nothing is usable
+    volumes: list[Volume] = []
+    failures: list[InputError] = []
+    for info in usable:
+        try:
+            volumes.append(_load_series(item, info, config, f"{item.study_id}-{info.short_uid}", ()))
+        except InputError as error:
+            failures.append(error)
+            log.warning("study %s: %s", item.study_id, error)
+    if not volumes:
+        raise failures[0]
+    return volumes
+
+
+def load_study(path: str | Path, config: IngestConfig | None = None, series_uid: str | None = None) -> Volume:
+    """Load the one study under ``path`` (with ``series_uid``: the study holding that series).
+
+    Raises ``AmbiguousInputError`` listing the study ids when ``path`` holds several.
+    """
+    config = config or IngestConfig()
+    studies = discover([path], config)
+    if series_uid:
+        holders = []
+        for study in studies:
+            if study.kind != "dicom":
+                continue
+            try:
+                find_series(study, series_uid)
+            except ConfigError:
+                continue
+            holders.append(study)
+        if len(holders) == 1:
+            return load_input(holders[0], config, series_uid)
+        if not holders:
+            options = "; ".join(
+                f"{s.study_id}: {', '.join(series_label(i.uid) for i in s.series)}" for s in studies
+            )
+            raise ConfigError(
+                f"{path}: no series matches {clean_text(series_uid)!r}; series found: {options}"
+            )
+        studies = holders
+    if len(studies) != 1:
+        listing = ", ".join(s.study_id for s in studies)
+        raise AmbiguousInputError(
+            f"{path} holds {len(studies)} studies ({listing}), never merged; pass one study's folder, "
+            "choose a series with --series UID, or run the batch command over all of them"
+        )
+    return load_input(studies[0], config, series_uid)

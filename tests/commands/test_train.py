@@ -1,0 +1,92 @@
+"""``train-cls`` and ``cv`` end to end on a tiny manifest of phantom slice PNGs."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.phantom import make_phantom
+from pipeline.commands import train as train_command
+from pipeline.config import WindowConfig
+from pipeline.preprocess import window
+
+
+def _parser() -> argparse.ArgumentParser:
+    # Only this module's subcommands: the command under test, independent of the other commands' imports.
+    parser = argparse.ArgumentParser()
+    train_command.register(parser.add_subparsers())
+    return parser
+
+
+@pytest.fixture(scope="module")
+def slice_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Pre-windowed PNG slices of 8 phantoms (4 with consolidation, 4 without), 2 slices each."""
+    folder = tmp_path_factory.mktemp("slices")
+    rows = []
+    for seed in range(8):
+        label = "covid" if seed % 2 else "normal"
+        phantom = make_phantom(
+            seed=seed, shape=(8, 48, 48), lesions="consolidation" if seed % 2 else "none",
+            lesion_volume_ml=10.0 if seed % 2 else None,
+        )  # fmt: skip
+        grey = window(phantom.hu, "HU", WindowConfig())
+        for z in (3, 4):
+            name = f"phantom{seed}_{z}.png"
+            Image.fromarray(np.round(grey[z] * 255).astype(np.uint8)).save(folder / name)
+            rows.append({"path": name, "label": label, "group": f"phantom{seed}", "split": "test" if seed >= 6 else ""})
+    with (folder / "manifest.csv").open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=["path", "label", "group", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder / "manifest.csv"
+
+
+def test_train_cls_writes_checkpoint_card_curves_and_test_metrics(slice_manifest: Path, tmp_path: Path) -> None:
+    args = _parser().parse_args(
+        ["train-cls", "--data", str(slice_manifest), "--roi", "none", "--input-size", "32", "--epochs", "1",
+         "--batch-size", "4", "--val-fraction", "0.25", "--device", "cpu", "--output", str(tmp_path)]
+    )  # fmt: skip
+    assert args.handler(args) == 0
+    card = json.loads((tmp_path / "model.json").read_text())
+    assert card["architecture"] == "classifier/resnet50" and card["input"]["roi"] == "none"
+    assert card["class_names"] == ["normal", "covid"] and card["input"]["size"] == 32
+    assert len(card["manifest_sha256"]) == 64 and card["train_config"]["recipe"] == "gozes"
+    for name in ("model.safetensors", "history.csv", "curves.png", "manifest.csv", "test_metrics.json"):
+        assert (tmp_path / name).is_file(), name
+    assert json.loads((tmp_path / "test_metrics.json").read_text())["n"] == 4
+
+
+def test_cv_writes_the_comparison_tables(slice_manifest: Path, tmp_path: Path) -> None:
+    args = _parser().parse_args(
+        ["cv", "--data", str(slice_manifest), "--roi", "none", "--backbones", "resnet50", "--folds", "2",
+         "--input-size", "32", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--recipe",
+         "covid-ctset", "--output", str(tmp_path)]
+    )  # fmt: skip
+    assert args.handler(args) == 0
+    with (tmp_path / "per_fold.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["fold"] for row in rows] == ["1", "2"]
+    assert sum(int(row["n_test"]) for row in rows) == 16  # every slice tested once
+    for row in rows:
+        assert 0.0 <= float(row["test_accuracy"]) <= 1.0
+        assert np.sum(json.loads(row["confusion_matrix"])) == int(row["n_test"])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| resnet50 |" in summary and "±" in summary
+    assert (tmp_path / "roc.png").is_file() and (tmp_path / "confusion.png").is_file()
+
+
+def test_data_options_are_checked(slice_manifest: Path, tmp_path: Path) -> None:
+    from pipeline.errors import ConfigError
+
+    args = _parser().parse_args(["train-cls", "--output", str(tmp_path)])
+    with pytest.raises(ConfigError, match="--data"):
+        args.handler(args)
+    args = _parser().parse_args(["train-cls", "--class", "covid", "--output", str(tmp_path)])
+    with pytest.raises(ConfigError, match="NAME=DIR"):
+        args.handler(args)

@@ -1,0 +1,165 @@
+"""Training loop: learns phantom lesions, resumes exactly, writes safe checkpoints; U-Net training bits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.datasets import SegmentationSlices, SliceDataset, slices_to_model_input
+from data.phantom import make_phantom
+from models.checkpoint import load_checkpoint, load_classifier
+from models.metrics import roc_auc
+from models.train import (
+    TrainConfig,
+    augment_batch,
+    insert_synthetic_lesions,
+    predict_probabilities,
+    random_affine_params,
+    train_classifier,
+)
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError, ModelError
+from pipeline.preprocess import window
+
+SIZE = 32  # tiny input: the recipe's ResNet-50 unchanged, only the image is small
+
+
+def phantom_slices(seeds: range, size: int = SIZE) -> SliceDataset:
+    """Lung slices of phantoms with lesions (label 1: slices holding lesion) and without (label 0)."""
+    config = PipelineConfig()
+    images, labels = [], []
+    for seed in seeds:
+        for lesions, label in (("mixed", 1), ("none", 0)):
+            volume_ml = 20.0 if label else None
+            phantom = make_phantom(seed=seed, shape=(12, 64, 64), lesions=lesions, lesion_volume_ml=volume_ml)
+            lungs = phantom.lung_labels > 0
+            lesion_pixels = phantom.lesion_mask.sum(axis=(1, 2))
+            keep = lungs.sum(axis=(1, 2)) >= 200
+            keep &= lesion_pixels >= 30 if label else True
+            windowed = window(phantom.hu, "HU", config.window)
+            grey = slices_to_model_input(windowed, lungs, size, config)  # case-wide lung box, as inference
+            images.append(grey[torch.from_numpy(keep)])
+            labels += [label] * int(keep.sum())
+    return SliceDataset(torch.cat(images), labels)
+
+
+@pytest.fixture(scope="module")
+def phantom_data() -> tuple[SliceDataset, SliceDataset]:
+    return phantom_slices(range(0, 6)), phantom_slices(range(100, 103))
+
+
+def quick_config(**overrides: object) -> TrainConfig:
+    values = dict(input_size=SIZE, epochs=3, batch_size=16, patience=0, device="cpu", lr=1e-3, seed=0)
+    return TrainConfig.gozes(**{**values, **overrides})
+
+
+@pytest.mark.slow
+def test_resnet50_learns_phantom_lesions_and_card_describes_the_run(
+    phantom_data: tuple[SliceDataset, SliceDataset], tmp_path: Path
+) -> None:
+    train, held_out = phantom_data
+    assert 0.3 < train.labels.float().mean() < 0.7
+    result = train_classifier(
+        train, held_out, quick_config(), tmp_path, class_names=("normal", "covid"), roi="lung-bbox",
+        card_extra={"manifest_sha256": "0" * 64},
+    )  # fmt: skip
+    probs = predict_probabilities(result.model, held_out)
+    assert roc_auc(held_out.labels.numpy(), probs) >= 0.9
+    card = json.loads((tmp_path / "model.json").read_text())
+    assert card["architecture"] == "classifier/resnet50"
+    assert card["input"] == {"size": SIZE, "channels": 3, "window": [-1000.0, 0.0], "roi": "lung-bbox"}
+    assert card["class_names"] == ["normal", "covid"] and card["seed"] == 0
+    assert card["best_validation"]["auc"] == pytest.approx(max(r["val_auc"] for r in result.history))
+    assert {"manifest_sha256", "train_seconds", "corona_ct_version", "sha256", "epochs_run"} <= set(card)
+    history = (tmp_path / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc,val_auc") and len(history) == 4
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pth"))  # never pickle
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    data = phantom_slices(range(200, 202), size=16)
+    config = quick_config(input_size=16, epochs=2, batch_size=8, optimizer="nadam", recipe="covid-ctset", num_outputs=2)
+    full = train_classifier(data, None, config, tmp_path / "full")
+    train_classifier(data, None, dataclasses.replace(config, epochs=1), tmp_path / "split")
+    resumed = train_classifier(data, None, config, tmp_path / "split", resume=True)
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(ConfigError, match="different lr"):
+        train_classifier(data, None, dataclasses.replace(config, lr=0.5), tmp_path / "split", resume=True)
+
+
+def test_checkpoint_round_trips_and_is_refused_for_another_architecture(tmp_path: Path) -> None:
+    data = phantom_slices(range(300, 301), size=16)
+    result = train_classifier(data, None, quick_config(input_size=16, epochs=1, batch_size=8), tmp_path)
+    loaded = load_classifier(result.checkpoint)
+    assert loaded.trained and loaded.card["architecture"] == "classifier/resnet50"
+    np.testing.assert_allclose(predict_probabilities(loaded.module, data), predict_probabilities(result.model, data), atol=1e-6)
+    with pytest.raises(ModelError, match="classifier/vgg16"):
+        load_checkpoint(result.checkpoint, expected_architecture="classifier/vgg16")
+
+
+def test_recipes_and_overrides() -> None:
+    gozes = TrainConfig.gozes()
+    assert (gozes.backbone, gozes.input_size, gozes.optimizer, gozes.lr, gozes.num_outputs) == ("resnet50", 224, "adam", 1e-4, 1)
+    ctset = TrainConfig.from_recipe("covid-ctset", epochs=3)
+    assert (ctset.optimizer, ctset.batch_size, ctset.num_outputs, ctset.rotation_deg, ctset.epochs) == ("nadam", 10, 2, 180.0, 3)
+    assert ctset.zoom == ctset.shift == 0.05 and ctset.hflip and ctset.vflip
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctset.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="at least 75"):
+        TrainConfig.gozes(backbone="inception_v3", input_size=64)
+    with pytest.raises(ConfigError):
+        TrainConfig.from_recipe("unknown")
+
+
+def test_augmentation_is_per_sample_and_exact_for_flips() -> None:
+    images = torch.rand(6, 1, 20, 20)
+    identity = dataclasses.replace(TrainConfig.gozes(), rotation_deg=0.0, hflip=False, vflip=False, crop_scale=1.0)
+    same, _ = augment_batch(images, identity, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(same, images, atol=1e-5, rtol=0)
+    flips = dataclasses.replace(identity, hflip=True, vflip=True)
+    generator = torch.Generator().manual_seed(1)
+    theta = random_affine_params(6, flips, torch.Generator().manual_seed(1))
+    flipped, _ = augment_batch(images, flips, generator)
+    for i in range(6):
+        dims = [d for d, sign in ((3, theta[i, 0, 0]), (2, theta[i, 1, 1])) if sign < 0]
+        torch.testing.assert_close(flipped[i], images[i].flip(dims) if dims else images[i], atol=1e-5, rtol=0)
+    rotated, _ = augment_batch(images, TrainConfig.covid_ctset(), torch.Generator().manual_seed(2))
+    differences = (rotated - images).abs().flatten(1).mean(1)
+    assert differences.unique().numel() == 6  # each sample gets its own transform
+
+
+def test_synthetic_lesions_stay_inside_the_lungs_and_raise_density() -> None:
+    labels = torch.zeros(4, 32, 32, dtype=torch.long)
+    labels[:, 8:24, 4:14] = 1
+    labels[:, 8:24, 18:28] = 2
+    images = torch.full((4, 1, 32, 32), 0.1)
+    out = insert_synthetic_lesions(images, labels, torch.Generator().manual_seed(0), probability=1.0)
+    changed = (out - images).abs()[:, 0] > 1e-6
+    assert changed.any(dim=(1, 2)).all()  # every slice got a lesion
+    assert not changed[labels == 0].any()  # never outside the lungs
+    assert float(out.max()) <= 0.95 + 1e-6 and float((out - images).min()) >= 0  # only denser, at most ≈ −50 HU
+    untouched = insert_synthetic_lesions(images, labels, torch.Generator().manual_seed(0), probability=0.0)
+    torch.testing.assert_close(untouched, images)
+
+
+def test_segmenter_training_writes_a_card_with_validation_dice(tmp_path: Path) -> None:
+    from models.train import SegTrainConfig, train_segmenter
+
+    phantom = make_phantom(seed=5, shape=(12, 64, 64), lesions="mixed")
+    windowed = torch.from_numpy(window(phantom.hu, "HU", PipelineConfig().window))
+    slices = SegmentationSlices(windowed, torch.from_numpy(phantom.lung_labels))
+    config = SegTrainConfig(input_size=64, epochs=1, batch_size=4, device="cpu", seed=0)
+    result = train_segmenter(slices, ["p5"] * len(slices), config, tmp_path)
+    card = json.loads((tmp_path / "model.json").read_text())
+    assert card["architecture"] == "segmenter/unet-vgg16" and card["num_classes"] == 3
+    assert card["input"]["channels"] == 1 and 0.0 <= card["best_validation"]["dice_mean"] <= 1.0
+    assert card["validation_split"] == "every fifth slice of one volume"
+    assert result.best_epoch == 1

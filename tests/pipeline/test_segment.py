@@ -1,0 +1,120 @@
+"""Classical lung segmentation on the synthetic phantom: overlap, sides, lesions, no-lung series."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from data.phantom import LUNG, VESSEL, make_phantom
+from pipeline.config import SegmentConfig, WindowConfig
+from pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Volume
+from pipeline.errors import ModelError
+from pipeline.preprocess import window
+from pipeline.segment import NO_LUNGS_WARNING, clean_lung_mask, fill_holes_2d, segment_lungs, split_sides
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)))
+
+
+@pytest.fixture(scope="module")
+def phantom():  # type: ignore[no-untyped-def]
+    return make_phantom(seed=0, lesions="mixed")
+
+
+@pytest.fixture(scope="module")
+def hu_mask(phantom):  # type: ignore[no-untyped-def]
+    return segment_lungs(phantom.to_volume(), SegmentConfig(), WindowConfig())
+
+
+def _windowed(volume: Volume) -> Volume:
+    return dataclasses.replace(volume, array=window(volume.array, "HU", WindowConfig()), units="window")
+
+
+def test_classical_matches_phantom_lungs_with_lesions(phantom, hu_mask) -> None:  # type: ignore[no-untyped-def]
+    labels = hu_mask.labels
+    assert hu_mask.method == "classical" and hu_mask.warnings == ()
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) == {0, RIGHT_LUNG, LEFT_LUNG}
+    truth = phantom.lung_labels
+    assert dice(labels > 0, truth > 0) >= 0.95
+    # sides not swapped: right lung (label 1) at low column index in both
+    assert dice(labels == RIGHT_LUNG, truth == RIGHT_LUNG) >= 0.93
+    assert dice(labels == LEFT_LUNG, truth == LEFT_LUNG) >= 0.93
+    # the key property: dense lesions (GGO and consolidation) stay inside the mask
+    assert phantom.lesion_mask.sum() > 0
+    assert (labels > 0)[phantom.lesion_mask].mean() >= 0.95
+    # vessels are closed into the mask too
+    assert (labels > 0)[(phantom.tissue == VESSEL) & (truth > 0)].mean() >= 0.95
+
+
+def test_mask_does_not_leak_into_body_wall(phantom, hu_mask) -> None:  # type: ignore[no-untyped-def]
+    outside_lungs = (phantom.lung_labels == 0) & (phantom.tissue != LUNG)
+    leaked = np.count_nonzero((hu_mask.labels > 0) & outside_lungs)
+    assert leaked <= 0.06 * np.count_nonzero(phantom.lung_labels)
+
+
+def test_windowed_stack_gives_the_same_lungs(phantom, hu_mask) -> None:  # type: ignore[no-untyped-def]
+    windowed = _windowed(phantom.to_volume())
+    mask = segment_lungs(windowed, SegmentConfig(), WindowConfig())
+    assert mask.method == "classical"
+    assert dice(mask.labels > 0, phantom.lung_labels > 0) >= 0.95
+    assert dice(mask.labels == RIGHT_LUNG, hu_mask.labels == RIGHT_LUNG) >= 0.98
+
+
+def test_no_lungs_gives_empty_mask_and_warning(phantom) -> None:  # type: ignore[no-untyped-def]
+    hu = phantom.hu.astype(np.float32)
+    hu[phantom.lung_labels > 0] = 40.0  # lungs filled with soft tissue: an abdomen-like series
+    volume = dataclasses.replace(phantom.to_volume(), array=hu)
+    mask = segment_lungs(volume, SegmentConfig(), WindowConfig())
+    assert not mask.labels.any()
+    assert mask.warnings == (NO_LUNGS_WARNING,)
+
+
+def test_pure_gas_is_not_lung(phantom) -> None:  # type: ignore[no-untyped-def]
+    hu = phantom.hu.astype(np.float32)
+    hu[phantom.lung_labels > 0] = -1000.0  # gas-filled cavities of lung size, no parenchyma
+    volume = dataclasses.replace(phantom.to_volume(), array=hu)
+    assert segment_lungs(volume, SegmentConfig(), WindowConfig()).warnings == (NO_LUNGS_WARNING,)
+
+
+def test_unet_method_without_model_is_a_model_error(phantom) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ModelError, match="weights"):
+        segment_lungs(phantom.to_volume(), SegmentConfig(method="unet"), WindowConfig())
+
+
+def test_split_sides_separates_joined_lungs_along_the_junction() -> None:
+    lungs = np.zeros((4, 60, 80), dtype=bool)
+    lungs[:, 10:50, 8:38] = True
+    lungs[:, 10:50, 42:72] = True
+    lungs[:, 28:32, 38:42] = True  # thin bridge joins them into one component
+    intensity = np.where(lungs, -850.0, 40.0).astype(np.float32)
+    labels = split_sides(lungs, intensity)
+    assert (labels[:, 10:50, 8:38] == RIGHT_LUNG).all()
+    assert (labels[:, 10:50, 42:72] == LEFT_LUNG).all()
+    assert not labels[~lungs].any()
+
+
+def test_fill_holes_2d_fills_every_slice_independently() -> None:
+    ring = np.zeros((3, 9, 9), dtype=bool)
+    ring[:, 2:7, 2:7] = True
+    ring[:, 4, 4] = False
+    ring[1, 4, 0:5] = False  # slice 1: the hole opens to the border, so it is no hole
+    filled = fill_holes_2d(ring)
+    assert filled[0, 4, 4] and filled[2, 4, 4] and not filled[1, 4, 4]
+
+
+def test_clean_lung_mask_closes_a_subpleural_bite_and_keeps_sides() -> None:
+    labels = np.zeros((6, 80, 100), dtype=np.uint8)
+    yy, xx = np.mgrid[0:80, 0:100]
+    right = ((yy - 40) / 30.0) ** 2 + ((xx - 25) / 18.0) ** 2 <= 1
+    left = ((yy - 40) / 30.0) ** 2 + ((xx - 75) / 18.0) ** 2 <= 1
+    labels[:, right] = RIGHT_LUNG
+    labels[:, left] = LEFT_LUNG
+    bite = right & (xx < 14) & (np.abs(yy - 40) < 8)  # dense lesion against the lateral chest wall
+    labels[2:4][:, bite] = 0
+    cleaned = clean_lung_mask(labels, (5.0, 1.0, 1.0), SegmentConfig(closing_radius_mm=3.0))
+    assert (cleaned[2:4][:, bite] == RIGHT_LUNG).all()
+    assert (cleaned[:, left] == LEFT_LUNG).all()
+    assert not cleaned[:, (xx > 44) & (xx < 56)].any()  # nothing bridged across the midline
