@@ -12,10 +12,12 @@ augmentation is applied later to whole batches (``models.train.augment_batch``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -128,7 +130,9 @@ def build_slice_dataset(
         except InputError:
             raise
         except (OSError, ValueError) as error:
-            raise InputError(f"{path}: cannot be read as a slice image ({error}); remove it from the data") from None
+            raise InputError(
+                f"{path}: cannot be read as a slice image ({error}); remove it from the data"
+            ) from None
 
     if workers > 0:
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -188,3 +192,95 @@ def concat_segmentation(parts: Sequence[SegmentationSlices]) -> SegmentationSlic
     if not parts:
         raise InputError("no segmentation training data were found")
     return SegmentationSlices(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
+
+
+def _mask_on_canonical_grid(mask_path: Path, volume: Volume) -> npt.NDArray[np.uint8]:
+    """A NIfTI mask re-ordered exactly like its CT by the reader (``Volume.source_order`` inverted)."""
+    import nibabel as nib
+
+    try:
+        image = cast(nib.Nifti1Image, nib.load(str(mask_path)))
+        source = np.asarray(image.dataobj)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{mask_path}: cannot be read as a NIfTI mask ({error})") from None
+    source = source.reshape(source.shape[:3])
+    order = volume.source_order
+    if order is None:
+        raise InputError(f"{volume.source}: volume masks need a NIfTI image (its voxel order is known)")
+    canonical = np.flip(source, axis=order.flip_axes).transpose(np.argsort(order.perm))
+    if canonical.shape != volume.array.shape:
+        raise InputError(
+            f"{mask_path}: mask shape {canonical.shape} differs from the image {volume.array.shape}"
+        )
+    return np.ascontiguousarray(canonical).astype(np.uint8)
+
+
+def _read_pair(image_path: Path, mask_path: Path, config: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(windowed (z, y, x), labels (z, y, x)) of one manifest row (NIfTI volume or 2D slice image)."""
+    name = image_path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        from pipeline.ingest import load_study
+
+        volume = load_study(image_path, config.ingest)
+        return window(volume.array, volume.units, config.window), _mask_on_canonical_grid(mask_path, volume)
+    from PIL import Image
+
+    from pipeline.ingest.slices import read_slice_image
+
+    array, units = read_slice_image(image_path, config.ingest)
+    try:
+        with Image.open(mask_path) as handle:
+            mask = np.asarray(handle.convert("L"))
+    except OSError as error:
+        raise InputError(f"{mask_path}: cannot be read as a mask image ({error})") from None
+    if mask.shape != array.shape:
+        raise InputError(f"{mask_path}: mask shape {mask.shape} differs from the image {array.shape}")
+    # 8-bit masks saved as 0/255 mean lung/no lung; small values are labels as they are.
+    labels = (mask > 127).astype(np.uint8) if mask.max() > 2 else mask.astype(np.uint8)
+    return window(array, units, config.window)[None], labels[None]
+
+
+def load_segmentation_data(
+    manifests: Sequence[Path],
+    unlabeled: Sequence[Path],
+    size: int,
+    config: PipelineConfig,
+    binary: bool = False,
+) -> tuple[SegmentationSlices, list[str]]:
+    """Segmentation slices and their group (volume) names.
+
+    ``manifests``: CSV files with columns ``image,mask[,group]`` (NIfTI volumes or 2D
+    images; relative paths from the CSV). ``unlabeled``: CT studies read with
+    ``load_study`` and labelled by the classical ``segment_lungs`` (pseudo-labels).
+    """
+    import csv
+
+    parts: list[SegmentationSlices] = []
+    groups: list[str] = []
+    for manifest in manifests:
+        try:
+            rows = list(csv.DictReader(Path(manifest).read_text(encoding="utf-8-sig").splitlines()))
+        except OSError as error:
+            raise InputError(f"cannot read segmentation manifest {manifest}: {error}") from None
+        if not rows or not {"image", "mask"} <= set(rows[0]):
+            raise InputError(f"segmentation manifest {manifest} needs columns image,mask[,group]")
+        for row in rows:
+            image = Path(manifest).parent / row["image"].strip()
+            mask = Path(manifest).parent / row["mask"].strip()
+            windowed, labels = _read_pair(image, mask, config)
+            parts.append(segmentation_slices_from_volume(windowed, labels, size, binary))
+            groups += [(row.get("group") or "").strip() or image.name] * windowed.shape[0]
+    if unlabeled:
+        from pipeline.ingest import load_study
+        from pipeline.segment import segment_lungs
+
+        classical = dataclasses.replace(config.segment, method="classical")
+        for study in unlabeled:
+            volume = load_study(study, config.ingest)
+            lung_mask = segment_lungs(volume, classical, config.window)
+            windowed = window(volume.array, volume.units, config.window)
+            parts.append(
+                segmentation_slices_from_volume(windowed, np.asarray(lung_mask.labels), size, binary)
+            )
+            groups += [volume.study_id] * volume.n_slices
+    return concat_segmentation(parts), groups

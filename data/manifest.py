@@ -89,7 +89,9 @@ class Manifest:
         return [entry.path for entry in self.entries]
 
     def subset(self, indices: Sequence[int] | npt.NDArray[np.int64]) -> Manifest:
-        return Manifest(tuple(self.entries[int(i)] for i in indices), self.class_names, self.root, self.grouping)
+        return Manifest(
+            tuple(self.entries[int(i)] for i in indices), self.class_names, self.root, self.grouping
+        )
 
     def split_indices(self, split: str) -> npt.NDArray[np.int64]:
         return np.array([i for i, entry in enumerate(self.entries) if entry.split == split], dtype=np.int64)
@@ -162,9 +164,7 @@ def image_files(folder: Path) -> list[Path]:
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
     if not files:
-        raise NoImageDataError(
-            f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
+        raise NoImageDataError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
 
 
@@ -215,7 +215,9 @@ def read_manifest_csv(path: str | Path, positive: str = "covid") -> Manifest:
         raise InputError(f"manifest {csv_path} must have a header with columns path,label,group[,split]")
     raw_labels = [row["label"].strip() for row in rows]
     if all(label in {"0", "1"} for label in raw_labels):
-        class_names: tuple[str, ...] = ("negative", "positive") if positive == "covid" else ("other", positive)
+        class_names: tuple[str, ...] = (
+            ("negative", "positive") if positive == "covid" else ("other", positive)
+        )
         labels = [int(label) for label in raw_labels]
     else:
         class_names = ordered_class_names(raw_labels, positive)

@@ -84,7 +84,7 @@ class ResNetLSTM(nn.Module):
     def __init__(self, num_outputs: int, lstm_hidden: int = 2048, input_size: int = 224) -> None:
         super().__init__()
         trunk = tvm.resnet152(weights=None)
-        trunk.fc = nn.Identity()  # type: ignore[assignment]
+        trunk.fc = nn.Identity()
         self.cnn = trunk
         self.lstm_hidden = lstm_hidden
         # The LSTM's input width is fixed at construction: rows of the native input size.

@@ -83,6 +83,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast + channels_last on CUDA (ignored on CPU)
     lstm_hidden: int = 2048  # resnet152_lstm only: units of each of the two stacked LSTMs
+    precise_bn: bool = True  # re-estimate BatchNorm statistics on the training images before evaluating
 
     def __post_init__(self) -> None:
         checks = [
@@ -163,8 +164,12 @@ def random_affine_params(n: int, config: Any, generator: torch.Generator) -> tor
     scale = crop_side * _uniform(n, 1.0 - config.zoom, 1.0 + config.zoom, generator)
     offset = (1.0 - crop_side)[:, None] * _uniform(2 * n, -1.0, 1.0, generator).view(n, 2)
     offset = offset + 2.0 * config.shift * _uniform(2 * n, -1.0, 1.0, generator).view(n, 2)
-    flip_x = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if config.hflip else torch.ones(n)
-    flip_y = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if config.vflip else torch.ones(n)
+    flip_x = (
+        torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if config.hflip else torch.ones(n)
+    )
+    flip_y = (
+        torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if config.vflip else torch.ones(n)
+    )
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.zeros(n, 2, 3)
     # Rotation × isotropic scale × axis flips; images are square so normalised axes are isotropic.
@@ -260,7 +265,9 @@ def _loader(dataset: SliceDataset, config: TrainConfig, epoch: int, shuffle: boo
     if shuffle and config.balance == "sampler":
         counts = _class_counts(dataset.labels)
         weights = (1.0 / counts)[dataset.labels].double()
-        sampler = WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True, generator=generator)
+        sampler = WeightedRandomSampler(
+            weights, num_samples=len(dataset), replacement=True, generator=generator
+        )
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -292,6 +299,40 @@ def predict_probabilities(
     return torch.cat(probs).double().numpy() if probs else np.zeros(0)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, dataset: SliceDataset, batch_size: int, device: torch.device, amp: bool
+) -> None:
+    """Replace BatchNorm running statistics by their average over ``dataset`` (unaugmented).
+
+    Running averages with momentum 0.1 lag far behind weights that change quickly (short
+    runs, from-scratch training): evaluation-mode outputs then collapse towards one value.
+    Re-estimating them with the final weights ("precise BN", Wu & Johnson 2021) makes the
+    evaluated and saved network consistent. Training itself is unaffected (it uses batch
+    statistics).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches below
+    model.train()
+    for start in range(0, len(dataset), batch_size):
+        inputs = as_network_input(dataset.images[start : start + batch_size, None].float().to(device))
+        if inputs.shape[0] < 2:
+            continue
+        if _use_amp(device, amp):
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            model(inputs)
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.train(was_training)
+
+
 # ---------------------------------------------------------------------- safetensors resume state
 
 
@@ -316,9 +357,7 @@ def _save_last_state(
     write_text(output_dir / f"{LAST_STATE}.json", json.dumps(payload, indent=1, allow_nan=True))
 
 
-def _load_last_state(
-    output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
+def _load_last_state(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     json_path = output_dir / f"{LAST_STATE}.json"
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
@@ -363,7 +402,9 @@ def write_history(history: Sequence[Mapping[str, float]], output_dir: Path, titl
     for axis, (label, key) in zip(axes[0], panels, strict=True):
         for column in columns:
             if column.endswith(f"_{key}"):
-                axis.plot(epochs, [row.get(column, math.nan) for row in history], marker="o", ms=3, label=column)
+                axis.plot(
+                    epochs, [row.get(column, math.nan) for row in history], marker="o", ms=3, label=column
+                )
         axis.set_xlabel("epoch")
         axis.set_title(label)
         axis.grid(alpha=0.3)
@@ -423,7 +464,9 @@ def train_classifier(
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if train_set.input_size != config.input_size:
-        raise ConfigError(f"data were prepared at {train_set.input_size} px but config says {config.input_size}")
+        raise ConfigError(
+            f"data were prepared at {train_set.input_size} px but config says {config.input_size}"
+        )
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = build_classifier(config.backbone, config.num_outputs, **config.backbone_options()).to(device)
@@ -477,6 +520,8 @@ def train_classifier(
             correct += int((predicted == labels).sum())
             seen += int(labels.shape[0])
         row: dict[str, float] = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen}
+        if config.precise_bn:
+            recalibrate_batchnorm(model, train_set, config.batch_size * 2, device, config.amp)
         if val_set is not None:
             val_probs = predict_probabilities(model, val_set, config.batch_size * 2, device, config.amp)
             report = binary_report(val_set.labels.numpy(), val_probs, class_names)
@@ -486,7 +531,9 @@ def train_classifier(
         else:
             report, score = {}, float(epoch)  # no validation: the last epoch is the one kept
         if monitor_set is not None:
-            monitor_probs = predict_probabilities(model, monitor_set, config.batch_size * 2, device, config.amp)
+            monitor_probs = predict_probabilities(
+                model, monitor_set, config.batch_size * 2, device, config.amp
+            )
             monitored = binary_report(monitor_set.labels.numpy(), monitor_probs, class_names)
             row.update(monitor_acc=monitored["accuracy"], monitor_auc=monitored["auc"])
         elapsed += time.perf_counter() - started
@@ -517,8 +564,12 @@ def train_classifier(
     state, final_card = load_checkpoint(output / MODEL_FILE, expected_architecture=card["architecture"])
     model.load_state_dict(state)
     model.eval()
-    final_card = dict(final_card, epochs_run=len(history), stopped_early=stopped_early, train_seconds=round(elapsed, 1))
-    write_text(output / "model.json", json.dumps(final_card, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    final_card = dict(
+        final_card, epochs_run=len(history), stopped_early=stopped_early, train_seconds=round(elapsed, 1)
+    )
+    write_text(
+        output / "model.json", json.dumps(final_card, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    )
     return TrainResult(model, output / MODEL_FILE, final_card, history, best_epoch, best_metrics, elapsed)
 
 
@@ -569,7 +620,9 @@ def cross_validate(
             if resume and done.is_file():
                 result_row = json.loads(done.read_text(encoding="utf-8"))
                 rows.append(result_row["row"])
-                curves.setdefault(backbone, []).append((np.array(result_row["fpr"]), np.array(result_row["tpr"])))
+                curves.setdefault(backbone, []).append(
+                    (np.array(result_row["fpr"]), np.array(result_row["tpr"]))
+                )
                 continue
             fit_idx, val_idx = train_idx, None
             if config.val_fraction > 0:
@@ -603,7 +656,9 @@ def cross_validate(
                 **{k: v for k, v in test_report.items() if k.split("_")[0] in ("sensitivity", "specificity", "precision")},
             }  # fmt: skip
             fpr, tpr, _ = roc_curve(labels[test_idx], test_probs)
-            write_text(done, json.dumps({"row": row, "fpr": fpr.tolist(), "tpr": tpr.tolist()}, allow_nan=True))
+            write_text(
+                done, json.dumps({"row": row, "fpr": fpr.tolist(), "tpr": tpr.tolist()}, allow_nan=True)
+            )
             rows.append(row)
             curves.setdefault(backbone, []).append((fpr, tpr))
             del result
@@ -632,7 +687,16 @@ def write_cv_report(
         *[f"{m}_{c}" for c in class_names for m in ("sensitivity", "specificity", "precision")],
     ]  # fmt: skip
     per_fold = io.StringIO()
-    fold_columns = ["backbone", "fold", "n_train", "n_test", *metric_columns, "epochs_run", "train_seconds", "confusion_matrix"]
+    fold_columns = [
+        "backbone",
+        "fold",
+        "n_train",
+        "n_test",
+        *metric_columns,
+        "epochs_run",
+        "train_seconds",
+        "confusion_matrix",
+    ]
     writer = csv.DictWriter(per_fold, fieldnames=fold_columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in rows:
@@ -656,7 +720,9 @@ def write_cv_report(
     for summary in summary_rows:
         writer.writerow({**summary, "confusion_matrix_sum": json.dumps(summary["confusion_matrix_sum"])})
     write_text(output_dir / "summary.csv", summary_csv.getvalue())
-    write_text(output_dir / "summary.md", cv_markdown(rows, summary_rows, metric_columns, class_names, config))
+    write_text(
+        output_dir / "summary.md", cv_markdown(rows, summary_rows, metric_columns, class_names, config)
+    )
     _plot_cv(summary_rows, curves, output_dir, class_names)
 
 
@@ -679,7 +745,9 @@ def cv_markdown(
     ]
     for summary in summary_rows:
         cells = [f"{cell(summary[f'{c}_mean'])} ± {cell(summary[f'{c}_sd'])}" for c in metric_columns]
-        lines.append(f"| {summary['backbone']} | " + " | ".join(cells) + f" | {summary['train_seconds_total']} |")
+        lines.append(
+            f"| {summary['backbone']} | " + " | ".join(cells) + f" | {summary['train_seconds_total']} |"
+        )
     lines += ["", "Per fold (test fold confusion matrix rows = true " + "/".join(class_names) + "):", ""]
     fold_header = ["backbone", "fold", "n train", "n test", "train acc", "test acc", "test AUC", "confusion"]
     lines += ["| " + " | ".join(fold_header) + " |", "|" + "---|" * len(fold_header)]
@@ -731,7 +799,9 @@ def _plot_cv(
         if interpolated:
             axis.plot(grid, np.mean(interpolated, axis=0), color="black", lw=2, label="mean")
         axis.plot([0, 1], [0, 1], ls=":", color="grey")
-        axis.set_title(f"{backbone}: AUC {summary['test_auc_mean']:.3f} ± {summary['test_auc_sd']:.3f}", fontsize=9)
+        axis.set_title(
+            f"{backbone}: AUC {summary['test_auc_mean']:.3f} ± {summary['test_auc_sd']:.3f}", fontsize=9
+        )
         axis.set_xlabel("1 − specificity")
         axis.set_ylabel("sensitivity")
         axis.legend(fontsize=6)
@@ -913,7 +983,9 @@ def train_segmenter(
                 continue  # BatchNorm needs two samples
             images = train_set.images[index, None].float().to(device)
             labels = train_set.labels[index].long().to(device)
-            images = insert_synthetic_lesions(images, labels, rng_aug, config.lesion_probability, config.max_lesions)
+            images = insert_synthetic_lesions(
+                images, labels, rng_aug, config.lesion_probability, config.max_lesions
+            )
             images, warped_labels = augment_batch(images, config, rng_aug, labels)
             warped = labels if warped_labels is None else warped_labels
             with _autocast(device, config.amp):
@@ -928,12 +1000,20 @@ def train_segmenter(
         dice = dice_per_class(predicted, val_set.labels.long(), config.num_classes)
         mean_dice = float(np.nanmean(dice)) if not all(math.isnan(d) for d in dice) else math.nan
         elapsed += time.perf_counter() - started
-        row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_dice": mean_dice, "seconds": elapsed}
+        row = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "val_dice": mean_dice,
+            "seconds": elapsed,
+        }
         history.append(row)
         if mean_dice > best_dice + 1e-9:
             best_dice, best_epoch, bad_epochs = mean_dice, epoch, 0
             names = ["right", "left"] if config.num_classes == 3 else ["lung"]
-            best_metrics = {"dice_mean": mean_dice, **{f"dice_{n}": _finite_or_none(d) for n, d in zip(names, dice, strict=True)}}
+            best_metrics = {
+                "dice_mean": mean_dice,
+                **{f"dice_{n}": _finite_or_none(d) for n, d in zip(names, dice, strict=True)},
+            }
             card.update(best_epoch=epoch, best_validation=best_metrics, train_seconds=round(elapsed, 1))
             save_checkpoint(model, output / MODEL_FILE, card)
         else:

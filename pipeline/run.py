@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,10 @@ from pipeline.atomic import atomic_path, write_text
 from pipeline.config import PipelineConfig
 from pipeline.datamodel import CamStack, LungMask, Severity, SliceFeatures, SliceScores, StudyFailure, Volume
 from pipeline.errors import CoronaCTError, ModelError, StageError
+
+if TYPE_CHECKING:
+    from models.checkpoint import LoadedModel
+    from models.classifier import BackboneSpec
 
 log = logging.getLogger(__name__)
 
@@ -56,26 +61,31 @@ UNTRAINED_NOTICE = (
 class Models:
     """The networks a run uses, loaded once per batch."""
 
-    classifier: object  # models.checkpoint.LoadedModel
-    segmenter: object | None  # LoadedModel, or None for the classical segmenter
+    classifier: LoadedModel
+    segmenter: LoadedModel | None  # None: the classical segmenter runs
+
+    @property
+    def spec(self) -> BackboneSpec:
+        """The classifier's backbone description (input size, Grad-CAM layers)."""
+        if self.classifier.spec is None:
+            raise ModelError("the classifier checkpoint names no known backbone; check its JSON card")
+        return self.classifier.spec
 
     @property
     def untrained(self) -> bool:
-        return not getattr(self.classifier, "trained", False)
+        return not self.classifier.trained
 
     def describe(self) -> dict[str, dict[str, object] | None]:
         """Names, architectures and checksums for the report."""
 
-        def one(model: object | None) -> dict[str, object] | None:
+        def one(model: LoadedModel | None) -> dict[str, object] | None:
             if model is None:
                 return None
-            card = getattr(model, "card", {})
-            path = getattr(model, "path", None)
             return {
-                "architecture": card.get("architecture"),
-                "file": path.name if path else None,
-                "sha256": getattr(model, "sha256", None),
-                "trained": getattr(model, "trained", False),
+                "architecture": model.card.get("architecture"),
+                "file": model.path.name if model.path else None,
+                "sha256": model.sha256,
+                "trained": model.trained,
             }
 
         return {"classifier": one(self.classifier), "segmenter": one(self.segmenter)}
@@ -170,11 +180,11 @@ def analyze_study(
     device = resolve_device(config.runtime.device)
     warnings = list(volume.warnings)
     classifier = models.classifier
-    spec = classifier.spec  # type: ignore[attr-defined]
+    spec = models.spec
     size = config.roi.input_size or spec.input_size
 
     with _stage("segment", study_id, timings):
-        seg_model = getattr(models.segmenter, "module", None)
+        seg_model = models.segmenter.module if models.segmenter is not None else None
         lung_mask = segment_lungs(volume, config.segment, config.window, model=seg_model, device=str(device))
         warnings.extend(lung_mask.warnings)
 
@@ -341,63 +351,105 @@ def run_batch(
     *,
     resume: bool = False,
     series_uid: str | None = None,
+    all_series: bool = False,
     show_progress: bool | None = None,
 ) -> BatchOutcome:
     """Analyse every study found under ``inputs``; write per-study outputs and summary.csv.
 
     Failures are isolated per study (status=failed, one-line error); finished
     studies are never rewritten or lost; summary.csv is rewritten atomically
-    after every study.
+    after every study. With ``all_series`` every usable series of a study is
+    analysed as its own row (study id suffixed with the short series UID).
     """
     from tqdm import tqdm
 
-    from pipeline.ingest import discover, load_input
-    from pipeline.report import write_study_outputs
+    from pipeline.ingest import discover, load_all_series, load_input
 
     output.mkdir(parents=True, exist_ok=True)
     outcome = BatchOutcome()
-    config_hash = config.hash()
-    key = models_key(models)
     items, discovery_failures = _discover_each(inputs, config, discover)
     for failure in discovery_failures:
         outcome.failures.append(failure)
         outcome.rows.append(summary_row(failure.study_id, failure.source, error=failure.message))
     summary_path = output / "summary.csv"
     write_summary(summary_path, outcome.rows)
+    resume_key = (config.hash(), models_key(models)) if resume else None
 
     disable = None if show_progress is None else not show_progress  # None: bars only on a terminal
-    bar = tqdm(items, desc="studies", unit="study", disable=disable)
-    for item in bar:
-        study_id = item.study_id
+    for item in tqdm(items, desc="studies", unit="study", disable=disable):
         source = _display_source(item)
-        study_dir = output / study_id
-        if resume and (report := completed_report(study_dir, config_hash, key)) is not None:
-            outcome.skipped.append(study_id)
-            outcome.rows.append(dict(report["summary"]))  # type: ignore[call-overload]
+        if not all_series and _resumed(output / item.study_id, resume_key, outcome):
             write_summary(summary_path, outcome.rows)
             continue
+        timings: dict[str, float] = {}
         try:
-            timings: dict[str, float] = {}
-            with _stage("ingest", study_id, timings):
-                volume = load_input(item, config.ingest, series_uid=series_uid)
-            with tqdm(
-                total=volume.n_slices, desc=study_id, unit="slice", leave=False, disable=disable
-            ) as sbar:
-                result = analyze_study(volume, models, config, progress=sbar.update)
-            result.timings_s["ingest"] = timings["ingest"]
-            row = summary_row(study_id, source, result)
-            with _stage("report", study_id, result.timings_s):
-                write_study_outputs(study_dir, result, models, config, row, untrained=models.untrained)
-            outcome.rows.append(row)
-            log.info("%s: ok (%.1f s)", study_id, sum(result.timings_s.values()))
+            with _stage("ingest", item.study_id, timings):
+                volumes = (
+                    load_all_series(item, config.ingest)
+                    if all_series
+                    else [load_input(item, config.ingest, series_uid=series_uid)]
+                )
         except CoronaCTError as error:
-            stage = getattr(error, "stage", "run")
-            message = _one_line(str(error))
-            outcome.failures.append(StudyFailure(study_id, source, stage, type(error).__name__, message))
-            outcome.rows.append(summary_row(study_id, source, error=message))
-            log.warning("%s: failed: %s", study_id, message)
+            _record_failure(outcome, item.study_id, source, error)
+            volumes = []
+        for volume in volumes:
+            if all_series and _resumed(output / volume.study_id, resume_key, outcome):
+                continue
+            try:
+                outcome.rows.append(
+                    _analyze_and_write(volume, source, output, models, config, timings, disable)
+                )
+            except CoronaCTError as error:
+                _record_failure(outcome, volume.study_id, source, error)
         write_summary(summary_path, outcome.rows)
     return outcome
+
+
+def _resumed(study_dir: Path, resume_key: tuple[str, str] | None, outcome: BatchOutcome) -> bool:
+    """With --resume: reuse a complete report's summary row instead of recomputing."""
+    if resume_key is None:
+        return False
+    report = completed_report(study_dir, *resume_key)
+    if report is None:
+        return False
+    outcome.skipped.append(study_dir.name)
+    outcome.rows.append(dict(report["summary"]))  # type: ignore[call-overload]
+    return True
+
+
+def _analyze_and_write(
+    volume: Volume,
+    source: str,
+    output: Path,
+    models: Models,
+    config: PipelineConfig,
+    ingest_timings: dict[str, float],
+    disable_progress: bool | None,
+) -> dict[str, object]:
+    """Analyse one loaded series and write its outputs; returns its summary row."""
+    from tqdm import tqdm
+
+    from pipeline.report import write_study_outputs
+
+    study_id = volume.study_id
+    with tqdm(
+        total=volume.n_slices, desc=study_id, unit="slice", leave=False, disable=disable_progress
+    ) as bar:
+        result = analyze_study(volume, models, config, progress=bar.update)
+    result.timings_s.update(ingest_timings)
+    row = summary_row(study_id, source, result)
+    with _stage("report", study_id, result.timings_s):
+        write_study_outputs(output / study_id, result, models, config, row, untrained=models.untrained)
+    log.info("%s: ok (%.1f s)", study_id, sum(result.timings_s.values()))
+    return row
+
+
+def _record_failure(outcome: BatchOutcome, study_id: str, source: str, error: CoronaCTError) -> None:
+    stage = getattr(error, "stage", "run")
+    message = _one_line(str(error))
+    outcome.failures.append(StudyFailure(study_id, source, stage, type(error).__name__, message))
+    outcome.rows.append(summary_row(study_id, source, error=message))
+    log.warning("%s: failed: %s", study_id, message)
 
 
 def _discover_each(
@@ -488,7 +540,7 @@ def explain_images(
 
     output.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.runtime.device)
-    spec = models.classifier.spec  # type: ignore[attr-defined]
+    spec = models.spec
     rows: list[dict[str, object]] = []
     failures: list[str] = []
     used_names: set[str] = set()
@@ -542,6 +594,14 @@ def explain_images(
     return rows, failures
 
 
+def _num(value: object, digits: int) -> str:
+    """A summary cell as a fixed-precision number ("—" when empty)."""
+    try:
+        return f"{float(str(value)):.{digits}f}"
+    except ValueError:
+        return "—"
+
+
 def _unique_stem(stem: str, used: set[str]) -> str:
     candidate, n = stem, 2
     while candidate in used:
@@ -577,7 +637,9 @@ def run_demo(output: Path, config: PipelineConfig, *, cls_weights: Path | None =
     }
     for number, (name, phantom) in enumerate(phantoms.items(), start=1):
         # patient strings that the folder names do not contain, so the ids stay readable
-        write_dicom_series(phantom, inputs / name, patient_name=f"Anonymous^{number}", patient_id=f"DEMO-{number}")
+        write_dicom_series(
+            phantom, inputs / name, patient_name=f"Anonymous^{number}", patient_id=f"DEMO-{number}"
+        )
     print(f"wrote {len(phantoms)} phantom DICOM studies under {inputs}")
     models = load_models(config, cls_weights, allow_untrained=True)
     if models.untrained:
@@ -589,18 +651,18 @@ def run_demo(output: Path, config: PipelineConfig, *, cls_weights: Path | None =
         )
     outcome = run_batch([inputs / name for name in phantoms], output / "results", config, models)
     print(
-        f"{'study':<16} {'true lesion cm3':>15} {'true lung cm3':>13} {'lung cm3':>9} {'GGO %':>6} {'p(case)':>8} {'score cm3':>10}"
+        f"{'study':<16} {'status':<7} {'p(case)':>8} {'score cm3':>10} {'lesions cm3 (true)':>18} "
+        f"{'lung cm3':>9} {'lung cm3 (true)':>15} {'GGO %':>6} {'consol. %':>9}"
     )
     for row in outcome.rows:
-        phantom = phantoms.get(str(row["study_id"]))
-        truth = (
-            (phantom.lesion_volume_mm3 / 1000.0, phantom.lung_volume_mm3 / 1000.0)
-            if phantom is not None
-            else (math.nan,) * 2
-        )
+        truth = phantoms.get(str(row["study_id"]))
+        true_lesion = truth.lesion_volume_ml if truth is not None else math.nan
+        true_lung = truth.lung_volume_ml if truth is not None else math.nan
         print(
-            f"{row['study_id']!s:<16} {truth[0]:>15.1f} {truth[1]:>13.1f} {row['lung_volume_cm3']!s:>9} "
-            f"{row['ggo_percent']!s:>6} {row['case_probability']!s:>8} {row['corona_score_cm3']!s:>10} {row['error']}"
+            f"{row['study_id']!s:<16} {row['status']!s:<7} {_num(row['case_probability'], 3):>8} "
+            f"{_num(row['corona_score_cm3'], 1):>10} {true_lesion:>18.1f} {_num(row['lung_volume_cm3'], 1):>9} "
+            f"{true_lung:>15.1f} {_num(row['ggo_percent'], 2):>6} {_num(row['consolidation_percent'], 2):>9} "
+            f"{row['error']}"
         )
     print(f"reports: {output / 'results'}/<study>/report.html; summary: {output / 'results' / 'summary.csv'}")
     return outcome.exit_code

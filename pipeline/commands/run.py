@@ -43,7 +43,11 @@ def register(subparsers: Any) -> None:
     )
     _common(run)
     run.add_argument("--resume", action="store_true", help="skip studies already complete for this config")
-    run.add_argument("--series", metavar="UID", help="analyse this series (full or unique short UID)")
+    series = run.add_mutually_exclusive_group()
+    series.add_argument("--series", metavar="UID", help="analyse this series (full or unique short UID)")
+    series.add_argument(
+        "--all-series", action="store_true", help="analyse every usable series of each study, one row each"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(handler=_run)
 
@@ -108,6 +112,7 @@ def _run(args: argparse.Namespace) -> int:
         models,
         resume=args.resume,
         series_uid=args.series,
+        all_series=args.all_series,
         show_progress=False if args.no_progress else None,
     )
     _print_rows(outcome.rows)

@@ -68,14 +68,19 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--workers", type=int, help="DataLoader worker processes")
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--no-amp", action="store_true", help="no bf16 autocast/channels_last on CUDA")
-    train.add_argument("--resume", action="store_true", help="continue from the last finished epoch in --output")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the last finished epoch in --output"
+    )
 
 
 def register(subparsers: Any) -> None:
     cls = subparsers.add_parser("train-cls", help="train a slice classifier (COVID vs other)")
     _add_data_options(cls)
     _add_training_options(cls)
-    cls.add_argument("--backbone", help="resnet50 (default), resnet152, vgg16, vgg19, inception_v3, xception, resnet152_lstm")
+    cls.add_argument(
+        "--backbone",
+        help="resnet50 (default), resnet152, vgg16, vgg19, inception_v3, xception, resnet152_lstm",
+    )
     cls.add_argument("--output", type=Path, required=True, help="run folder (checkpoint, card, curves)")
     cls.set_defaults(handler=run_train_classifier)
 
@@ -88,12 +93,16 @@ def register(subparsers: Any) -> None:
     cv.set_defaults(handler=run_cross_validation, val_fraction_default=0.0)
 
     seg = subparsers.add_parser("train-seg", help="train the lung U-Net (VGG16 encoder)")
-    seg.add_argument("--data", type=Path, action="append", default=[], help="manifest CSV with columns image,mask")
+    seg.add_argument(
+        "--data", type=Path, action="append", default=[], help="manifest CSV with columns image,mask"
+    )
     seg.add_argument(
         "--unlabeled", type=Path, action="append", default=[],
         help="CT study (DICOM folder, NIfTI, slice folder) labelled by --pseudo-labels (repeatable)",
     )  # fmt: skip
-    seg.add_argument("--pseudo-labels", choices=("classical",), help="label --unlabeled CT with this segmenter")
+    seg.add_argument(
+        "--pseudo-labels", choices=("classical",), help="label --unlabeled CT with this segmenter"
+    )
     seg.add_argument("--classes", type=int, choices=(2, 3), default=3, help="3: bg/right/left; 2: bg/lung")
     seg.add_argument("--input-size", type=int, default=256)
     seg.add_argument("--epochs", type=int, default=30)
@@ -101,7 +110,9 @@ def register(subparsers: Any) -> None:
     seg.add_argument("--batch-size", type=int, default=8)
     seg.add_argument("--patience", type=int, default=5)
     seg.add_argument("--val-fraction", type=float, default=0.2)
-    seg.add_argument("--lesion-probability", type=float, default=0.5, help="share of slices given synthetic lesions")
+    seg.add_argument(
+        "--lesion-probability", type=float, default=0.5, help="share of slices given synthetic lesions"
+    )
     seg.add_argument("--seed", type=int, default=0)
     seg.add_argument("--workers", type=int, default=0)
     seg.add_argument("--device", default="auto")
@@ -146,7 +157,9 @@ def _prepared(args: argparse.Namespace, config: Any) -> tuple[Any, Any, Any]:
     pipeline_config = load_config(args.config)
     manifest = _manifest(args)
     print(f"data: {manifest.summary()}", flush=True)
-    dataset = build_slice_dataset(manifest, args.roi, config.input_size, pipeline_config, workers=config.workers)
+    dataset = build_slice_dataset(
+        manifest, args.roi, config.input_size, pipeline_config, workers=config.workers
+    )
     return manifest, dataset, pipeline_config
 
 

@@ -39,7 +39,14 @@ def slice_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for z in (3, 4):
             name = f"phantom{seed}_{z}.png"
             Image.fromarray(np.round(grey[z] * 255).astype(np.uint8)).save(folder / name)
-            rows.append({"path": name, "label": label, "group": f"phantom{seed}", "split": "test" if seed >= 6 else ""})
+            rows.append(
+                {
+                    "path": name,
+                    "label": label,
+                    "group": f"phantom{seed}",
+                    "split": "test" if seed >= 6 else "",
+                }
+            )
     with (folder / "manifest.csv").open("w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=["path", "label", "group", "split"])
         writer.writeheader()
@@ -47,7 +54,9 @@ def slice_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "manifest.csv"
 
 
-def test_train_cls_writes_checkpoint_card_curves_and_test_metrics(slice_manifest: Path, tmp_path: Path) -> None:
+def test_train_cls_writes_checkpoint_card_curves_and_test_metrics(
+    slice_manifest: Path, tmp_path: Path
+) -> None:
     args = _parser().parse_args(
         ["train-cls", "--data", str(slice_manifest), "--roi", "none", "--input-size", "32", "--epochs", "1",
          "--batch-size", "4", "--val-fraction", "0.25", "--device", "cpu", "--output", str(tmp_path)]

@@ -44,7 +44,9 @@ def test_grouping_rules(rule: str, name: str, group: str) -> None:
 
 
 def test_rule_detection_and_bad_rules() -> None:
-    assert detect_rule(["covid_patient1_SR_2_IM00001.tif", "normal_patient3_SR_1_IM00010.tif"]) == "covid-ctset"
+    assert (
+        detect_rule(["covid_patient1_SR_2_IM00001.tif", "normal_patient3_SR_1_IM00010.tif"]) == "covid-ctset"
+    )
     assert detect_rule(["Data-1_coronacases_org_001_12.jpg", "Data-2_radiopaedia_7_3.jpg"]) == "semiseg"
     assert detect_rule(["39%2.jpg", "2020.03.22.20040782-p25-1.png"]) == "ucsd"
     with pytest.raises(ConfigError, match="unknown grouping rule"):

@@ -14,7 +14,15 @@ OPTIONS = {"resnet152_lstm": {"lstm_hidden": 8, "input_size": 64}}
 
 
 def test_registry_lists_the_study_backbones_and_keeps_resnet_entries() -> None:
-    assert set(BACKBONES) == {"resnet50", "resnet152", "vgg16", "vgg19", "inception_v3", "xception", "resnet152_lstm"}
+    assert set(BACKBONES) == {
+        "resnet50",
+        "resnet152",
+        "vgg16",
+        "vgg19",
+        "inception_v3",
+        "xception",
+        "resnet152_lstm",
+    }
     assert backbone_spec("resnet50").cam_layers == ("layer2", "layer3")
     assert backbone_spec("resnet50").feature_dim == 2048 and backbone_spec("resnet152").input_size == 224
     assert backbone_spec("inception_v3").input_size == 299

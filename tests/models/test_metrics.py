@@ -20,8 +20,12 @@ def test_confusion_and_per_class_metrics_equal_sklearn(seed: int) -> None:
     assert accuracy(y_true, y_pred) == pytest.approx(skm.accuracy_score(y_true, y_pred))
     values = per_class_metrics(matrix)
     labels = list(range(n_classes))
-    np.testing.assert_allclose(values["sensitivity"], skm.recall_score(y_true, y_pred, labels=labels, average=None))
-    np.testing.assert_allclose(values["precision"], skm.precision_score(y_true, y_pred, labels=labels, average=None))
+    np.testing.assert_allclose(
+        values["sensitivity"], skm.recall_score(y_true, y_pred, labels=labels, average=None)
+    )
+    np.testing.assert_allclose(
+        values["precision"], skm.precision_score(y_true, y_pred, labels=labels, average=None)
+    )
     # Specificity of class k = recall of "not k" in the one-vs-rest problem.
     expected_specificity = [skm.recall_score(y_true != k, y_pred != k) for k in labels]
     np.testing.assert_allclose(values["specificity"], expected_specificity)
