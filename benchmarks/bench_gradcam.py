@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 import torch
 
-from models.checkpoint import load_classifier, resolve_device
+from models.checkpoint import load_classifier
 from models.classifier import backbone_spec
+from pipeline.device import resolve_device
 from pipeline.explain import explain_batch
 
 

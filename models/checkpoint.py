@@ -20,13 +20,10 @@ Card schema (``docs/models.md``)::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +36,9 @@ from torch import nn
 
 from models.classifier import BackboneSpec, backbone_spec, build_classifier
 from pipeline import __version__
-from pipeline.errors import ConfigError, ModelError
+from pipeline.atomic import atomic_path, write_text
+from pipeline.device import resolve_device
+from pipeline.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +78,6 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
         for chunk in iter(lambda: stream.read(chunk_bytes), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8")
 
 
 def validate_card(card: Mapping[str, Any], source: str = "model card") -> None:
@@ -151,12 +132,8 @@ def save_checkpoint(
     card_path = tensor_path.with_suffix(".json")
     state = _state_for_saving(model, half)
     architecture = str(card["architecture"])
-    _atomic_write(
-        tensor_path,
-        lambda tmp: save_file(
-            state, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "architecture": architecture}
-        ),
-    )
+    with atomic_path(tensor_path) as tmp:
+        save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "architecture": architecture})
     full_card = {key: value for key, value in card.items() if key not in GENERATED_CARD_KEYS}
     full_card.update(
         format=CHECKPOINT_FORMAT,
@@ -170,7 +147,7 @@ def save_checkpoint(
         text = json.dumps(full_card, indent=2, sort_keys=True, allow_nan=False) + "\n"
     except (TypeError, ValueError) as error:
         raise ModelError(f"card for {tensor_path} is not plain JSON: {error}") from None
-    _atomic_write(card_path, lambda tmp: _write_text(tmp, text))
+    write_text(card_path, text)
     return tensor_path
 
 
@@ -338,25 +315,3 @@ def load_segmenter(path: Path, device: str | torch.device = "cpu") -> LoadedMode
     tensor_path = path.with_suffix(".safetensors")
     _load_state_strict(module, state, tensor_path)
     return LoadedModel(_ready(module, device), None, card, str(card["sha256"]), tensor_path, trained=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given."""
-    choice = name.strip().lower()
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cpu":
-        return torch.device("cpu")
-    if choice == "cuda" or choice.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device {name!r} was requested but CUDA is not available "
-                "(no GPU or a CPU-only torch build); use --device cpu or --device auto"
-            )
-        device = torch.device(choice)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)"
-            )
-        return device
-    raise ConfigError(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")

@@ -264,7 +264,7 @@ def _loader(dataset: SliceDataset, config: TrainConfig, epoch: int, shuffle: boo
     sampler = None
     if shuffle and config.balance == "sampler":
         counts = _class_counts(dataset.labels)
-        weights = (1.0 / counts)[dataset.labels].double()
+        weights = (1.0 / counts)[dataset.labels].double().tolist()
         sampler = WeightedRandomSampler(
             weights, num_samples=len(dataset), replacement=True, generator=generator
         )

@@ -340,14 +340,3 @@ def key_slices(
         order = np.argsort(distances[members], kind="mergesort")[:n]
         out.append(members[order].astype(np.int64))
     return out
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' → CUDA when available, else CPU; 'cuda' without a GPU is a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but no CUDA GPU is visible; use --device cpu or auto")
-    if name not in {"cpu", "cuda"}:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)

@@ -37,8 +37,6 @@ def write_study_outputs(
     models: Models,
     config: PipelineConfig,
     summary: dict[str, object],
-    *,
-    untrained: bool,
 ) -> dict[str, Any]:
     """Write all outputs of one study into ``study_dir``; returns the report dictionary."""
     from pipeline.ingest.nifti import write_nifti
@@ -50,8 +48,8 @@ def write_study_outputs(
     write_nifti(study_dir / "heatmap.nii.gz", result.cams.maps, volume, dtype=np.float32)
     write_features(study_dir / "features.npz", result)
 
-    report = build_report(result, models, config, summary, untrained=untrained)
-    report["first_line"] = UNTRAINED_NOTICE if untrained else RESEARCH_NOTICE
+    report = build_report(result, models, config, summary)
+    report["first_line"] = UNTRAINED_NOTICE if models.untrained else RESEARCH_NOTICE
     report["models_key"] = models_key(models)
     report["files"] = list(OUTPUT_FILES)
     write_text(study_dir / "report.html", render_html(report, result))
@@ -88,8 +86,6 @@ def build_report(
     models: Models,
     config: PipelineConfig,
     summary: dict[str, object],
-    *,
-    untrained: bool,
 ) -> dict[str, Any]:
     """The report.json content (JSON-safe: NaN becomes null)."""
     volume = result.volume
@@ -111,7 +107,7 @@ def build_report(
         for key, value in dataclasses.asdict(result.severity).items()
     }
     return {
-        "untrained_weights": untrained,
+        "untrained_weights": models.untrained,
         "research_use_only": True,
         "corona_ct_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -180,6 +176,15 @@ def _probability_plot(report: dict[str, Any], threshold: float) -> str:
     return _png(fig)
 
 
+def _heat_rgba(heat: np.ndarray) -> np.ndarray:
+    """Heat map as RGBA whose opacity grows with the value, so low activations stay see-through."""
+    from matplotlib import colormaps
+
+    rgba = colormaps["jet"](np.clip(heat, 0, 1))
+    rgba[..., 3] = 0.65 * np.clip(heat, 0, 1) ** 0.75
+    return rgba
+
+
 def _slice_figures(result: StudyResult, n: int = 4) -> list[tuple[int, float, str]]:
     """Top-probability slices: CT with lung contour and heat map."""
     import matplotlib
@@ -195,7 +200,7 @@ def _slice_figures(result: StudyResult, n: int = 4) -> list[tuple[int, float, st
         fig, ax = plt.subplots(figsize=(3.4, 3.4))
         ax.imshow(grey[index], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         heat = result.cams.maps[index]
-        ax.imshow(np.ma.masked_less(heat, 0.05), cmap="jet", vmin=0, vmax=1, alpha=0.45)
+        ax.imshow(_heat_rgba(heat), interpolation="bilinear")
         if result.lung_mask.labels[index].any():
             ax.contour(result.lung_mask.labels[index] > 0, levels=[0.5], colors="#00ff7f", linewidths=0.8)
         ax.set_axis_off()
@@ -220,7 +225,7 @@ def _mip_figure(result: StudyResult) -> str:
     )
     for ax, (title, base, heat, aspect) in zip(axes, views):
         ax.imshow(base, cmap="gray", aspect=aspect, interpolation="nearest")
-        ax.imshow(np.ma.masked_less(heat, 0.05), cmap="jet", vmin=0, vmax=1, alpha=0.5, aspect=aspect)
+        ax.imshow(_heat_rgba(heat), aspect=aspect, interpolation="bilinear")
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
     return _png(fig)
@@ -304,7 +309,7 @@ img {{ max-width: 100%; }} small {{ color: #666; }}
 <ul>{warnings}</ul>
 <h2>Provenance</h2>
 <p><small>corona-ct {esc(report["corona_ct_version"])}, config hash {esc(report["config_hash"])},
-classifier {esc(str(models.get("architecture")))} sha256 {esc(str(models.get("sha256")))},
+classifier {esc(str(models.get("architecture")))} sha256 {esc(str(models.get("sha256") or "none (untrained)"))},
 input {esc(str(report["input"]["source"]))}, created {esc(report["created"])}.</small></p>
 </body></html>
 """

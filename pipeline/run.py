@@ -103,8 +103,9 @@ def load_models(
     Explicit paths win over the project's default weights in ``models/weights``.
     Without classifier weights this refuses unless ``allow_untrained`` is set.
     """
-    from models.checkpoint import load_classifier, load_segmenter, resolve_device
+    from models.checkpoint import load_classifier, load_segmenter
     from models.weights import default_weights
+    from pipeline.device import resolve_device
 
     device = str(resolve_device(config.runtime.device))
     cls_path = cls_weights or default_weights("classifier")
@@ -113,6 +114,10 @@ def load_models(
             "no classifier weights: pass --cls-weights RUN/model.safetensors (train one with "
             "`corona-ct train-cls`), or --allow-untrained to run with random weights (numbers meaningless)"
         )
+    if cls_path is None:
+        import torch
+
+        torch.manual_seed(config.runtime.seed)  # untrained runs are at least reproducible
     classifier = load_classifier(cls_path, device=device, backbone=config.classify.backbone)
 
     method = config.segment.method
@@ -169,8 +174,8 @@ def analyze_study(
     """Lungs → ROI → slice classifier + multi-scale Grad-CAM → 3D map → severity."""
     import torch
 
-    from models.checkpoint import resolve_device
     from pipeline.classify import case_probability, classify_slices
+    from pipeline.device import resolve_device
     from pipeline.preprocess import evaluable_slices, lung_bounding_box, paste_back, to_model_input, window
     from pipeline.segment import segment_lungs
     from pipeline.severity import severity
@@ -439,7 +444,7 @@ def _analyze_and_write(
     result.timings_s.update(ingest_timings)
     row = summary_row(study_id, source, result)
     with _stage("report", study_id, result.timings_s):
-        write_study_outputs(output / study_id, result, models, config, row, untrained=models.untrained)
+        write_study_outputs(output / study_id, result, models, config, row)
     log.info("%s: ok (%.1f s)", study_id, sum(result.timings_s.values()))
     return row
 
@@ -530,9 +535,9 @@ def explain_images(
     crop (``roi="lung"``; the whole image when no lung is found or ``roi="none"``),
     resize, classifier and fused Grad-CAM, map pasted back at the image's size.
     """
-    from models.checkpoint import resolve_device
     from pipeline.classify import classify_slices
     from pipeline.datamodel import Geometry
+    from pipeline.device import resolve_device
     from pipeline.ingest.deid import clean_text
     from pipeline.ingest.slices import read_slice_image
     from pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window

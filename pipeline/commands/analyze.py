@@ -25,6 +25,7 @@ import numpy.typing as npt
 from pipeline import __version__
 from pipeline.atomic import atomic_path, write_text
 from pipeline.errors import ConfigError, InputError
+from pipeline.run import SUMMARY_COLUMNS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -35,18 +36,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "summary.csv"
 FEATURES_NAME = "features.npz"
-NUMERIC_COLUMNS = (
-    "n_slices",
-    "slices_evaluated",
-    "positive_slices",
-    "case_probability",
-    "corona_score_cm3",
-    "corona_score_in_lung_cm3",
-    "lung_volume_cm3",
-    "affected_percent",
-    "ggo_percent",
-    "consolidation_percent",
-)
+NUMERIC_COLUMNS = tuple(c for c in SUMMARY_COLUMNS if c not in {"study_id", "status", "source", "error"})
 DEFAULT_SCORE = "corona_score_cm3"
 FEATURE_KEYS = ("slice_index", "z_mm", "probability", "features", "weights")
 IMAGE_KEYS = ("thumbnails", "cams")
@@ -935,9 +925,9 @@ def handle_cluster(args: argparse.Namespace) -> int:
         kmeans,
         knee_point,
         pca_2d,
-        resolve_device,
         zscore,
     )
+    from pipeline.device import resolve_device
 
     for name in ("k_max", "restarts", "max_iter", "key_slices"):
         if getattr(args, name) < 1:

@@ -189,10 +189,13 @@ def run_train_classifier(args: argparse.Namespace) -> int:
     labels, groups = manifest.labels, manifest.groups
     if len(manifest.split_indices("train")):
         train_idx, val_idx = manifest.split_indices("train"), manifest.split_indices("val")
-    elif config.val_fraction > 0:
-        train_idx, val_idx = group_train_val_split(labels, groups, config.val_fraction, seed=config.seed)
     else:
-        train_idx, val_idx = np.arange(len(manifest)), np.zeros(0, dtype=np.int64)
+        # Rows without a split (the test rows stay aside) are divided by patient group.
+        pool = np.flatnonzero([entry.split != "test" for entry in manifest.entries])
+        train_idx, val_idx = pool, np.zeros(0, dtype=np.int64)
+        if config.val_fraction > 0:
+            fit, held = group_train_val_split(labels[pool], groups[pool], config.val_fraction, seed=config.seed)
+            train_idx, val_idx = pool[fit], pool[held]
     test_idx = manifest.split_indices("test")
     for name, other in (("validation", val_idx), ("test", test_idx)):
         shared = groups_overlap(groups, train_idx, other)

@@ -20,7 +20,6 @@ from models.checkpoint import (
     load_classifier,
     load_segmenter,
     read_card,
-    resolve_device,
     save_checkpoint,
 )
 from models.classifier import build_classifier
@@ -252,16 +251,6 @@ def test_segmenter_is_built_from_its_card(tmp_path: Path, monkeypatch: pytest.Mo
     image = torch.rand(1, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(image), model.eval()(image), rtol=0, atol=0)
-
-
-def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_device("cpu") == torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(ConfigError, match="CUDA is not available"):
-        resolve_device("cuda")
-    with pytest.raises(ConfigError, match="unknown device"):
-        resolve_device("tpu")
 
 
 def test_default_weights_need_both_files(tmp_path: Path) -> None:
