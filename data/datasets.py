@@ -28,7 +28,7 @@ from data.manifest import Manifest
 from pipeline.config import PipelineConfig
 from pipeline.datamodel import Geometry, Volume
 from pipeline.errors import ConfigError, InputError
-from pipeline.preprocess import Box, lung_bounding_box, to_model_input, window
+from pipeline.preprocess import Box, lung_bounding_box, min_lung_pixels_for, to_model_input, window
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,14 @@ def load_slice_input(path: Path, roi: str, size: int, config: PipelineConfig) ->
     if roi == "lung":
         from pipeline.segment import segment_lungs
 
-        mask = segment_lungs(_slice_volume(array, units, path), config.segment, config.window)
+        # A lone slice has no physical spacing (nominal 1 mm voxels) and no depth: the segmenter's
+        # minimum lung *volume* would drop every lung, so the per-slice minimum lung area of the ROI
+        # stage (scaled to this image size) is used instead, as nominal millilitres.
+        min_pixels = min_lung_pixels_for(array.shape, config.roi)
+        slice_config = dataclasses.replace(
+            config.segment, method="classical", min_lung_volume_ml=min_pixels * 1e-3
+        )
+        mask = segment_lungs(_slice_volume(array, units, path), slice_config, config.window)
         lungs = np.asarray(mask.lungs)
         if not lungs.any():
             log.warning("%s: no lung found; the whole slice is used", path)

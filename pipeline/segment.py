@@ -122,7 +122,7 @@ def segment_lungs(
         method = "classical"
     warnings: tuple[str, ...] = ()
     if not labels.any():
-        log.warning("%s: %s", volume.source, NO_LUNGS_WARNING)
+        log.warning("study %s: %s", volume.study_id, NO_LUNGS_WARNING)
         warnings = (NO_LUNGS_WARNING,)
     return LungMask(labels=labels, method=method, warnings=warnings)
 

@@ -194,7 +194,9 @@ def run_train_classifier(args: argparse.Namespace) -> int:
         pool = np.flatnonzero([entry.split != "test" for entry in manifest.entries])
         train_idx, val_idx = pool, np.zeros(0, dtype=np.int64)
         if config.val_fraction > 0:
-            fit, held = group_train_val_split(labels[pool], groups[pool], config.val_fraction, seed=config.seed)
+            fit, held = group_train_val_split(
+                labels[pool], groups[pool], config.val_fraction, seed=config.seed
+            )
             train_idx, val_idx = pool[fit], pool[held]
     test_idx = manifest.split_indices("test")
     for name, other in (("validation", val_idx), ("test", test_idx)):

@@ -59,7 +59,7 @@ def test_train_cls_writes_checkpoint_card_curves_and_test_metrics(
 ) -> None:
     args = _parser().parse_args(
         ["train-cls", "--data", str(slice_manifest), "--roi", "none", "--input-size", "32", "--epochs", "1",
-         "--batch-size", "4", "--val-fraction", "0.25", "--device", "cpu", "--output", str(tmp_path)]
+         "--batch-size", "4", "--val-fraction", "0.34", "--device", "cpu", "--output", str(tmp_path)]
     )  # fmt: skip
     assert args.handler(args) == 0
     card = json.loads((tmp_path / "model.json").read_text())
@@ -98,4 +98,23 @@ def test_data_options_are_checked(slice_manifest: Path, tmp_path: Path) -> None:
         args.handler(args)
     args = _parser().parse_args(["train-cls", "--class", "covid", "--output", str(tmp_path)])
     with pytest.raises(ConfigError, match="NAME=DIR"):
+        args.handler(args)
+
+
+def test_train_seg_with_classical_pseudo_labels_on_unlabeled_ct(tmp_path: Path) -> None:
+    from data.phantom import write_nifti
+
+    study = write_nifti(make_phantom(seed=3, shape=(10, 64, 64), lesions="mixed"), tmp_path / "ct.nii.gz")
+    args = _parser().parse_args(
+        ["train-seg", "--unlabeled", str(study), "--pseudo-labels", "classical", "--input-size", "64",
+         "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--output", str(tmp_path / "seg")]
+    )  # fmt: skip
+    assert args.handler(args) == 0
+    card = json.loads((tmp_path / "seg" / "model.json").read_text())
+    assert card["architecture"] == "segmenter/unet-vgg16" and card["pseudo_labels"] == "classical"
+    assert card["n_train_slices"] + card["n_val_slices"] == 10
+    args = _parser().parse_args(["train-seg", "--unlabeled", str(study), "--output", str(tmp_path / "x")])
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pseudo-labels"):
         args.handler(args)

@@ -132,3 +132,22 @@ def test_slices_use_the_pipeline_preprocessing_exactly() -> None:
 def test_slice_dataset_rejects_mismatched_labels() -> None:
     with pytest.raises(ConfigError):
         SliceDataset(torch.zeros(3, 8, 8), [0, 1])
+
+
+def test_lung_roi_crop_of_a_ct_slice_matches_the_crop_to_the_true_lungs(tmp_path: Path) -> None:
+    import tifffile
+
+    from data.datasets import load_slice_input
+    from data.phantom import make_phantom
+    from pipeline.preprocess import window
+
+    phantom = make_phantom(seed=0, shape=(12, 96, 96))
+    # COVID-CTset style 16-bit TIFF: raw = HU + 1024 (IngestConfig.tiff_hu_offset).
+    tifffile.imwrite(tmp_path / "slice.tif", (phantom.hu[6].astype(np.int32) + 1024).astype(np.uint16))
+    config = PipelineConfig()
+    cropped = load_slice_input(tmp_path / "slice.tif", "lung", 32, config)
+    windowed = window(phantom.hu[6:7].astype(np.float32), "HU", config.window)
+    truth = slices_to_model_input(windowed, phantom.lung_labels[6:7] > 0, 32, config)[0]
+    whole = slices_to_model_input(windowed, None, 32, config)[0]
+    assert float((cropped - truth).abs().mean()) < 0.03  # segmented box ≈ true lung box
+    assert float((whole - truth).abs().mean()) > 0.05  # and the crop really changed the input

@@ -93,9 +93,7 @@ def test_resnet50_learns_phantom_lesions_and_card_describes_the_run(
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
     data = phantom_slices(range(200, 201))
-    config = quick_config(
-        epochs=2, batch_size=8, optimizer="nadam", recipe="covid-ctset", num_outputs=2
-    )
+    config = quick_config(epochs=2, batch_size=8, optimizer="nadam", recipe="covid-ctset", num_outputs=2)
     full = train_classifier(data, None, config, tmp_path / "full")
     train_classifier(data, None, dataclasses.replace(config, epochs=1), tmp_path / "split")
     resumed = train_classifier(data, None, config, tmp_path / "split", resume=True)
@@ -186,7 +184,7 @@ def test_segmenter_training_writes_a_card_with_validation_dice(tmp_path: Path) -
 
     phantom = make_phantom(seed=5, shape=(12, 64, 64), lesions="mixed")
     windowed = torch.from_numpy(window(phantom.hu, "HU", PipelineConfig().window))
-    slices = SegmentationSlices(windowed, torch.from_numpy(phantom.lung_labels))
+    slices = SegmentationSlices(windowed, torch.from_numpy(np.array(phantom.lung_labels)))
     config = SegTrainConfig(input_size=64, epochs=1, batch_size=4, device="cpu", seed=0)
     result = train_segmenter(slices, ["p5"] * len(slices), config, tmp_path)
     card = json.loads((tmp_path / "model.json").read_text())
