@@ -174,7 +174,9 @@ class SegmentationSlices(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 def resize_labels(labels: npt.NDArray[np.uint8], size: int) -> torch.Tensor:
     """(n, y, x) label maps → (n, size, size) by nearest neighbour (labels are never blended)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.uint8))[:, None].float()
+    tensor = torch.from_numpy(np.array(labels, dtype=np.uint8))[
+        :, None
+    ].float()  # copy: inputs may be read-only
     resized = torch.nn.functional.interpolate(tensor, size=(size, size), mode="nearest")
     return resized[:, 0].to(torch.uint8)
 

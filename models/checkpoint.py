@@ -291,7 +291,7 @@ def load_classifier(
         log.info("classifier weights %s are a %s; using it instead of %s", path, name, backbone)
     spec = backbone_spec(name)
     state, card = load_checkpoint(path, expected_architecture=f"classifier/{name}")
-    module = build_classifier(name, int(card.get("num_outputs", 1)))
+    module = build_classifier(name, int(card.get("num_outputs", 1)), **card.get("backbone_options", {}))
     tensor_path = path.with_suffix(".safetensors")
     _load_state_strict(module, state, tensor_path)
     return LoadedModel(_ready(module, device), spec, card, str(card["sha256"]), tensor_path, trained=True)

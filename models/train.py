@@ -40,11 +40,12 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from data.datasets import SegmentationSlices, SliceDataset, as_network_input
 from data.folds import group_train_val_split, stratified_group_kfold
-from models.checkpoint import load_checkpoint, resolve_device, save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.classifier import backbone_spec, build_classifier, positive_probability
 from models.metrics import binary_report, roc_curve
 from pipeline import __version__
 from pipeline.atomic import atomic_path, write_text
+from pipeline.device import resolve_device
 from pipeline.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)

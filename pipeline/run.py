@@ -71,6 +71,13 @@ class Models:
             raise ModelError("the classifier checkpoint names no known backbone; check its JSON card")
         return self.classifier.spec
 
+    def input_size(self, config: PipelineConfig) -> int:
+        """Network input side: the config's when set, else the size the checkpoint was trained at."""
+        if config.roi.input_size:
+            return config.roi.input_size
+        trained_size = self.classifier.card.get("input", {}).get("size")
+        return int(trained_size) if trained_size else self.spec.input_size
+
     @property
     def untrained(self) -> bool:
         return not self.classifier.trained
@@ -186,7 +193,7 @@ def analyze_study(
     warnings = list(volume.warnings)
     classifier = models.classifier
     spec = models.spec
-    size = config.roi.input_size or spec.input_size
+    size = models.input_size(config)
 
     with _stage("segment", study_id, timings):
         seg_model = models.segmenter.module if models.segmenter is not None else None
@@ -567,7 +574,7 @@ def explain_images(
                 lungs = segment_lungs(volume, config.segment, config.window).lungs
                 box = lung_bounding_box(lungs, config.roi)
                 roi_used = "lung" if box is not None else "image (no lung found)"
-            inputs = to_model_input(windowed, box, config.roi.input_size or spec.input_size)
+            inputs = to_model_input(windowed, box, models.input_size(config))
             out = classify_slices(
                 models.classifier,
                 spec,

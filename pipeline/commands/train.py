@@ -177,10 +177,10 @@ def run_train_classifier(args: argparse.Namespace) -> int:
     import numpy as np
 
     from data.folds import group_train_val_split, groups_overlap
-    from models.checkpoint import resolve_device
     from models.metrics import binary_report
     from models.train import predict_probabilities, train_classifier
     from pipeline.atomic import write_text
+    from pipeline.device import resolve_device
 
     config = _train_config(args)
     manifest, dataset, pipeline_config = _prepared(args, config)

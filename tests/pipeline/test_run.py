@@ -179,3 +179,30 @@ def test_an_interrupted_batch_keeps_finished_studies(tmp_path, phantom, models, 
     assert [r["status"] for r in rows] == ["ok"]
     assert (tmp_path / "out" / rows[0]["study_id"] / "report.json").is_file()
     assert not list((tmp_path / "out").rglob("*.tmp*"))
+
+
+def test_a_checkpoint_runs_at_its_trained_size_and_is_named_in_the_report(tmp_path, phantom) -> None:
+    from models.checkpoint import read_card, save_checkpoint
+    from models.classifier import build_classifier
+
+    torch_model = build_classifier("resnet50")
+    weights = save_checkpoint(
+        torch_model,
+        tmp_path / "cls.safetensors",
+        {
+            "architecture": "classifier/resnet50",
+            "task": "covid-vs-normal slice classification (test)",
+            "input": {"size": 48, "channels": 3, "window": [-1000, 0], "roi": "lung-bbox"},
+        },
+    )
+    config = PipelineConfig().replace({"runtime.device": "cpu"})
+    models = load_models(config, cls_weights=weights)
+    assert not models.untrained and models.input_size(config) == 48
+    write_nifti(phantom, tmp_path / "in" / "p.nii.gz")
+    outcome = run_batch([tmp_path / "in"], tmp_path / "out", config, models, show_progress=False)
+    assert outcome.exit_code == 0
+    report = json.loads((tmp_path / "out" / outcome.rows[0]["study_id"] / "report.json").read_text())
+    assert report["untrained_weights"] is False
+    assert report["first_line"].startswith("Research use only")
+    assert report["models"]["classifier"]["sha256"] == read_card(weights)["sha256"]
+    assert report["models"]["classifier"]["file"] == "cls.safetensors"
