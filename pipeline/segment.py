@@ -23,16 +23,18 @@ Classical segmenter (:func:`classical_lung_labels`), vectorised with scipy.ndima
    ~2.5 cm trachea of an adult) whose centre lies near the body centre are the
    trachea or main bronchi; above the lung apex they are all that is left, at
    the carina they would otherwise bridge the two lungs.
-4. lungs kept: the largest 3D component and a second one when it holds at least
+4. gas removed (HU only): 3D components whose median is below ``LUNG_MIN_MEDIAN_HU``
+   (air between the back and the table, bowel gas) are not parenchyma.
+5. lungs kept: the largest 3D component and a second one when it holds at least
    ``SECOND_LUNG_MIN_FRACTION`` of the first; both above ``min_lung_volume_ml``.
    A series where lung-like air never covers ``MIN_LUNG_BODY_FRACTION`` of the body
    area on any slice, or (HU only) whose kept air has a median below
    ``LUNG_MIN_MEDIAN_HU`` (pure gas, e.g. bowel) gets an empty mask and a warning.
-5. sides split (:func:`split_sides`): two components by their centroid column;
+6. sides split (:func:`split_sides`): two components by their centroid column;
    one joined component is eroded in-plane until it falls apart into two parts,
    which seed a watershed on the image intensity (the boundary follows the dense
    junction line); failing that, each voxel goes to its side of the body midline.
-6. :func:`clean_lung_mask`.
+7. :func:`clean_lung_mask`.
 """
 
 from __future__ import annotations
@@ -147,6 +149,8 @@ def classical_lung_labels(
     if sealed_3d.sum() >= 0.5 * candidates.sum():
         candidates = sealed_3d
     candidates &= ~airway_regions(candidates, body)
+    if units == "HU":
+        candidates &= ~pure_gas_regions(candidates, np.asarray(array))
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     lungs = keep_lung_components(candidates, voxel_ml, config.min_lung_volume_ml)
     if not lungs.any() or not _covers_body(lungs, body):
@@ -258,6 +262,22 @@ def airway_regions(candidates: BoolArray, body: BoolArray) -> BoolArray:
     )
     lookup = np.zeros(count + 1, dtype=bool)
     lookup[1:] = is_airway
+    return lookup[labels]
+
+
+def pure_gas_regions(candidates: BoolArray, hu: np.ndarray) -> BoolArray:
+    """3D components of ``candidates`` whose median is below ``LUNG_MIN_MEDIAN_HU``: gas, not lung.
+
+    Air trapped between the patient's back and the table, or bowel gas, is enclosed
+    like a lung but has no parenchyma; left in, it can outgrow a real lung and
+    push it out of the two kept components.
+    """
+    labels, count = ndimage.label(candidates, structure=_FACES_3D)
+    if count == 0:
+        return np.zeros(candidates.shape, dtype=bool)
+    medians = np.asarray(ndimage.median(hu, labels, np.arange(1, count + 1)))
+    lookup = np.zeros(count + 1, dtype=bool)
+    lookup[1:] = medians < LUNG_MIN_MEDIAN_HU
     return lookup[labels]
 
 

@@ -385,7 +385,7 @@ def _scan_file(path: Path) -> SliceHeader | str:
     series_number = _integer(ds, "SeriesNumber")
     if not series_uid:
         # No UID: group what shares a folder, frame of reference and series number.
-        key = f"{path.parent}|{_text(ds, 'FrameOfReferenceUID')}|{series_number}"
+        key = f"{path.parent.resolve()}|{_text(ds, 'FrameOfReferenceUID')}|{series_number}"
         series_uid = "nouid-" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:12]
     padding_limit = _integer(ds, "PixelPaddingRangeLimit")
     return SliceHeader(
