@@ -118,3 +118,43 @@ def test_train_seg_with_classical_pseudo_labels_on_unlabeled_ct(tmp_path: Path) 
 
     with pytest.raises(ConfigError, match="pseudo-labels"):
         args.handler(args)
+
+
+def test_train_seg_from_a_mask_manifest_and_run_with_the_unet(tmp_path: Path) -> None:
+    """NIfTI volume + NIfTI mask and PNG slice + PNG mask → U-Net checkpoint → `run --seg-weights`."""
+    import nibabel as nib
+
+    from data.phantom import write_nifti, write_png_slices
+    from pipeline.cli import main
+
+    phantom = make_phantom(seed=4, shape=(8, 64, 64), spacing_mm=(5.0, 4.0, 4.0), lesions="mixed")
+    ct = write_nifti(phantom, tmp_path / "ct.nii.gz")
+    mask = nib.Nifti1Image(
+        np.ascontiguousarray(phantom.lung_labels.transpose(2, 1, 0)), phantom.geometry.affine_ras()
+    )
+    nib.save(mask, tmp_path / "ct_mask.nii.gz")
+    png = write_png_slices(phantom, tmp_path / "png")[4]
+    Image.fromarray((phantom.lung_labels[4] > 0).astype(np.uint8) * 255).save(tmp_path / "mask4.png")
+    manifest = tmp_path / "seg.csv"
+    manifest.write_text(
+        f"image,mask,group\nct.nii.gz,ct_mask.nii.gz,a\n{Path(png).relative_to(tmp_path)},mask4.png,b\n"
+    )
+    args = _parser().parse_args(
+        ["train-seg", "--data", str(manifest), "--input-size", "64", "--epochs", "1", "--batch-size", "4",
+         "--val-fraction", "0.4", "--device", "cpu", "--output", str(tmp_path / "seg")]
+    )  # fmt: skip
+    assert args.handler(args) == 0
+    card = json.loads((tmp_path / "seg" / "model.json").read_text())
+    assert card["n_train_slices"] + card["n_val_slices"] == 9
+    assert 0 <= card["best_validation"]["dice_mean"] <= 1
+
+    code = main(
+        ["run", str(ct), "--output", str(tmp_path / "out"), "--allow-untrained", "--no-progress",
+         "--seg-weights", str(tmp_path / "seg" / "model.safetensors"), "--set", "roi.input_size=48"]
+    )  # fmt: skip
+    with (tmp_path / "out" / "summary.csv").open() as handle:
+        row = next(csv.DictReader(handle))
+    report = json.loads((tmp_path / "out" / row["study_id"] / "report.json").read_text())
+    assert report["segmenter"] == "unet"
+    assert report["models"]["segmenter"]["sha256"] == card["sha256"]
+    assert code == 0 and row["status"] == "ok"  # a 1-epoch U-Net may find no lungs: then a warning, not a failure
