@@ -31,6 +31,7 @@ from pipeline.errors import CoronaCTError, ModelError, StageError
 if TYPE_CHECKING:
     from models.checkpoint import LoadedModel
     from models.classifier import BackboneSpec
+    from pipeline.ingest import StudyInput
 
 log = logging.getLogger(__name__)
 
@@ -375,11 +376,11 @@ def run_batch(
     """
     from tqdm import tqdm
 
-    from pipeline.ingest import discover, load_all_series, load_input
+    from pipeline.ingest import load_all_series, load_input
 
     output.mkdir(parents=True, exist_ok=True)
     outcome = BatchOutcome()
-    items, discovery_failures = _discover_each(inputs, config, discover)
+    items, discovery_failures = _discover_each(inputs, config)
     for failure in discovery_failures:
         outcome.failures.append(failure)
         outcome.rows.append(summary_row(failure.study_id, failure.source, error=failure.message))
@@ -424,8 +425,11 @@ def _resumed(study_dir: Path, resume_key: tuple[str, str] | None, outcome: Batch
     report = completed_report(study_dir, *resume_key)
     if report is None:
         return False
+    summary = report.get("summary")
+    if not isinstance(summary, dict):
+        return False  # a report from an older layout: recompute
+    outcome.rows.append(dict(summary))
     outcome.skipped.append(study_dir.name)
-    outcome.rows.append(dict(report["summary"]))  # type: ignore[call-overload]
     return True
 
 
@@ -465,12 +469,13 @@ def _record_failure(outcome: BatchOutcome, study_id: str, source: str, error: Co
 
 
 def _discover_each(
-    inputs: Sequence[str | Path], config: PipelineConfig, discover: Callable[..., list]
-) -> tuple[list, list[StudyFailure]]:
+    inputs: Sequence[str | Path], config: PipelineConfig
+) -> tuple[list[StudyInput], list[StudyFailure]]:
     """Discover studies input by input, so that one unreadable input does not stop the others."""
+    from pipeline.ingest import discover
     from pipeline.ingest.deid import clean_text, hashed_id
 
-    items: list = []
+    items: list[StudyInput] = []
     failures: list[StudyFailure] = []
     seen: set[str] = set()
     for path in inputs:
@@ -496,17 +501,16 @@ def _discover_each(
     return items, failures
 
 
-def _with_unique_id(item: object, seen: set[str]) -> object:
+def _with_unique_id(item: StudyInput, seen: set[str]) -> StudyInput:
     import dataclasses
 
-    base = item.study_id  # type: ignore[attr-defined]
     n = 2
-    while f"{base}-{n}" in seen:
+    while f"{item.study_id}-{n}" in seen:
         n += 1
-    return dataclasses.replace(item, study_id=f"{base}-{n}")  # type: ignore[type-var]
+    return dataclasses.replace(item, study_id=f"{item.study_id}-{n}")
 
 
-def _display_source(item: object) -> str:
+def _display_source(item: StudyInput) -> str:
     """The input's kind and file or folder name, cleaned; never a header string.
 
     A DICOM folder's name is shown only when the study id was derived from it, i.e.
@@ -514,8 +518,7 @@ def _display_source(item: object) -> str:
     """
     from pipeline.ingest.deid import clean_text
 
-    kind, name = item.kind, Path(item.source).name  # type: ignore[attr-defined]
-    study_id = item.study_id  # type: ignore[attr-defined]
+    kind, name, study_id = item.kind, Path(item.source).name, item.study_id
     if kind == "dicom" and study_id != name and not re.fullmatch(re.escape(name) + r"-\d+", study_id):
         return "dicom:(folder name withheld)"
     return f"{kind}:{clean_text(name, 80)}"
@@ -584,9 +587,7 @@ def explain_images(
                 amp=config.runtime.amp,
                 explain=True,
             )
-            import torch
-
-            cam = paste_back(torch.as_tensor(np.asarray(out.fused)), box, image.shape)[0].astype(np.float32)
+            cam = paste_back(np.asarray(out.fused), box, image.shape)[0].astype(np.float32)
         except CoronaCTError as error:
             failures.append(f"{name}: {_one_line(str(error))}")
             continue
