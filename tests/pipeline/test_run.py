@@ -206,3 +206,39 @@ def test_a_checkpoint_runs_at_its_trained_size_and_is_named_in_the_report(tmp_pa
     assert report["first_line"].startswith("Research use only")
     assert report["models"]["classifier"]["sha256"] == read_card(weights)["sha256"]
     assert report["models"]["classifier"]["file"] == "cls.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("backbone", "options", "feature_dim"),
+    [("vgg16", {}, 512), ("resnet152_lstm", {"lstm_hidden": 16, "input_size": 64}, 2048)],
+)
+def test_other_backbones_checkpoints_run_through_the_pipeline(
+    tmp_path, phantom, backbone, options, feature_dim
+) -> None:
+    """Any backbone's checkpoint: its own Grad-CAM layers, its trained input size, its feature width."""
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from models.classifier import build_classifier
+
+    torch.manual_seed(0)
+    weights = save_checkpoint(
+        build_classifier(backbone, 1, **options),
+        tmp_path / f"{backbone}.safetensors",
+        {
+            "architecture": f"classifier/{backbone}",
+            "task": "covid-vs-normal slice classification (test)",
+            "input": {"size": 64, "channels": 3, "window": [-1000, 0], "roi": "lung-bbox"},
+            "backbone_options": options,
+        },
+    )
+    config = PipelineConfig().replace({"runtime.device": "cpu"})
+    models = load_models(config, cls_weights=weights)
+    result = analyze_study(phantom.to_volume("p"), models, config)
+    evaluated = result.scores.evaluated
+    assert evaluated.any() and np.isfinite(result.scores.probs[evaluated]).all()
+    assert result.cams.layers == models.spec.cam_layers
+    # random weights may leave every Grad-CAM map at zero after the ReLU; bounds and placement hold regardless
+    assert result.cams.maps.min() >= 0 and result.cams.maps.max() <= 1
+    assert not result.cams.maps[~evaluated].any()
+    assert result.features.features.shape == (int(evaluated.sum()), feature_dim)
