@@ -252,8 +252,6 @@ def analyze_study(
     with _stage("severity", study_id, timings):
         measures = severity(volume, lung_mask, cams, scores, config)
         case_p = case_probability(probs[evaluated], config.classify) if len(eval_index) else 0.0
-    if not volume.spacing_known:
-        warnings.append("voxel spacing unknown (slice images): volumes are in nominal 1 mm³ voxels")
     return StudyResult(
         volume=volume,
         lung_mask=lung_mask,
