@@ -26,9 +26,9 @@ from torch.utils.data import Dataset
 
 from data.manifest import Manifest
 from pipeline.config import PipelineConfig
-from pipeline.datamodel import Geometry, Volume
+from pipeline.datamodel import Volume
 from pipeline.errors import ConfigError, InputError
-from pipeline.preprocess import Box, lung_bounding_box, min_lung_pixels_for, to_model_input, window
+from pipeline.preprocess import Box, lung_bounding_box, to_model_input, window
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +88,6 @@ def slices_to_model_input(
     return torch.cat([to_model_input(windowed[i : i + 1], box, size)[:, 0] for i, box in enumerate(boxes)])
 
 
-def _slice_volume(array: npt.NDArray[np.float32], units: str, path: Path) -> Volume:
-    height, width = array.shape
-    return Volume(
-        array=np.ascontiguousarray(array[None], dtype=np.float32),
-        units="HU" if units == "HU" else "window",
-        geometry=Geometry((1, height, width), (1.0, 1.0, 1.0)),
-        study_id=path.stem,
-        source=str(path),
-        spacing_known=False,
-    )
-
-
 def load_slice_input(path: Path, roi: str, size: int, config: PipelineConfig) -> torch.Tensor:
     """One slice image file → (size, size) grey network input (see module docstring)."""
     from pipeline.ingest.slices import read_slice_image
@@ -108,17 +96,9 @@ def load_slice_input(path: Path, roi: str, size: int, config: PipelineConfig) ->
     windowed = window(array, units, config.window)[None]
     lungs = None
     if roi == "lung":
-        from pipeline.segment import segment_lungs
+        from pipeline.segment import slice_lungs
 
-        # A lone slice has no physical spacing (nominal 1 mm voxels) and no depth: the segmenter's
-        # minimum lung *volume* would drop every lung, so the per-slice minimum lung area of the ROI
-        # stage (scaled to this image size) is used instead, as nominal millilitres.
-        min_pixels = min_lung_pixels_for(array.shape, config.roi)
-        slice_config = dataclasses.replace(
-            config.segment, method="classical", min_lung_volume_ml=min_pixels * 1e-3
-        )
-        mask = segment_lungs(_slice_volume(array, units, path), slice_config, config.window)
-        lungs = np.asarray(mask.lungs)
+        lungs = slice_lungs(array, units, config, str(path))
         if not lungs.any():
             log.warning("%s: no lung found; the whole slice is used", path)
     return slices_to_model_input(windowed, lungs, size, config)[0]

@@ -544,12 +544,11 @@ def explain_images(
     resize, classifier and fused Grad-CAM, map pasted back at the image's size.
     """
     from pipeline.classify import classify_slices
-    from pipeline.datamodel import Geometry
     from pipeline.device import resolve_device
     from pipeline.ingest.deid import clean_text
     from pipeline.ingest.slices import read_slice_image
     from pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
-    from pipeline.segment import segment_lungs
+    from pipeline.segment import slice_lungs
 
     output.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.runtime.device)
@@ -564,16 +563,7 @@ def explain_images(
             windowed = window(image[None].astype(np.float32), units, config.window)
             box, roi_used = None, "image"
             if roi == "lung":
-                volume = Volume(
-                    array=image[None].astype(np.float32),
-                    units="HU" if units == "HU" else "window",
-                    geometry=Geometry(shape=(1, *image.shape), spacing_mm=(1.0, 1.0, 1.0)),
-                    study_id="slice",
-                    source=name,
-                    spacing_known=False,
-                )
-                lungs = segment_lungs(volume, config.segment, config.window).lungs
-                box = lung_bounding_box(lungs, config.roi)
+                box = lung_bounding_box(slice_lungs(image, units, config, name), config.roi)
                 roi_used = "lung" if box is not None else "image (no lung found)"
             inputs = to_model_input(windowed, box, models.input_size(config))
             out = classify_slices(

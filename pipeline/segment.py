@@ -39,6 +39,7 @@ Classical segmenter (:func:`classical_lung_labels`), vectorised with scipy.ndima
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -48,8 +49,8 @@ from scipy import ndimage
 from skimage.morphology import convex_hull_image
 from skimage.segmentation import watershed
 
-from pipeline.config import SegmentConfig, WindowConfig
-from pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, LungMask, Volume
+from pipeline.config import PipelineConfig, SegmentConfig, WindowConfig
+from pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Geometry, LungMask, Volume
 from pipeline.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,32 @@ def segment_lungs(
         log.warning("study %s: %s", volume.study_id, NO_LUNGS_WARNING)
         warnings = (NO_LUNGS_WARNING,)
     return LungMask(labels=labels, method=method, warnings=warnings)
+
+
+def slice_lungs(image: np.ndarray, units: str, config: PipelineConfig, source: str = "slice") -> BoolArray:
+    """Classical lungs of ONE 2D slice image (y, x) → (1, y, x) bool.
+
+    A lone slice has no physical spacing (nominal 1 mm voxels) and no depth, so the
+    segmenter's minimum lung *volume* would drop every lung; the ROI stage's per-slice
+    minimum lung area (scaled to this image size) is used instead, as nominal ml.
+    Shared by ``explain`` and slice-image training so both crop alike.
+    """
+    from pipeline.preprocess import min_lung_pixels_for
+
+    height, width = image.shape
+    volume = Volume(
+        array=np.ascontiguousarray(image[None], dtype=np.float32),
+        units="HU" if units == "HU" else "window",
+        geometry=Geometry((1, height, width), (1.0, 1.0, 1.0)),
+        study_id="slice",
+        source=source,
+        spacing_known=False,
+    )
+    min_pixels = min_lung_pixels_for((height, width), config.roi)
+    slice_config = dataclasses.replace(
+        config.segment, method="classical", min_lung_volume_ml=min_pixels * 1e-3
+    )
+    return np.asarray(segment_lungs(volume, slice_config, config.window).lungs)
 
 
 def low_density(array: np.ndarray, units: str, config: SegmentConfig) -> BoolArray:

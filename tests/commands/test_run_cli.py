@@ -61,6 +61,7 @@ def test_explain_writes_maps_at_the_image_size(tmp_path: Path, phantom) -> None:
     with (tmp_path / "explain" / "predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["file"] for r in rows] == [p.name for p in picked]
+    assert rows[0]["roi"] == "lung"  # a mid-chest slice is cropped to its lungs, as in training
     for row, path in zip(rows, picked):
         assert 0.0 <= float(row["probability"]) <= 1.0
         cam = np.load(tmp_path / "explain" / row["cam"])
