@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -90,11 +91,21 @@ def main() -> None:
     )
     print(f"weights: {'UNTRAINED (random)' if models.untrained else models.describe()['classifier']}")
     print(f"{'measure':<38} {'Pearson r vs true lesion cm3':>28} {'AUC lesion vs none':>19}")
+    figures: dict[str, object] = {
+        "n_studies": len(names), "n_with_lesions": int(label.sum()),
+        "true_lesion_cm3_range": [float(true_ml.min()), float(true_ml.max())],
+        "untrained_weights": models.untrained,
+    }  # fmt: skip
     for name, values in measures.items():
         ok = np.isfinite(values)
         r = pearsonr(values[ok], true_ml[ok])[0] if np.ptp(values[ok]) > 0 else float("nan")
         auc = roc_auc_score(label[ok], values[ok]) if len(set(label[ok])) == 2 else float("nan")
         print(f"{name:<38} {r:>28.3f} {auc:>19.3f}")
+        # JSON has no NaN: an undefined r (a constant measure) is null.
+        figures[name] = {
+            key: float(v) if np.isfinite(v) else None for key, v in (("pearson_r", r), ("auc", auc))
+        }
+    (args.output / "metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(f"true lesion volumes: {true_ml.min():.1f}–{true_ml.max():.1f} cm³; outputs in {results}")
 
 

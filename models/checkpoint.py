@@ -130,11 +130,15 @@ def save_checkpoint(
     validate_card(card, source=f"card for {path}")
     tensor_path = Path(path).with_suffix(".safetensors")
     card_path = tensor_path.with_suffix(".json")
+    full_card = {key: value for key, value in card.items() if key not in GENERATED_CARD_KEYS}
+    try:  # refuse a bad card before anything is written: the pair on disk must stay consistent
+        json.dumps(full_card, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"card for {tensor_path} is not plain JSON: {error}") from None
     state = _state_for_saving(model, half)
     architecture = str(card["architecture"])
     with atomic_path(tensor_path) as tmp:
         save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "architecture": architecture})
-    full_card = {key: value for key, value in card.items() if key not in GENERATED_CARD_KEYS}
     full_card.update(
         format=CHECKPOINT_FORMAT,
         sha256=sha256_file(tensor_path),
@@ -143,11 +147,7 @@ def save_checkpoint(
         corona_ct_version=__version__,
         dtype="float16" if half else "float32",
     )
-    try:
-        text = json.dumps(full_card, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    except (TypeError, ValueError) as error:
-        raise ModelError(f"card for {tensor_path} is not plain JSON: {error}") from None
-    write_text(card_path, text)
+    write_text(card_path, json.dumps(full_card, indent=2, sort_keys=True) + "\n")
     return tensor_path
 
 

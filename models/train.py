@@ -302,7 +302,12 @@ def predict_probabilities(
 
 @torch.no_grad()
 def recalibrate_batchnorm(
-    model: nn.Module, dataset: SliceDataset, batch_size: int, device: torch.device, amp: bool
+    model: nn.Module,
+    dataset: SliceDataset | SegmentationSlices,
+    batch_size: int,
+    device: torch.device,
+    amp: bool,
+    to_input: Callable[[torch.Tensor], torch.Tensor] = as_network_input,
 ) -> None:
     """Replace BatchNorm running statistics by their average over ``dataset`` (unaugmented).
 
@@ -310,7 +315,7 @@ def recalibrate_batchnorm(
     runs, from-scratch training): evaluation-mode outputs then collapse towards one value.
     Re-estimating them with the final weights ("precise BN", Wu & Johnson 2021) makes the
     evaluated and saved network consistent. Training itself is unaffected (it uses batch
-    statistics).
+    statistics). ``to_input`` turns a (N, 1, S, S) grey batch into the network's input.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -322,7 +327,7 @@ def recalibrate_batchnorm(
         norm.momentum = None  # cumulative average over the batches below
     model.train()
     for start in range(0, len(dataset), batch_size):
-        inputs = as_network_input(dataset.images[start : start + batch_size, None].float().to(device))
+        inputs = to_input(dataset.images[start : start + batch_size, None].float().to(device))
         if inputs.shape[0] < 2:
             continue
         if _use_amp(device, amp):
@@ -826,6 +831,7 @@ class SegTrainConfig:
     epochs: int = 30
     patience: int = 5
     val_fraction: float = 0.2
+    val_groups: tuple[str, ...] = ()  # groups held out for validation; empty: val_fraction drawn at random
     rotation_deg: float = 10.0
     zoom: float = 0.1
     shift: float = 0.05
@@ -838,6 +844,7 @@ class SegTrainConfig:
     workers: int = 0
     device: str = "auto"
     amp: bool = True
+    precise_bn: bool = True  # re-estimate BatchNorm statistics on the training slices before validating
 
     def __post_init__(self) -> None:
         if self.num_classes not in (2, 3):
@@ -894,6 +901,10 @@ def insert_synthetic_lesions(
     return lesioned[:, None]
 
 
+def _identity(batch: torch.Tensor) -> torch.Tensor:
+    return batch
+
+
 def dice_per_class(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> list[float]:
     """Dice of each foreground class (1..K−1) over the whole set; NaN where both are empty."""
     scores = []
@@ -933,10 +944,13 @@ def train_segmenter(
     *,
     window_hu: Sequence[float] = (-1000.0, 0.0),
     card_extra: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[Mapping[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train the VGG16-encoder U-Net (cross-entropy + soft Dice); keep the best validation Dice.
 
-    The validation split is group-wise (one volume never on both sides).
+    The validation split is group-wise (one volume never on both sides). Every epoch
+    leaves a resumable state in ``output_dir``; ``resume`` continues after the last one.
     """
     from models.segmenter import build_unet
 
@@ -946,7 +960,10 @@ def train_segmenter(
     unique_groups = np.unique(group_names)
     rng = np.random.default_rng(config.seed)
     n_val = max(1, round(config.val_fraction * unique_groups.size)) if unique_groups.size > 1 else 0
-    val_groups = set(rng.permutation(unique_groups)[:n_val].tolist())
+    val_groups = set(config.val_groups) or set(rng.permutation(unique_groups)[:n_val].tolist())
+    unknown = val_groups - set(unique_groups.tolist())
+    if unknown:
+        raise ConfigError(f"validation group(s) {', '.join(sorted(unknown))} are not in the data")
     is_val = np.isin(group_names, list(val_groups))
     if not is_val.any() or is_val.all():
         # A single volume: hold out every fifth slice instead (slices of one volume are correlated,
@@ -967,12 +984,28 @@ def train_segmenter(
         "num_classes": config.num_classes,
         "train_config": config.to_dict(),
         "n_train_slices": len(train_set), "n_val_slices": len(val_set),
-        "validation_split": "by volume" if unique_groups.size > 1 else "every fifth slice of one volume",
+        "validation_split": "every fifth slice of one volume" if unique_groups.size < 2
+        else f"by volume: {', '.join(sorted(val_groups))}",
     }  # fmt: skip
     history: list[dict[str, float]] = []
     best_dice, best_epoch, bad_epochs, elapsed = -math.inf, 0, 0, 0.0
     best_metrics: dict[str, Any] = {}
-    for epoch in range(1, config.epochs + 1):
+    start_epoch = 1
+    if resume and (output / f"{LAST_STATE}.json").is_file():
+        meta = _load_last_state(output, model, optimizer)
+        current = json.loads(json.dumps(config.to_dict()))  # as saved: tuples became lists
+        changed = {k for k, v in current.items() if meta["config"].get(k) != v} - RESUMABLE_CHANGES
+        if changed:
+            raise ConfigError(
+                f"cannot resume {output}: it was trained with different {', '.join(sorted(changed))}; "
+                "use the same settings or another --output"
+            )
+        history, best_dice, best_epoch = meta["history"], float(meta["best_score"]), meta["best_epoch"]
+        bad_epochs, best_metrics, elapsed = meta["bad_epochs"], meta["best_metrics"], float(meta["seconds"])
+        start_epoch = config.epochs + 1 if meta.get("stopped_early") else meta["epoch"] + 1
+        card.update(best_epoch=best_epoch, best_validation=best_metrics)
+        log.info("resuming %s at epoch %d", output, start_epoch)
+    for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
         model.train()
         rng_aug = _epoch_generator(config.seed, epoch, stream=3)
@@ -997,6 +1030,10 @@ def train_segmenter(
             optimizer.step()
             loss_sum += float(loss.detach()) * index.numel()
             seen += index.numel()
+        if config.precise_bn:
+            recalibrate_batchnorm(
+                model, train_set, config.batch_size * 2, device, config.amp, to_input=_identity
+            )
         predicted = predict_labels(model, val_set, config.batch_size, device, config.amp)
         dice = dice_per_class(predicted, val_set.labels.long(), config.num_classes)
         mean_dice = float(np.nanmean(dice)) if not all(math.isnan(d) for d in dice) else math.nan
@@ -1019,9 +1056,18 @@ def train_segmenter(
             save_checkpoint(model, output / MODEL_FILE, card)
         else:
             bad_epochs += 1
+        stopped_early = config.patience > 0 and bad_epochs >= config.patience
+        meta = {
+            "config": config.to_dict(), "epoch": epoch, "history": history, "best_score": best_dice,
+            "best_epoch": best_epoch, "bad_epochs": bad_epochs, "best_metrics": best_metrics,
+            "seconds": elapsed, "stopped_early": stopped_early,
+        }  # fmt: skip
+        _save_last_state(output, model, optimizer, meta)
         write_history(history, output, title="lung U-Net (VGG16 encoder)")
         log.info("epoch %d: %s", epoch, row)
-        if config.patience > 0 and bad_epochs >= config.patience:
+        if on_epoch is not None:
+            on_epoch(row)
+        if stopped_early:
             break
     if best_epoch == 0:
         raise ModelError("segmenter validation Dice was never finite: the validation slices hold no lung")

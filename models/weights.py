@@ -19,11 +19,12 @@ WeightsKind = Literal["classifier", "segmenter"]
 _KINDS: tuple[WeightsKind, ...] = ("classifier", "segmenter")
 
 
-def default_weights(kind: WeightsKind, weights_dir: Path = WEIGHTS_DIR) -> Path | None:
-    """Path of the shipped ``<kind>.safetensors`` when it and its card exist, else None."""
+def default_weights(kind: WeightsKind, weights_dir: Path | None = None) -> Path | None:
+    """Path of the shipped ``<kind>.safetensors`` (in ``weights_dir``, default :data:`WEIGHTS_DIR`)
+    when it and its card exist, else None."""
     if kind not in _KINDS:
         raise ConfigError(f"unknown weights kind {kind!r}; expected one of {', '.join(_KINDS)}")
-    tensor_path = weights_dir / f"{kind}.safetensors"
+    tensor_path = (weights_dir or WEIGHTS_DIR) / f"{kind}.safetensors"
     if tensor_path.is_file() and tensor_path.with_suffix(".json").is_file():
         return tensor_path
     return None

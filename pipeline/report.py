@@ -261,6 +261,7 @@ def render_html(report: dict[str, Any], result: StudyResult) -> str:
             f"{report['summary']['slices_evaluated']} / {sev['positive_slices']} of {report['summary']['n_slices']}",
         ),
         ("Lung segmentation", esc(report["segmenter"])),
+        ("Classifier weights", esc(str((report["models"]["classifier"] or {}).get("weights")))),
     ]
     for side in ("right", "left"):
         values = sev.get(side) or {}
@@ -279,6 +280,10 @@ def render_html(report: dict[str, Any], result: StudyResult) -> str:
     warnings = "".join(f"<li>{esc(w)}</li>" for w in report["warnings"]) or "<li>none</li>"
     banner_class = "untrained" if report["untrained_weights"] else "notice"
     models = report["models"]["classifier"] or {}
+    unet = report["models"]["segmenter"]
+    segmenter = (
+        f"U-Net {unet.get('weights')} sha256 {unet.get('sha256')}" if unet else "classical (no U-Net weights)"
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>corona-ct report {esc(report["study_id"])}</title>
@@ -301,7 +306,7 @@ img {{ max-width: 100%; }} small {{ color: #666; }}
 <h2>Slice probability along z</h2>
 <img src="data:image/png;base64,{_probability_plot(report, threshold)}" alt="probability along z">
 <h2>Slices with the highest probability</h2>
-<p><small>Green: lung contour. Colour: fused multi-scale Grad-CAM (28×28 × 14×14), 0–1.</small></p>
+<p><small>Green: lung contour. Colour: fused two-scale Grad-CAM (product of the two layer maps), 0–1.</small></p>
 {slices_html or "<p>No slice was evaluated (no lungs found).</p>"}
 <h2>3D heat map</h2>
 <img src="data:image/png;base64,{_mip_figure(result)}" alt="maximum-intensity projections">
@@ -309,7 +314,8 @@ img {{ max-width: 100%; }} small {{ color: #666; }}
 <ul>{warnings}</ul>
 <h2>Provenance</h2>
 <p><small>corona-ct {esc(report["corona_ct_version"])}, config hash {esc(report["config_hash"])},
-classifier {esc(str(models.get("architecture")))} sha256 {esc(str(models.get("sha256") or "none (untrained)"))},
+classifier {esc(str(models.get("architecture")))}, {esc(str(models.get("weights")))},
+sha256 {esc(str(models.get("sha256") or "none (untrained)"))}; segmenter {esc(segmenter)};
 input {esc(str(report["input"]["source"]))}, created {esc(report["created"])}.</small></p>
 </body></html>
 """

@@ -80,18 +80,36 @@ class Models:
         return int(trained_size) if trained_size else self.spec.input_size
 
     @property
+    def segmenter_input_size(self) -> int | None:
+        """Side (px) the U-Net was trained at, from its card; None without a U-Net."""
+        if self.segmenter is None:
+            return None
+        size = self.segmenter.card.get("input", {}).get("size")
+        return int(size) if size else None
+
+    @property
     def untrained(self) -> bool:
         return not self.classifier.trained
 
     def describe(self) -> dict[str, dict[str, object] | None]:
         """Names, architectures and checksums for the report."""
 
+        from models import weights
+
         def one(model: LoadedModel | None) -> dict[str, object] | None:
             if model is None:
                 return None
+            if model.path is None:
+                origin = "none (random weights)"
+            elif model.path.resolve().parent == weights.WEIGHTS_DIR.resolve():
+                origin = "project default (models/weights)"
+            else:
+                origin = "user file"
             return {
                 "architecture": model.card.get("architecture"),
                 "file": model.path.name if model.path else None,
+                "weights": origin,
+                "input_size": model.card.get("input", {}).get("size"),
                 "sha256": model.sha256,
                 "trained": model.trained,
             }
@@ -198,7 +216,10 @@ def analyze_study(
 
     with _stage("segment", study_id, timings):
         seg_model = models.segmenter.module if models.segmenter is not None else None
-        lung_mask = segment_lungs(volume, config.segment, config.window, model=seg_model, device=str(device))
+        lung_mask = segment_lungs(
+            volume, config.segment, config.window, model=seg_model, device=str(device),
+            input_size=models.segmenter_input_size,
+        )  # fmt: skip
         warnings.extend(lung_mask.warnings)
 
     with _stage("roi", study_id, timings):
@@ -529,6 +550,21 @@ def _one_line(text: str) -> str:
 # --------------------------------------------------------------------------- single slices
 
 
+def slice_lung_mask(
+    image: np.ndarray, units: str, config: PipelineConfig, models: Models, source: str = "slice"
+) -> np.ndarray:
+    """(1, y, x) bool lungs of one slice image: the run's U-Net when loaded, else the classical method."""
+    from pipeline.device import resolve_device
+    from pipeline.segment import slice_lung_labels
+
+    unet = models.segmenter
+    if unet is None:
+        return slice_lung_labels(image, units, config, source) > 0
+    device = str(resolve_device(config.runtime.device))
+    labels = slice_lung_labels(image, units, config, source, unet.module, device, models.segmenter_input_size)
+    return labels > 0
+
+
 def explain_images(
     paths: Sequence[Path],
     output: Path,
@@ -540,7 +576,8 @@ def explain_images(
     """Classify single 2D slices; write predictions.csv, ``<name>_cam.npy`` and ``<name>_overlay.png``.
 
     Each slice goes through the same preprocessing as a study: window, lung box
-    crop (``roi="lung"``; the whole image when no lung is found or ``roi="none"``),
+    crop (``roi="lung"``, lungs by :func:`slice_lung_mask`; the whole image when no
+    lung is found or ``roi="none"``),
     resize, classifier and fused Grad-CAM, map pasted back at the image's size.
     """
     from pipeline.classify import classify_slices
@@ -548,7 +585,6 @@ def explain_images(
     from pipeline.ingest.deid import clean_text
     from pipeline.ingest.slices import read_slice_image
     from pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
-    from pipeline.segment import slice_lungs
 
     output.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.runtime.device)
@@ -563,7 +599,7 @@ def explain_images(
             windowed = window(image[None].astype(np.float32), units, config.window)
             box, roi_used = None, "image"
             if roi == "lung":
-                box = lung_bounding_box(slice_lungs(image, units, config, name), config.roi)
+                box = lung_bounding_box(slice_lung_mask(image, units, config, models, name), config.roi)
                 roi_used = "lung" if box is not None else "image (no lung found)"
             inputs = to_model_input(windowed, box, models.input_size(config))
             out = classify_slices(

@@ -97,21 +97,24 @@ def segment_lungs(
     window_config: WindowConfig,
     model: torch.nn.Module | None = None,
     device: str = "cpu",
+    input_size: int | None = None,
 ) -> LungMask:
     """Lung labels (0 background, 1 right, 2 left) on the grid of ``volume``.
 
-    With ``model`` (a U-Net from :mod:`models.segmenter`) the network segments,
-    else the classical segmenter runs; ``LungMask.method`` says which. Works on HU
+    With ``model`` (a U-Net from :mod:`models.segmenter`, fed slices resized to
+    ``input_size`` px, its card's input size) the network segments, else the classical segmenter runs; ``LungMask.method`` says which. Works on HU
     volumes and on pre-windowed slice stacks. An empty mask carries the warning
     :data:`NO_LUNGS_WARNING`.
     """
     spacing_mm = volume.geometry.spacing_mm
     if model is not None:
-        from models.segmenter import predict_lung_labels  # torch model code stays out of the classical path
+        # torch model code stays out of the classical path
+        from models.segmenter import SEGMENTER_INPUT, predict_lung_labels
         from pipeline.preprocess import window
 
         windowed = window(volume.array, volume.units, window_config)
-        raw = predict_lung_labels(model, windowed, seg_config.batch_size, device)
+        size = input_size or SEGMENTER_INPUT.input_size
+        raw = predict_lung_labels(model, windowed, seg_config.batch_size, device, input_size=size)
         intensity = volume.array
         labels = clean_lung_mask(raw, spacing_mm, seg_config, intensity=intensity)
         method = "unet"
@@ -131,12 +134,26 @@ def segment_lungs(
 
 
 def slice_lungs(image: np.ndarray, units: str, config: PipelineConfig, source: str = "slice") -> BoolArray:
-    """Classical lungs of ONE 2D slice image (y, x) → (1, y, x) bool.
+    """Classical lungs of ONE 2D slice image (y, x) → (1, y, x) bool (see :func:`slice_lung_labels`)."""
+    return np.asarray(slice_lung_labels(image, units, config, source) > 0)
 
-    A lone slice has no physical spacing (nominal 1 mm voxels) and no depth, so the
+
+def slice_lung_labels(
+    image: np.ndarray,
+    units: str,
+    config: PipelineConfig,
+    source: str = "slice",
+    model: torch.nn.Module | None = None,
+    device: str = "cpu",
+    input_size: int | None = None,
+) -> npt.NDArray[np.uint8]:
+    """Lung labels of ONE 2D slice image (y, x) → (1, y, x) uint8 (0 bg, 1 right, 2 left).
+
+    Classical unless a U-Net ``model`` is given (see :func:`segment_lungs`). A lone
+    slice has no physical spacing (nominal 1 mm voxels) and no depth, so the
     segmenter's minimum lung *volume* would drop every lung; the ROI stage's per-slice
     minimum lung area (scaled to this image size) is used instead, as nominal ml.
-    Shared by ``explain`` and slice-image training so both crop alike.
+    The classical form crops slice images for training (and for ``explain`` without a U-Net).
     """
     from pipeline.preprocess import min_lung_pixels_for
 
@@ -151,9 +168,12 @@ def slice_lungs(image: np.ndarray, units: str, config: PipelineConfig, source: s
     )
     min_pixels = min_lung_pixels_for((height, width), config.roi)
     slice_config = dataclasses.replace(
-        config.segment, method="classical", min_lung_volume_ml=min_pixels * 1e-3
+        config.segment,
+        method="classical" if model is None else "unet",
+        min_lung_volume_ml=min_pixels * 1e-3,
     )
-    return np.asarray(segment_lungs(volume, slice_config, config.window).lungs)
+    mask = segment_lungs(volume, slice_config, config.window, model, device, input_size)
+    return np.asarray(mask.labels, dtype=np.uint8)
 
 
 def low_density(array: np.ndarray, units: str, config: SegmentConfig) -> BoolArray:

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_WEIGHTS_DIR = REPO_ROOT / "models" / "weights"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Unit tests choose their models explicitly: the default weights are hidden for the whole
+    # session (module fixtures load models before any function fixture could hide them).
+    import models.weights
+
+    models.weights.WEIGHTS_DIR = Path(tempfile.mkdtemp(prefix="corona-ct-no-default-weights-"))
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency
         return
     torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _shipped_weights_when_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests marked ``shipped_weights`` see the default weights (they test the files that ship)."""
+    if request.node.get_closest_marker("shipped_weights") is not None:
+        monkeypatch.setattr("models.weights.WEIGHTS_DIR", SHIPPED_WEIGHTS_DIR)
 
 
 @pytest.fixture(scope="session")

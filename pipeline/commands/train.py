@@ -111,6 +111,10 @@ def register(subparsers: Any) -> None:
     seg.add_argument("--patience", type=int, default=5)
     seg.add_argument("--val-fraction", type=float, default=0.2)
     seg.add_argument(
+        "--val-group", action="append", default=[], metavar="GROUP",
+        help="hold out this group (manifest group column) for validation; repeatable (default: random groups)",
+    )  # fmt: skip
+    seg.add_argument(
         "--lesion-probability", type=float, default=0.5, help="share of slices given synthetic lesions"
     )
     seg.add_argument("--seed", type=int, default=0)
@@ -119,6 +123,9 @@ def register(subparsers: Any) -> None:
     seg.add_argument("--no-amp", action="store_true")
     seg.add_argument("--config", type=Path, help="pipeline config JSON (window, segmentation)")
     seg.add_argument("--output", type=Path, required=True)
+    seg.add_argument(
+        "--resume", action="store_true", help="continue from the last finished epoch in --output"
+    )
     seg.set_defaults(handler=run_train_segmenter)
 
 
@@ -262,6 +269,7 @@ def run_train_segmenter(args: argparse.Namespace) -> int:
     config = SegTrainConfig(
         num_classes=args.classes, input_size=args.input_size, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, patience=args.patience, val_fraction=args.val_fraction,
+        val_groups=tuple(args.val_group),
         lesion_probability=args.lesion_probability, seed=args.seed, workers=args.workers,
         device=args.device, amp=not args.no_amp,
     )  # fmt: skip
@@ -272,7 +280,8 @@ def run_train_segmenter(args: argparse.Namespace) -> int:
     result = train_segmenter(
         slices, groups, config, args.output,
         window_hu=(pipeline_config.window.hu_min, pipeline_config.window.hu_max),
-        card_extra={"pseudo_labels": args.pseudo_labels or "none"},
+        card_extra={"pseudo_labels": args.pseudo_labels or "none"}, resume=args.resume,
+        on_epoch=lambda row: print("  " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True),
     )  # fmt: skip
     print(f"best epoch {result.best_epoch}: validation Dice {result.best_metrics}")
     print(f"checkpoint: {result.checkpoint}")

@@ -261,3 +261,10 @@ def test_default_weights_need_both_files(tmp_path: Path) -> None:
     assert default_weights("segmenter", tmp_path) is None
     with pytest.raises(ConfigError):
         default_weights("detector", tmp_path)  # type: ignore[arg-type]
+
+
+def test_a_card_that_is_not_json_writes_nothing(tmp_path: Path) -> None:
+    card = dict(_card("classifier/tiny"), validation={"auc": float("nan")})
+    with pytest.raises(ModelError, match="not plain JSON"):
+        save_checkpoint(Tiny(), tmp_path / "tiny", card)
+    assert list(tmp_path.iterdir()) == []  # no orphan tensors without their card

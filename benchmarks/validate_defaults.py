@@ -1,0 +1,272 @@
+"""Validate the default models on real data; every figure of docs/models.md comes from here.
+
+    python benchmarks/validate_defaults.py --data ../shared/data --manifest runs/defaults/classifier.csv \\
+        --output runs/defaults/validation [--cls-weights W] [--seg-weights W]
+
+Without weight options the shipped defaults in ``models/weights/`` are used. Prints
+and writes ``validation.json``:
+
+* classifier on the grouped validation split of the manifest: AUC (DeLong 95 % CI),
+  accuracy, sensitivity, specificity at p ≥ 0.5, overall and per source;
+* localisation on COVID-SemiSeg train (50 slices, radiologists' infection masks,
+  never trained on): Dice of fused Grad-CAM > 0.6 against the mask, the best
+  single-threshold Dice, the pointing game (map maximum inside the infection), and
+  the whole-lung-mask Dice as a reference a map must beat;
+* lungs: fraction of infection pixels inside the lung mask, U-Net vs classical;
+* LIDC series (no COVID): fraction of evaluated slices called positive.
+
+The phantom cohort (Corona score vs true lesion volume) is ``benchmarks/phantom_cohort.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CAM_THRESHOLD = 0.6  # Gozes et al.: the Corona score counts map values above 0.6
+THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
+
+
+def binary_figures(labels: npt.NDArray[np.int64], probs: npt.NDArray[np.float64]) -> dict[str, Any]:
+    """AUC with DeLong CI and the p ≥ 0.5 operating point."""
+    from pipeline.stats import roc_analysis
+
+    called = probs >= 0.5
+    positive, negative = labels == 1, labels == 0
+    out: dict[str, Any] = {
+        "n": int(labels.size),
+        "n_covid": int(positive.sum()),
+        "accuracy": float(np.mean(called == positive)),
+        "sensitivity": float(called[positive].mean()) if positive.any() else None,
+        "specificity": float((~called[negative]).mean()) if negative.any() else None,
+    }
+    if positive.any() and negative.any():
+        roc = roc_analysis(labels, probs)
+        out.update(auc=roc.auc, auc_ci95=[roc.ci_low, roc.ci_high])
+    return out
+
+
+def validate_classifier(manifest_path: Path, models: Any, config: Any) -> dict[str, Any]:
+    from data.datasets import build_slice_dataset
+    from data.manifest import read_manifest_csv
+    from models.train import predict_probabilities
+    from pipeline.device import resolve_device
+
+    manifest = read_manifest_csv(manifest_path)
+    with manifest_path.open(encoding="utf-8") as handle:
+        sources = [row.get("source", "") for row in csv.DictReader(handle)]
+    val = manifest.split_indices("val")
+    if not val.size:
+        raise SystemExit(f"{manifest_path} has no rows with split=val")
+    size = models.input_size(config)
+    dataset = build_slice_dataset(manifest.subset(val), "lung", size, config, workers=2)
+    device = resolve_device(config.runtime.device)
+    probs = predict_probabilities(models.classifier.module, dataset, 32, device, config.runtime.amp)
+    labels = manifest.labels[val]
+    source = np.array(sources)[val]
+    figures: dict[str, Any] = {"all": binary_figures(labels, probs)}
+    # Per source: UCSD has both classes; SemiSeg (all COVID) and LIDC (none) only make sense together.
+    figures["ucsd"] = binary_figures(labels[source == "ucsd"], probs[source == "ucsd"])
+    ct = np.isin(source, ["semiseg", "lidc"])
+    figures["semiseg_vs_lidc"] = binary_figures(labels[ct], probs[ct])
+    figures["n_groups"] = int(np.unique(manifest.groups[val]).size)
+    return figures
+
+
+def dice(prediction: npt.NDArray[np.bool_], truth: npt.NDArray[np.bool_]) -> float:
+    total = int(prediction.sum() + truth.sum())
+    return 2.0 * int((prediction & truth).sum()) / total if total else 1.0
+
+
+def semiseg_pairs(data: Path) -> list[tuple[Path, Path]]:
+    images = data / "covid-semiseg" / "train" / "Imgs"
+    masks = data / "covid-semiseg" / "train" / "GT"
+    pairs = []
+    for image in sorted(images.iterdir()):
+        mask = masks / f"{image.stem}.png"
+        if mask.is_file():
+            pairs.append((image, mask))
+    return pairs
+
+
+def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
+    """Localisation (Grad-CAM vs infection masks) and lung coverage of the infection."""
+    from PIL import Image
+
+    from pipeline.classify import classify_slices
+    from pipeline.device import resolve_device
+    from pipeline.ingest.slices import read_slice_image
+    from pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
+    from pipeline.run import slice_lung_mask
+    from pipeline.segment import slice_lung_labels
+
+    device = resolve_device(config.runtime.device)
+    size = models.input_size(config)
+    seg = models.segmenter
+    per_slice: list[dict[str, Any]] = []
+    dice_by_threshold = []
+    covered = {"classical": 0, "unet": 0}
+    infection_total = 0
+    for image_path, mask_path in semiseg_pairs(data):
+        image, units = read_slice_image(image_path, config.ingest)
+        with Image.open(mask_path) as handle:
+            infection = np.asarray(handle.convert("L")) > 127
+        classical = slice_lung_labels(image, units, config, image_path.name)[0] > 0
+        infection_total += int(infection.sum())
+        covered["classical"] += int((infection & classical).sum())
+        if seg is not None:
+            unet = slice_lung_labels(
+                image, units, config, image_path.name, seg.module, str(device), models.segmenter_input_size
+            )[0] > 0  # fmt: skip
+            covered["unet"] += int((infection & unet).sum())
+        # The classifier sees what `corona-ct explain` gives it: the lung box of the run's segmenter.
+        box = lung_bounding_box(slice_lung_mask(image, units, config, models, image_path.name), config.roi)
+        windowed = window(image[None].astype(np.float32), units, config.window)
+        out = classify_slices(
+            models.classifier, models.spec, to_model_input(windowed, box, size), batch_size=1,
+            device=device, amp=config.runtime.amp, explain=True,
+        )  # fmt: skip
+        cam = paste_back(np.asarray(out.fused), box, image.shape)[0]
+        dice_by_threshold.append([dice(cam > t, infection) for t in THRESHOLDS])
+        peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+        per_slice.append(
+            {
+                "slice": image_path.stem,
+                "probability": float(np.asarray(out.probabilities)[0]),
+                "dice_cam_0.6": dice(cam > CAM_THRESHOLD, infection),
+                "pointing_hit": bool(infection[peak]) if infection.any() else None,
+                "lung_mask_dice": dice(classical, infection),
+                "infection_in_classical_lungs": float(
+                    (infection & classical).sum() / max(infection.sum(), 1)
+                ),
+            }
+        )
+    by_threshold = np.asarray(dice_by_threshold).mean(axis=0)
+    best = int(np.argmax(by_threshold))
+    hits = [row["pointing_hit"] for row in per_slice if row["pointing_hit"] is not None]
+    probabilities = np.array([row["probability"] for row in per_slice])
+    return {
+        "n_slices": len(per_slice),
+        "mean_dice_cam_0.6": float(np.mean([row["dice_cam_0.6"] for row in per_slice])),
+        "best_threshold": float(THRESHOLDS[best]),
+        "mean_dice_best_threshold": float(by_threshold[best]),
+        "pointing_game_hit_rate": float(np.mean(hits)),
+        "mean_dice_whole_lung_mask": float(np.mean([row["lung_mask_dice"] for row in per_slice])),
+        "fraction_called_covid": float(np.mean(probabilities >= 0.5)),
+        "infection_in_lungs_classical": covered["classical"] / infection_total,
+        "infection_in_lungs_unet": covered["unet"] / infection_total if seg is not None else None,
+        "per_slice": per_slice,
+    }
+
+
+def validate_lidc(data: Path, models: Any, config: Any) -> dict[str, Any]:
+    from pipeline.ingest import load_study
+    from pipeline.run import analyze_study
+
+    out: dict[str, Any] = {}
+    for series in sorted((data / "dicom").glob("LIDC-IDRI-*")):
+        result = analyze_study(load_study(series, config.ingest), models, config)
+        probabilities = np.asarray(result.scores.probs)
+        evaluated = np.asarray(result.scores.evaluated)
+        positive = probabilities[evaluated] >= config.classify.positive_threshold
+        out[series.name] = {
+            "evaluated_slices": int(evaluated.sum()),
+            "positive_fraction": float(positive.mean()) if positive.size else None,
+            "case_probability": float(result.case_probability),
+            "corona_score_cm3": float(result.severity.corona_score_cm3),
+            "lung_volume_cm3": float(result.severity.lung_volume_cm3),
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--manifest", type=Path, default=Path("runs/defaults/classifier.csv"))
+    parser.add_argument("--output", type=Path, default=Path("runs/defaults/validation"))
+    parser.add_argument("--cls-weights", type=Path)
+    parser.add_argument("--seg-weights", type=Path)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+
+    from pipeline.atomic import write_text
+    from pipeline.config import PipelineConfig
+    from pipeline.run import load_models
+
+    config = PipelineConfig().replace({"runtime.device": args.device})
+    models = load_models(config, args.cls_weights, args.seg_weights)
+    print(f"classifier: {models.describe()['classifier']}\nsegmenter: {models.describe()['segmenter']}")
+    started = time.perf_counter()
+    report: dict[str, Any] = {"classifier": {}, "segmenter": {}}
+    classifier = validate_classifier(args.manifest, models, config)
+    semiseg = validate_semiseg(args.data, models, config)
+    lidc = validate_lidc(args.data, models, config)
+    report["classifier"] = {
+        "validation_split": classifier,
+        "localisation_semiseg_train": {k: v for k, v in semiseg.items() if not k.startswith("infection_in")},
+        "lidc_no_covid": lidc,
+    }
+    report["segmenter"] = {
+        "infection_in_lungs_semiseg_train": {
+            "unet": semiseg["infection_in_lungs_unet"],
+            "classical": semiseg["infection_in_lungs_classical"],
+        },
+        "lidc_lung_volume_cm3": {name: row["lung_volume_cm3"] for name, row in lidc.items()},
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_text(args.output / "validation.json", json.dumps(report, indent=2) + "\n")
+
+    def fmt(row: dict[str, Any]) -> str:
+        ci = row.get("auc_ci95")
+        auc = f"AUC {row['auc']:.3f} ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "AUC —"
+        sens, spec = row["sensitivity"], row["specificity"]
+        return (
+            f"n={row['n']} ({row['n_covid']} covid): {auc}, accuracy {row['accuracy']:.3f}, "
+            f"sensitivity {'—' if sens is None else f'{sens:.3f}'}, "
+            f"specificity {'—' if spec is None else f'{spec:.3f}'}"
+        )
+
+    print(f"\nclassifier, grouped validation split ({classifier['n_groups']} groups)")
+    for name in ("all", "ucsd", "semiseg_vs_lidc"):
+        print(f"  {name:<16} {fmt(classifier[name])}")
+    print(f"\nlocalisation on COVID-SemiSeg train ({semiseg['n_slices']} slices)")
+    print(f"  Dice (fused Grad-CAM > {CAM_THRESHOLD}):     {semiseg['mean_dice_cam_0.6']:.3f}")
+    print(
+        f"  Dice at the best threshold ({semiseg['best_threshold']:.2f}): {semiseg['mean_dice_best_threshold']:.3f}"
+    )
+    print(f"  pointing game hit rate:          {semiseg['pointing_game_hit_rate']:.3f}")
+    print(f"  Dice of the whole lung mask:     {semiseg['mean_dice_whole_lung_mask']:.3f} (reference)")
+    print(f"  slices called COVID (p >= 0.5):  {semiseg['fraction_called_covid']:.3f}")
+    unet = semiseg["infection_in_lungs_unet"]
+    print("\ninfection pixels inside the lung mask")
+    print(
+        f"  U-Net {'—' if unet is None else f'{unet:.3f}'}, classical {semiseg['infection_in_lungs_classical']:.3f}"
+    )
+    print("\nLIDC (no COVID)")
+    for name, row in lidc.items():
+        fraction = row["positive_fraction"]
+        print(
+            f"  {name}: {row['evaluated_slices']} slices evaluated, "
+            f"positive fraction {'—' if fraction is None else f'{fraction:.3f}'}, "
+            f"case p {row['case_probability']:.3f}, score {row['corona_score_cm3']:.1f} cm³, "
+            f"lungs {row['lung_volume_cm3']:.0f} cm³"
+        )
+    print(f"\n{time.perf_counter() - started:.0f} s; {args.output / 'validation.json'}")
+
+
+if __name__ == "__main__":
+    main()
