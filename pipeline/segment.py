@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import numpy as np
 import numpy.typing as npt
@@ -115,8 +116,9 @@ def segment_lungs(
         windowed = window(volume.array, volume.units, window_config)
         size = input_size or SEGMENTER_INPUT.input_size
         raw = predict_lung_labels(model, windowed, seg_config.batch_size, device, input_size=size)
-        intensity = volume.array
-        labels = clean_lung_mask(raw, spacing_mm, seg_config, intensity=intensity)
+        rim_px = math.ceil(max(volume.array.shape[1:]) / size)
+        raw = trim_dense_rim(raw, low_density(volume.array, volume.units, seg_config), rim_px)
+        labels = clean_lung_mask(raw, spacing_mm, seg_config, intensity=volume.array)
         method = "unet"
     elif seg_config.method == "unet":
         raise ModelError(
@@ -174,6 +176,24 @@ def slice_lung_labels(
     )
     mask = segment_lungs(volume, slice_config, config.window, model, device, input_size)
     return np.asarray(mask.labels, dtype=np.uint8)
+
+
+def trim_dense_rim(labels: np.ndarray, low: BoolArray, rim_px: int) -> LabelArray:
+    """Drop dense (not low-density) pixels within ``rim_px`` of the edge of a U-Net mask, per slice.
+
+    A network run at a coarser grid than the image blurs the lung edge outwards by about
+    one input pixel (``rim_px`` image pixels), taking chest wall and mediastinum with it;
+    that soft tissue would count as consolidation. Only the rim is trimmed, so dense
+    lesions inside the lung stay (a subpleural lesion loses at most the rim's width).
+    """
+    lungs = labels > 0
+    if rim_px < 1 or not lungs.any():
+        return np.asarray(labels, dtype=np.uint8)
+    in_plane = np.zeros((1, 3, 3), dtype=bool)
+    in_plane[0] = ndimage.generate_binary_structure(2, 1)
+    core = ndimage.binary_erosion(lungs, structure=in_plane, iterations=rim_px)
+    trimmed = np.where(lungs & ~core & ~low, 0, labels)
+    return trimmed.astype(np.uint8)
 
 
 def low_density(array: np.ndarray, units: str, config: SegmentConfig) -> BoolArray:

@@ -118,3 +118,19 @@ def test_clean_lung_mask_closes_a_subpleural_bite_and_keeps_sides() -> None:
     assert (cleaned[2:4][:, bite] == RIGHT_LUNG).all()
     assert (cleaned[:, left] == LEFT_LUNG).all()
     assert not cleaned[:, (xx > 44) & (xx < 56)].any()  # nothing bridged across the midline
+
+
+def test_trim_dense_rim_removes_only_dense_edge_pixels() -> None:
+    from pipeline.segment import trim_dense_rim
+
+    yy, xx = np.mgrid[:40, :40]
+    radius = np.hypot(yy - 20, xx - 20)
+    labels = (radius < 15).astype(np.uint8)[None]  # one slice, label 1
+    low = (radius < 13)[None]  # aerated lung; the outer 2 px ring of the mask is soft tissue
+    low[0, 18:23, 18:23] = False  # a dense lesion deep inside the lung
+    trimmed = trim_dense_rim(labels, low, rim_px=2)
+    ring = (radius >= 13) & (radius < 15)
+    assert not trimmed[0][ring & (radius >= 13.5)].any()  # the blurred edge is gone
+    assert trimmed[0, 18:23, 18:23].all()  # the inner lesion stays
+    assert (trimmed[0][radius < 13] == 1).all()
+    np.testing.assert_array_equal(trim_dense_rim(labels, low, rim_px=0), labels)
