@@ -84,6 +84,15 @@ def validate_classifier(manifest_path: Path, models: Any, config: Any) -> dict[s
     return figures
 
 
+def resize_maps(maps: npt.NDArray[np.float32], size: int) -> npt.NDArray[np.float32]:
+    """(n, h, w) layer maps → (n, size, size), bilinear, like the fused map's upsampling."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
+    resized = torch.nn.functional.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
+    return resized[:, 0].numpy()
+
+
 def dice(prediction: npt.NDArray[np.bool_], truth: npt.NDArray[np.bool_]) -> float:
     total = int(prediction.sum() + truth.sum())
     return 2.0 * int((prediction & truth).sum()) / total if total else 1.0
@@ -116,6 +125,10 @@ def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
     seg = models.segmenter
     per_slice: list[dict[str, Any]] = []
     dice_by_threshold = []
+    # Each Grad-CAM scale alone (before the product): does either of them find the infection?
+    layer_dice: dict[str, list[list[float]]] = {}
+    layer_hits: dict[str, list[bool]] = {}
+    fused_max: list[float] = []
     covered = {"classical": 0, "unet": 0}
     infection_total = 0
     for image_path, mask_path in semiseg_pairs(data):
@@ -139,6 +152,12 @@ def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
         )  # fmt: skip
         cam = paste_back(np.asarray(out.fused), box, image.shape)[0]
         dice_by_threshold.append([dice(cam > t, infection) for t in THRESHOLDS])
+        fused_max.append(float(cam.max()))
+        for layer, maps in out.layer_maps.items():
+            layer_map = paste_back(resize_maps(np.asarray(maps), size), box, image.shape)[0]
+            layer_dice.setdefault(layer, []).append([dice(layer_map > t, infection) for t in THRESHOLDS])
+            spot = np.unravel_index(int(np.argmax(layer_map)), layer_map.shape)
+            layer_hits.setdefault(layer, []).append(bool(infection[spot]))
         peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
         per_slice.append(
             {
@@ -163,6 +182,15 @@ def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
         "mean_dice_best_threshold": float(by_threshold[best]),
         "pointing_game_hit_rate": float(np.mean(hits)),
         "mean_dice_whole_lung_mask": float(np.mean([row["lung_mask_dice"] for row in per_slice])),
+        "median_fused_map_max": float(np.median(fused_max)),
+        "layers": {
+            layer: {
+                "best_threshold": float(THRESHOLDS[int(np.argmax(np.mean(rows, axis=0)))]),
+                "mean_dice_best_threshold": float(np.max(np.mean(rows, axis=0))),
+                "pointing_game_hit_rate": float(np.mean(layer_hits[layer])),
+            }
+            for layer, rows in layer_dice.items()
+        },
         "fraction_called_covid": float(np.mean(probabilities >= 0.5)),
         "infection_in_lungs_classical": covered["classical"] / infection_total,
         "infection_in_lungs_unet": covered["unet"] / infection_total if seg is not None else None,
@@ -250,6 +278,12 @@ def main() -> None:
     )
     print(f"  pointing game hit rate:          {semiseg['pointing_game_hit_rate']:.3f}")
     print(f"  Dice of the whole lung mask:     {semiseg['mean_dice_whole_lung_mask']:.3f} (reference)")
+    print(f"  median maximum of the fused map: {semiseg['median_fused_map_max']:.3f}")
+    for layer, row in semiseg["layers"].items():
+        print(
+            f"  {layer} alone: best Dice {row['mean_dice_best_threshold']:.3f} "
+            f"(threshold {row['best_threshold']:.2f}), pointing game {row['pointing_game_hit_rate']:.3f}"
+        )
     print(f"  slices called COVID (p >= 0.5):  {semiseg['fraction_called_covid']:.3f}")
     unet = semiseg["infection_in_lungs_unet"]
     print("\ninfection pixels inside the lung mask")
