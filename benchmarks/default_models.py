@@ -26,6 +26,8 @@ safetensors with its card (checksummed), adding how it was trained.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import re
@@ -37,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.manifest import GROUP_RULES
+from data.manifest import group_of, group_rule, image_files
 from pipeline.atomic import write_text
 
 VAL_FRACTION = 0.2
@@ -72,24 +74,26 @@ def central_slices(paths: list[Path], count: int) -> list[Path]:
     return [middle[i] for i in picks]
 
 
+def grouped(paths: list[Path], rule: str) -> dict[str, list[Path]]:
+    """Paths by their group under a built-in grouping rule of ``data.manifest``."""
+    pattern = group_rule(rule)
+    groups: dict[str, list[Path]] = {}
+    for path in paths:
+        groups.setdefault(group_of(path.name, pattern) or path.stem, []).append(path)
+    return groups
+
+
 def semiseg_volumes(folder: Path) -> dict[str, list[Path]]:
-    volumes: dict[str, list[Path]] = {}
-    for path in sorted(folder.glob("*.jpg")):
-        volumes.setdefault(path.stem.rsplit("_", 1)[0], []).append(path)
-    return volumes
-
-
-def ucsd_group(path: Path) -> str:
-    match = re.match(GROUP_RULES["ucsd"], path.stem)
-    return f"ucsd:{match.group('group') if match else path.stem}"
+    return grouped(image_files(folder), "semiseg")
 
 
 def classifier_rows(data: Path) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     for label, sub in (("covid", "CT_COVID"), ("normal", "CT_NonCOVID")):
-        for path in sorted((data / "covid-ct" / sub).iterdir()):
-            if path.suffix.lower() in {".png", ".jpg", ".jpeg"}:
-                rows.append({"path": str(path), "label": label, "group": ucsd_group(path), "source": "ucsd"})
+        for figure, paths in grouped(image_files(data / "covid-ct" / sub), "ucsd").items():
+            rows += [
+                {"path": str(p), "label": label, "group": f"ucsd:{figure}", "source": "ucsd"} for p in paths
+            ]
     for volume, paths in semiseg_volumes(data / "covid-semiseg" / "unlabeled" / "Imgs").items():
         group = f"semiseg:{semiseg_patient(volume)}"
         for path in central_slices(paths, SEMISEG_SLICES_PER_VOLUME):
@@ -182,14 +186,17 @@ def phantom_rows(output: Path) -> list[dict[str, str]]:
 
 def write_csv(path: Path, rows: list[dict[str, str]], columns: list[str]) -> None:
     """CSV with paths relative to its folder (the manifests move with the run folder)."""
-    lines = [",".join(columns)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
     for row in rows:
-        values = [
-            os.path.relpath(row[c], path.parent) if c in {"path", "image", "mask"} else row[c]
-            for c in columns
-        ]
-        lines.append(",".join(values))
-    write_text(path, "\n".join(lines) + "\n")
+        writer.writerow(
+            [
+                os.path.relpath(row[c], path.parent) if c in {"path", "image", "mask"} else row[c]
+                for c in columns
+            ]
+        )
+    write_text(path, buffer.getvalue())
 
 
 def prepare(data: Path, output: Path) -> None:

@@ -138,13 +138,11 @@ def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
         classical = slice_lung_labels(image, units, config, image_path.name)[0] > 0
         infection_total += int(infection.sum())
         covered["classical"] += int((infection & classical).sum())
+        # The run's lungs (the U-Net when loaded), as `corona-ct explain` crops with them.
+        run_lungs = slice_lung_mask(image, units, config, models, image_path.name)
         if seg is not None:
-            unet = slice_lung_labels(
-                image, units, config, image_path.name, seg.module, str(device), models.segmenter_input_size
-            )[0] > 0  # fmt: skip
-            covered["unet"] += int((infection & unet).sum())
-        # The classifier sees what `corona-ct explain` gives it: the lung box of the run's segmenter.
-        box = lung_bounding_box(slice_lung_mask(image, units, config, models, image_path.name), config.roi)
+            covered["unet"] += int((infection & run_lungs[0]).sum())
+        box = lung_bounding_box(run_lungs, config.roi)
         windowed = window(image[None].astype(np.float32), units, config.window)
         out = classify_slices(
             models.classifier, models.spec, to_model_input(windowed, box, size), batch_size=1,

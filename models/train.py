@@ -363,13 +363,27 @@ def _save_last_state(
     write_text(output_dir / f"{LAST_STATE}.json", json.dumps(payload, indent=1, allow_nan=True))
 
 
-def _load_last_state(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _load_last_state(
+    output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Restore the last finished epoch into ``model`` and ``optimizer``; its bookkeeping as a dict.
+
+    Refuses a run folder trained with other settings than ``config`` (except
+    :data:`RESUMABLE_CHANGES`): resuming it would mix two runs in one model.
+    """
     json_path = output_dir / f"{LAST_STATE}.json"
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
         tensors = load_file(str(output_dir / f"{LAST_STATE}.safetensors"))
     except (OSError, json.JSONDecodeError, SafetensorError) as error:
         raise ModelError(f"cannot resume from {output_dir}: {error}; start without --resume") from None
+    current = json.loads(json.dumps(dict(config)))  # as it was saved: tuples became lists
+    changed = {k for k, v in current.items() if meta["config"].get(k) != v} - RESUMABLE_CHANGES
+    if changed:
+        raise ConfigError(
+            f"cannot resume {output_dir}: it was trained with different {', '.join(sorted(changed))}; "
+            "use the same settings or another --output"
+        )
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -487,14 +501,7 @@ def train_classifier(
     best_metrics: dict[str, Any] = {}
     elapsed = 0.0
     if resume and (output / f"{LAST_STATE}.json").is_file():
-        meta = _load_last_state(output, model, optimizer)
-        saved = dict(meta["config"])
-        changed = {k for k, v in config.to_dict().items() if saved.get(k) != v} - RESUMABLE_CHANGES
-        if changed:
-            raise ConfigError(
-                f"cannot resume {output}: it was trained with different {', '.join(sorted(changed))}; "
-                "use the same settings or another --output"
-            )
+        meta = _load_last_state(output, model, optimizer, config.to_dict())
         history, best_score = meta["history"], float(meta["best_score"])
         best_epoch, bad_epochs, best_metrics = meta["best_epoch"], meta["bad_epochs"], meta["best_metrics"]
         start_epoch, elapsed = meta["epoch"] + 1, float(meta["seconds"])
@@ -992,14 +999,7 @@ def train_segmenter(
     best_metrics: dict[str, Any] = {}
     start_epoch = 1
     if resume and (output / f"{LAST_STATE}.json").is_file():
-        meta = _load_last_state(output, model, optimizer)
-        current = json.loads(json.dumps(config.to_dict()))  # as saved: tuples became lists
-        changed = {k for k, v in current.items() if meta["config"].get(k) != v} - RESUMABLE_CHANGES
-        if changed:
-            raise ConfigError(
-                f"cannot resume {output}: it was trained with different {', '.join(sorted(changed))}; "
-                "use the same settings or another --output"
-            )
+        meta = _load_last_state(output, model, optimizer, config.to_dict())
         history, best_dice, best_epoch = meta["history"], float(meta["best_score"]), meta["best_epoch"]
         bad_epochs, best_metrics, elapsed = meta["bad_epochs"], meta["best_metrics"], float(meta["seconds"])
         start_epoch = config.epochs + 1 if meta.get("stopped_early") else meta["epoch"] + 1

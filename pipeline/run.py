@@ -557,11 +557,9 @@ def slice_lung_mask(
     from pipeline.device import resolve_device
     from pipeline.segment import slice_lung_labels
 
-    unet = models.segmenter
-    if unet is None:
-        return slice_lung_labels(image, units, config, source) > 0
+    unet = models.segmenter.module if models.segmenter is not None else None
     device = str(resolve_device(config.runtime.device))
-    labels = slice_lung_labels(image, units, config, source, unet.module, device, models.segmenter_input_size)
+    labels = slice_lung_labels(image, units, config, source, unet, device, models.segmenter_input_size)
     return labels > 0
 
 
