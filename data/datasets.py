@@ -33,12 +33,23 @@ from pipeline.preprocess import Box, lung_bounding_box, to_model_input, window
 log = logging.getLogger(__name__)
 
 ROI_MODES = ("lung", "none")
+MASK_UNKNOWN = 255  # lesion mask value of slices labelled per slice only
 
 
 class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Preprocessed grey slices (n, size, size) in [0, 1] with integer labels (n,)."""
+    """Preprocessed grey slices (n, size, size) in [0, 1] with integer labels (n,).
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | npt.ArrayLike) -> None:
+    ``masks`` (optional, (n, size, size) uint8): where the lesion is, 1 lesion, 0 none,
+    ``MASK_UNKNOWN`` for slices labelled per slice only; they feed the auxiliary
+    localisation loss of :func:`models.train.train_classifier`.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | npt.ArrayLike,
+        masks: torch.Tensor | npt.ArrayLike | None = None,
+    ) -> None:
         label_tensor = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
         if images.ndim != 3 or images.shape[1] != images.shape[2]:
             raise ConfigError(f"slice images must be (n, size, size), got {tuple(images.shape)}")
@@ -46,6 +57,13 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             raise ConfigError(f"{images.shape[0]} images but {tuple(label_tensor.shape)} labels")
         self.images = images.to(torch.float16).contiguous()
         self.labels = label_tensor
+        self.masks: torch.Tensor | None = None
+        if masks is not None:
+            self.masks = torch.as_tensor(np.asarray(masks), dtype=torch.uint8)
+            if self.masks.shape != self.images.shape:
+                raise ConfigError(
+                    f"lesion masks {tuple(self.masks.shape)} differ from the images {tuple(images.shape)}"
+                )
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -59,7 +77,8 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def subset(self, indices: Sequence[int] | npt.NDArray[np.int64]) -> SliceDataset:
         index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return SliceDataset(self.images[index], self.labels[index])
+        masks = self.masks[index] if self.masks is not None else None
+        return SliceDataset(self.images[index], self.labels[index], masks)
 
 
 def as_network_input(grey: torch.Tensor) -> torch.Tensor:

@@ -315,3 +315,43 @@ def load_segmenter(path: Path, device: str | torch.device = "cpu") -> LoadedMode
     tensor_path = path.with_suffix(".safetensors")
     _load_state_strict(module, state, tensor_path)
     return LoadedModel(_ready(module, device), None, card, str(card["sha256"]), tensor_path, trained=True)
+
+
+def input_contract_problems(
+    card: Mapping[str, Any],
+    window_hu: tuple[float, float],
+    segmenter: LoadedModel | None,
+) -> tuple[list[str], list[str]]:
+    """(errors, warnings) where a run would feed a classifier inputs made unlike its training.
+
+    The card's ``input`` says how its training images were made: ``window`` (HU mapped to
+    [0, 1]), ``roi`` (``"lung-bbox"``: cropped to the lung box, as the pipeline does) and,
+    optionally, ``segmenter`` (``{"architecture", "sha256"}`` of the network that drew the
+    boxes). A different window or an ROI the pipeline does not make is an error; a box drawn
+    by another segmenter is a warning (the crop differs, the model still applies).
+    """
+    contract = card.get("input", {}) or {}
+    errors: list[str] = []
+    warnings: list[str] = []
+    window = contract.get("window")
+    if window is not None and [float(v) for v in window] != [float(v) for v in window_hu]:
+        errors.append(
+            f"it was trained on the HU window {list(window)} but the config's window is {list(window_hu)}; "
+            f"set --set window.hu_min={window[0]} --set window.hu_max={window[1]}"
+        )
+    roi = contract.get("roi")
+    if roi is not None and roi not in ("lung-bbox", "lung"):
+        errors.append(f"it was trained on roi {roi!r} but the pipeline crops every slice to the lung box")
+    trained_with = contract.get("segmenter")
+    if isinstance(trained_with, Mapping):
+        used = (
+            "the classical segmenter"
+            if segmenter is None
+            else f"{segmenter.card.get('architecture')} ({segmenter.sha256[:12]})"
+        )
+        if segmenter is None or segmenter.sha256 != trained_with.get("sha256"):
+            warnings.append(
+                f"the classifier was trained on lung boxes drawn by {trained_with.get('architecture')} "
+                f"({str(trained_with.get('sha256', ''))[:12]}); this run uses {used}, so its crops differ from training"
+            )
+    return errors, warnings

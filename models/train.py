@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from data.datasets import SegmentationSlices, SliceDataset, as_network_input
+from data.datasets import MASK_UNKNOWN, SegmentationSlices, SliceDataset, as_network_input
 from data.folds import group_train_val_split, stratified_group_kfold
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.classifier import backbone_spec, build_classifier, positive_probability
@@ -85,6 +85,10 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast + channels_last on CUDA (ignored on CPU)
     lstm_hidden: int = 2048  # resnet152_lstm only: units of each of the two stacked LSTMs
     precise_bn: bool = True  # re-estimate BatchNorm statistics on the training images before evaluating
+    lesion_mask_weight: float = (
+        0.0  # weight of the auxiliary lesion-mask loss on the Grad-CAM layers (0 = off)
+    )
+    zero_init_residual: bool = False  # last BatchNorm of each residual block starts at 0 (Goyal et al. 2017)
 
     def __post_init__(self) -> None:
         checks = [
@@ -98,6 +102,7 @@ class TrainConfig:
             (0 <= self.zoom < 1 and 0 <= self.shift < 0.5, "zoom must be in [0, 1), shift in [0, 0.5)"),
             (0 <= self.val_fraction < 0.5, "val_fraction must be in [0, 0.5)"),
             (self.lstm_hidden > 0, "lstm_hidden must be > 0"),
+            (self.lesion_mask_weight >= 0, "lesion_mask_weight must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -260,6 +265,90 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def zero_init_residual(model: nn.Module) -> None:
+    """Start every residual block as the identity: its last BatchNorm scale is 0.
+
+    From random weights a deep ResNet then trains like a shallow one at first; on a few
+    hundred images it starts to learn within the first epochs instead of after dozens
+    (Goyal et al. 2017, "Accurate, large minibatch SGD"). Only the initial values change.
+    """
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    for module in model.modules():
+        if isinstance(module, Bottleneck):
+            nn.init.zeros_(module.bn3.weight)
+        elif isinstance(module, BasicBlock):
+            nn.init.zeros_(module.bn2.weight)
+
+
+class _Indexed(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
+    """(image, label, index) of a SliceDataset: the index finds the sample's lesion mask."""
+
+    def __init__(self, dataset: SliceDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+class LesionHeads(nn.Module):
+    """Auxiliary 1×1-conv lesion-mask heads on the Grad-CAM layers (training only, never saved).
+
+    Hooks record each layer's output during the forward pass; :meth:`loss` is the binary
+    cross-entropy of each head's map against the lesion mask average-pooled to that
+    layer's grid, over the samples whose mask is known. Teaching those layers where the
+    lesion is makes the Grad-CAM maps taken from them point at it.
+    """
+
+    def __init__(self, model: nn.Module, layer_names: Sequence[str]) -> None:
+        super().__init__()
+        modules = dict(model.named_modules())
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.heads = nn.ModuleDict()
+        self._handles = []
+        for name in layer_names:
+            layer = modules[name]
+            channels = _output_channels(layer)
+            self.heads[name.replace(".", "_")] = nn.Conv2d(channels, 1, kernel_size=1)
+            self._handles.append(layer.register_forward_hook(self._recorder(name)))
+
+    def _recorder(self, name: str) -> Callable[..., None]:
+        def record(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            self.outputs[name] = output
+
+        return record
+
+    def loss(self, masks: torch.Tensor) -> torch.Tensor:
+        """Mean BCE over layers for (N, S, S) masks (1 lesion, 0 none, 255 unknown)."""
+        known = (masks != MASK_UNKNOWN).flatten(1).all(dim=1)
+        total = torch.zeros((), device=masks.device)
+        if not known.any():
+            return total
+        target_full = masks[known].float()[:, None]
+        for name, output in self.outputs.items():
+            logits = self.heads[name.replace(".", "_")](output[known].float())
+            target = F.adaptive_avg_pool2d(target_full, logits.shape[-2:])
+            total = total + F.binary_cross_entropy_with_logits(logits, target)
+        return total / max(len(self.outputs), 1)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _output_channels(layer: nn.Module) -> int:
+    """Channels a ResNet stage (or any block ending in a BatchNorm/conv) puts out."""
+    last = [m for m in layer.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    if not last:
+        raise ConfigError(f"cannot tell the output channels of {type(layer).__name__}")
+    final = last[-1]
+    return int(final.num_features if isinstance(final, nn.BatchNorm2d) else final.out_channels)
+
+
 def _loader(dataset: SliceDataset, config: TrainConfig, epoch: int, shuffle: bool) -> DataLoader[Any]:
     generator = _epoch_generator(config.seed, epoch, stream=1)
     sampler = None
@@ -270,7 +359,7 @@ def _loader(dataset: SliceDataset, config: TrainConfig, epoch: int, shuffle: boo
             weights, num_samples=len(dataset), replacement=True, generator=generator
         )
     return DataLoader(
-        dataset,
+        _Indexed(dataset),
         batch_size=config.batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
@@ -490,9 +579,18 @@ def train_classifier(
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = build_classifier(config.backbone, config.num_outputs, **config.backbone_options()).to(device)
+    if config.zero_init_residual:
+        zero_init_residual(model)
     if _use_amp(device, config.amp):
         model = model.to(memory_format=torch.channels_last)
-    optimizer = _make_optimizer(model, config)
+    heads: LesionHeads | None = None
+    trainable: nn.Module = model
+    if config.lesion_mask_weight > 0:
+        if train_set.masks is None:
+            raise ConfigError("lesion_mask_weight > 0 needs training data with lesion masks")
+        heads = LesionHeads(model, backbone_spec(config.backbone).cam_layers).to(device)
+        trainable = nn.ModuleDict({"net": model, "lesion_heads": heads})
+    optimizer = _make_optimizer(trainable, config)
     criterion = _loss_function(config, train_set.labels, device)
     card = _classifier_card(config, class_names, roi, window_hu, card_extra or {})
 
@@ -501,7 +599,7 @@ def train_classifier(
     best_metrics: dict[str, Any] = {}
     elapsed = 0.0
     if resume and (output / f"{LAST_STATE}.json").is_file():
-        meta = _load_last_state(output, model, optimizer, config.to_dict())
+        meta = _load_last_state(output, trainable, optimizer, config.to_dict())
         history, best_score = meta["history"], float(meta["best_score"])
         best_epoch, bad_epochs, best_metrics = meta["best_epoch"], meta["bad_epochs"], meta["best_metrics"]
         start_epoch, elapsed = meta["epoch"] + 1, float(meta["seconds"])
@@ -516,15 +614,25 @@ def train_classifier(
         torch.manual_seed(config.seed * 7919 + epoch)  # dropout masks (VGG) per epoch, resumable
         augment_rng = _epoch_generator(config.seed, epoch, stream=2)
         loss_sum, correct, seen = 0.0, 0, 0
-        for grey, labels in _loader(train_set, config, epoch, shuffle=True):
+        for grey, labels, index in _loader(train_set, config, epoch, shuffle=True):
             grey, labels = grey.to(device, non_blocking=True), labels.to(device)
-            augmented, _ = augment_batch(grey, config, augment_rng)
+            masks = (
+                train_set.masks[index].to(device)
+                if heads is not None and train_set.masks is not None
+                else None
+            )
+            augmented, warped_masks = augment_batch(grey, config, augment_rng, masks)
             inputs = as_network_input(augmented)
             if _use_amp(device, config.amp):
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with _autocast(device, config.amp):
                 logits = model(inputs)
             loss = _loss(criterion, logits, labels)
+            if heads is not None and warped_masks is not None and masks is not None:
+                # warping pads with 0: unknown masks stay unknown as a whole
+                unknown = (masks == MASK_UNKNOWN).flatten(1).all(dim=1)
+                warped_masks[unknown] = MASK_UNKNOWN
+                loss = loss + config.lesion_mask_weight * heads.loss(warped_masks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -565,7 +673,7 @@ def train_classifier(
             "best_epoch": best_epoch, "bad_epochs": bad_epochs, "best_metrics": best_metrics,
             "seconds": elapsed, "stopped_early": stopped_early,
         }  # fmt: skip
-        _save_last_state(output, model, optimizer, meta)
+        _save_last_state(output, trainable, optimizer, meta)
         write_history(history, output, title=f"{config.backbone} ({config.recipe})")
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
         if on_epoch is not None:
@@ -574,6 +682,8 @@ def train_classifier(
             log.info("early stop: validation AUC did not improve for %d epochs", config.patience)
             break
 
+    if heads is not None:
+        heads.remove()
     state, final_card = load_checkpoint(output / MODEL_FILE, expected_architecture=card["architecture"])
     model.load_state_dict(state)
     model.eval()

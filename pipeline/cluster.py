@@ -35,6 +35,8 @@ from pipeline.errors import ConfigError, InputError
 
 #: Rows per chunk in distance computations: 65 536 rows × k centres stays small on any device.
 DEFAULT_CHUNK_SIZE = 65_536
+#: A cluster drawing at least this share of its slices from one study (or one source) is that study.
+COINCIDE_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -340,3 +342,35 @@ def key_slices(
         order = np.argsort(distances[members], kind="mergesort")[:n]
         out.append(members[order].astype(np.int64))
     return out
+
+
+def dominant_groups(labels: npt.ArrayLike, groups: Sequence[str]) -> dict[int, tuple[str, float]]:
+    """Per cluster label: its most common group (study, source) and that group's share of its slices."""
+    labels_np = np.asarray(labels).ravel()
+    if labels_np.shape[0] != len(groups):
+        raise InputError(f"{labels_np.shape[0]} cluster labels for {len(groups)} group names")
+    dominant: dict[int, tuple[str, float]] = {}
+    for c in np.unique(labels_np):
+        members = [groups[int(i)] for i in np.flatnonzero(labels_np == c)]
+        names, counts = np.unique(members, return_counts=True)
+        best = int(np.argmax(counts))
+        dominant[int(c)] = (str(names[best]), float(counts[best]) / len(members))
+    return dominant
+
+
+def coinciding_groups(
+    labels: npt.ArrayLike, groups: Sequence[str], share: float = COINCIDE_SHARE
+) -> dict[int, tuple[str, float]] | None:
+    """The clusters' dominant groups when the clusters coincide with the groups, else None.
+
+    They coincide when there are at least two clusters, every cluster draws at least
+    ``share`` of its slices from one group, and those groups are not all the same one: the
+    clustering then separates studies (or data sources), not disease manifestations. A
+    cohort whose slices mostly come from one group is not flagged for that alone.
+    """
+    dominant = dominant_groups(labels, groups)
+    if len(dominant) < 2 or any(part < share for _, part in dominant.values()):
+        return None
+    if len({group for group, _ in dominant.values()}) < 2:
+        return None
+    return dominant

@@ -83,10 +83,24 @@ class CamConfig:
 
 @dataclass(frozen=True)
 class SeverityConfig:
-    """Weights-free HU measures inside the lungs."""
+    """Weights-free HU measures inside the lungs; every step in-plane (``pipeline/severity.py``)."""
 
-    ggo_hu: tuple[float, float] = (-750.0, -300.0)
-    consolidation_hu: tuple[float, float] = (-300.0, 50.0)
+    ggo_hu: tuple[float, float] = (-750.0, -300.0)  # ground glass: lo <= smoothed HU <= hi
+    consolidation_hu: tuple[float, float] = (-300.0, 50.0)  # consolidation: lo < lightly smoothed HU <= hi
+    ggo_contrast_hu: float = 150.0  # ground glass also >= the study's aerated-lung level + this, HU; 0: off
+    edge_margin_mm: float = 2.5  # lung rim left out in-plane (partial volume: chest wall, heart), mm
+    edge_margin_slices: int = 1  # lung voxels within this many slices of the lung's top/bottom left out
+    vessel_hu: float = -300.0  # above this after light smoothing: bright (vessel, airway wall, dense), HU
+    vessel_smoothing_mm: float = 0.7  # Gaussian sigma of that light smoothing, mm
+    vessel_width_mm: float = 5.0  # narrower bright structures are vessels (opening diameter), mm; and
+    # ground glass must be at least this wide
+    vessel_contrast_hu: float = 300.0  # narrower structures this much brighter than their surroundings
+    # are vessels too, however dim (white top-hat, HU); 0: off
+    vessel_margin_mm: float = 1.5  # rim left out around bright structures (partial volume), mm
+    consolidation_reach_mm: float = 20.0  # consolidation must lie in a closing of the aerated lung with
+    # a disk of this radius, or in a hole of it (not a mask leak into heart or liver), mm; 0: off
+    noise_target_hu: float = 30.0  # per slice, smooth until the lung's noise SD is at most this, HU
+    max_smoothing_mm: float = 3.0  # largest Gaussian sigma of that smoothing, mm; 0: none
 
 
 @dataclass(frozen=True)

@@ -213,7 +213,9 @@ class Severity:
     affected_percent: float
     right: Mapping[str, float]
     left: Mapping[str, float]
-    ggo_percent: float | None  # lung voxels in the ground-glass HU range; None without HU
+    ggo_percent: (
+        float | None
+    )  # % of assessed lung in ground glass (pipeline.severity.hu_maps); None without HU
     consolidation_percent: float | None
     positive_slices: int
 

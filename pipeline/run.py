@@ -16,13 +16,14 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.assess import NOT_ASSESSABLE, LungCheck
 from pipeline.atomic import atomic_path, write_text
 from pipeline.config import PipelineConfig
 from pipeline.datamodel import CamStack, LungMask, Severity, SliceFeatures, SliceScores, StudyFailure, Volume
@@ -42,6 +43,7 @@ SUMMARY_COLUMNS = (
     "n_slices",
     "slices_evaluated",
     "positive_slices",
+    "empty_cam_positive_slices",
     "case_probability",
     "corona_score_cm3",
     "corona_score_in_lung_cm3",
@@ -49,8 +51,11 @@ SUMMARY_COLUMNS = (
     "affected_percent",
     "ggo_percent",
     "consolidation_percent",
+    "reason",
     "error",
 )
+#: summary.csv ``status`` values: analysed; not assessable (no plausible lungs, no call made); failed.
+STATUS_OK, STATUS_NOT_ASSESSABLE, STATUS_FAILED = "ok", NOT_ASSESSABLE, "failed"
 THUMBNAIL_SIZE = 112
 UNTRAINED_NOTICE = (
     "UNTRAINED WEIGHTS: the classifier has random weights; probabilities, heat maps and "
@@ -64,6 +69,7 @@ class Models:
 
     classifier: LoadedModel
     segmenter: LoadedModel | None  # None: the classical segmenter runs
+    warnings: tuple[str, ...] = ()  # input-contract warnings, repeated in every report
 
     @property
     def spec(self) -> BackboneSpec:
@@ -129,7 +135,7 @@ def load_models(
     Explicit paths win over the project's default weights in ``models/weights``.
     Without classifier weights this refuses unless ``allow_untrained`` is set.
     """
-    from models.checkpoint import load_classifier, load_segmenter
+    from models.checkpoint import input_contract_problems, load_classifier, load_segmenter
     from models.weights import default_weights
     from pipeline.device import resolve_device
 
@@ -155,24 +161,52 @@ def load_models(
     segmenter = None
     if method != "classical" and seg_path is not None:
         segmenter = load_segmenter(seg_path, device=device)
-    return Models(classifier=classifier, segmenter=segmenter)
+    if not classifier.trained:
+        return Models(classifier=classifier, segmenter=segmenter)
+    errors, warnings = input_contract_problems(
+        classifier.card, (config.window.hu_min, config.window.hu_max), segmenter
+    )
+    name = classifier.path.name if classifier.path else "classifier"
+    if errors:
+        raise ModelError(f"{name}: refused, its input contract is not met: " + "; ".join(errors))
+    for warning in warnings:
+        log.warning("%s: %s", name, warning)
+    return Models(classifier=classifier, segmenter=segmenter, warnings=tuple(warnings))
 
 
 @dataclass(frozen=True)
 class StudyResult:
-    """Everything the pipeline computed for one study."""
+    """Everything the pipeline computed for one study.
+
+    A study whose lungs fail the gate (:mod:`pipeline.assess`) is not classified: no slice is
+    evaluated, its maps are zero, and ``severity`` and ``case_probability`` are None.
+    """
 
     volume: Volume
     lung_mask: LungMask
+    lung_check: LungCheck
     scores: SliceScores
     cams: CamStack
     features: SliceFeatures
     thumbnails: np.ndarray  # (n_evaluated, 112, 112) uint8: windowed lung-ROI crops
     cam_thumbnails: np.ndarray  # (n_evaluated, 112, 112) uint8: fused map × 255 on the crop
-    severity: Severity
-    case_probability: float
+    severity: Severity | None
+    case_probability: float | None
     timings_s: dict[str, float]
     warnings: tuple[str, ...]
+
+    @property
+    def assessable(self) -> bool:
+        return self.lung_check.assessable
+
+    @property
+    def status(self) -> str:
+        """``ok`` or ``not-assessable``."""
+        return STATUS_OK if self.assessable else STATUS_NOT_ASSESSABLE
+
+    @property
+    def not_assessable_reason(self) -> str | None:
+        return self.lung_check.reason
 
 
 @contextlib.contextmanager
@@ -197,9 +231,14 @@ def analyze_study(
     config: PipelineConfig,
     progress: Callable[[int], None] | None = None,
 ) -> StudyResult:
-    """Lungs → ROI → slice classifier + multi-scale Grad-CAM → 3D map → severity."""
+    """Lungs → gate → ROI → slice classifier + multi-scale Grad-CAM → 3D map → severity.
+
+    When the lungs fail the not-assessable gate (:func:`pipeline.assess.check_lungs`) the
+    study stops after segmentation: nothing is classified and no score is computed.
+    """
     import torch
 
+    from pipeline.assess import check_lungs
     from pipeline.classify import case_probability, classify_slices
     from pipeline.device import resolve_device
     from pipeline.preprocess import evaluable_slices, lung_bounding_box, paste_back, to_model_input, window
@@ -209,7 +248,7 @@ def analyze_study(
     timings: dict[str, float] = {}
     study_id = volume.study_id
     device = resolve_device(config.runtime.device)
-    warnings = list(volume.warnings)
+    warnings = [*volume.warnings, *models.warnings]
     classifier = models.classifier
     spec = models.spec
     size = models.input_size(config)
@@ -221,6 +260,12 @@ def analyze_study(
             input_size=models.segmenter_input_size,
         )  # fmt: skip
         warnings.extend(lung_mask.warnings)
+
+    with _stage("assess", study_id, timings):
+        lung_check = check_lungs(volume, lung_mask, config.segment)
+    if not lung_check.assessable:
+        log.info("study %s: not assessable: %s", study_id, lung_check.reason)
+        return _not_assessable_result(volume, lung_mask, lung_check, spec.feature_dim, timings, warnings)
 
     with _stage("roi", study_id, timings):
         lungs = lung_mask.lungs
@@ -276,6 +321,7 @@ def analyze_study(
     return StudyResult(
         volume=volume,
         lung_mask=lung_mask,
+        lung_check=lung_check,
         scores=scores,
         cams=cams,
         features=SliceFeatures(
@@ -285,6 +331,33 @@ def analyze_study(
         cam_thumbnails=cam_thumbnails,
         severity=measures,
         case_probability=float(case_p),
+        timings_s=timings,
+        warnings=tuple(dict.fromkeys(warnings)),
+    )
+
+
+def _not_assessable_result(
+    volume: Volume,
+    lung_mask: LungMask,
+    lung_check: LungCheck,
+    feature_dim: int,
+    timings: dict[str, float],
+    warnings: list[str],
+) -> StudyResult:
+    """A result with nothing classified: no evaluated slice, zero maps, no severity, no case probability."""
+    n_slices = volume.n_slices
+    no_rows = np.zeros((0, feature_dim), np.float32)
+    return StudyResult(
+        volume=volume,
+        lung_mask=lung_mask,
+        lung_check=lung_check,
+        scores=SliceScores(probs=np.full(n_slices, np.nan, np.float32), evaluated=np.zeros(n_slices, bool)),
+        cams=CamStack(maps=np.zeros(volume.array.shape, np.float32), layers=()),
+        features=SliceFeatures(slice_index=np.zeros(0, np.int64), features=no_rows, weights=no_rows.copy()),
+        thumbnails=np.zeros((0, THUMBNAIL_SIZE, THUMBNAIL_SIZE), np.uint8),
+        cam_thumbnails=np.zeros((0, THUMBNAIL_SIZE, THUMBNAIL_SIZE), np.uint8),
+        severity=None,
+        case_probability=None,
         timings_s=timings,
         warnings=tuple(dict.fromkeys(warnings)),
     )
@@ -312,37 +385,100 @@ class BatchOutcome:
     skipped: list[str] = field(default_factory=list)
 
     @property
+    def not_assessable(self) -> list[dict[str, object]]:
+        """Rows of the studies without plausible lungs (resumed ones included)."""
+        return [row for row in self.rows if row.get("status") == STATUS_NOT_ASSESSABLE]
+
+    @property
     def exit_code(self) -> int:
+        """1 when a study failed; a not-assessable study is an answer, not a failure."""
         return 1 if self.failures else 0
 
 
-def summary_row(
-    study_id: str, source: str, result: StudyResult | None = None, error: str = ""
+def summary_values(
+    study_id: str,
+    source: str,
+    result: StudyResult | None = None,
+    error: str = "",
+    *,
+    threshold: float | None = None,
 ) -> dict[str, object]:
-    """One summary.csv row; numeric fields empty for failed studies."""
-    row: dict[str, object] = dict.fromkeys(SUMMARY_COLUMNS, "")
-    row.update(study_id=study_id, source=source, status="failed" if result is None else "ok", error=error)
-    if result is not None:
-        sev = result.severity
+    """One study's summary with numbers as numbers: None where summary.csv has an empty cell.
+
+    This is report.json's ``summary``; :func:`summary_cells` formats it for summary.csv.
+    Numeric fields are None for failed studies. A not-assessable study gets its ``reason``
+    and only the numbers that are not a call: slice counts and the volume of the lung mask
+    that failed the gate. ``threshold`` (default ``classify.positive_threshold``'s default)
+    decides which slices count as positive for ``empty_cam_positive_slices``.
+    """
+    from pipeline.config import ClassifyConfig
+    from pipeline.report import empty_map_positive_slices
+
+    row: dict[str, object] = dict.fromkeys(SUMMARY_COLUMNS)
+    row.update(study_id=study_id, source=source, status=STATUS_FAILED, reason="", error=error)
+    if result is None:
+        return row
+    row["status"] = result.status
+    sev = result.severity
+    if sev is None or result.case_probability is None:
+        row.update(
+            reason=result.not_assessable_reason or "",
+            n_slices=result.volume.n_slices,
+            slices_evaluated=int(result.scores.evaluated.sum()),
+            lung_volume_cm3=_finite_or_none(result.lung_check.lung_volume_cm3),
+        )
+    else:
+        limit = ClassifyConfig().positive_threshold if threshold is None else threshold
         row.update(
             n_slices=result.volume.n_slices,
             slices_evaluated=int(result.scores.evaluated.sum()),
             positive_slices=sev.positive_slices,
-            case_probability=_fmt(result.case_probability),
-            corona_score_cm3=_fmt(sev.corona_score_cm3),
-            corona_score_in_lung_cm3=_fmt(sev.corona_score_in_lung_cm3),
-            lung_volume_cm3=_fmt(sev.lung_volume_cm3),
-            affected_percent=_fmt(sev.affected_percent),
-            ggo_percent=_fmt(sev.ggo_percent),
-            consolidation_percent=_fmt(sev.consolidation_percent),
+            empty_cam_positive_slices=int(empty_map_positive_slices(result, limit).sum()),
+            case_probability=_finite_or_none(result.case_probability),
+            corona_score_cm3=_finite_or_none(sev.corona_score_cm3),
+            corona_score_in_lung_cm3=_finite_or_none(sev.corona_score_in_lung_cm3),
+            lung_volume_cm3=_finite_or_none(sev.lung_volume_cm3),
+            affected_percent=_finite_or_none(sev.affected_percent),
+            ggo_percent=_finite_or_none(sev.ggo_percent),
+            consolidation_percent=_finite_or_none(sev.consolidation_percent),
         )
     return row
 
 
-def _fmt(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return f"{value:.6g}"
+def summary_cells(values: Mapping[str, object]) -> dict[str, object]:
+    """A summary as summary.csv writes it: numbers as text (6 significant digits), None as empty.
+
+    Text passes through, so a row read back from an older report (all text) is unchanged.
+    """
+    return {column: _fmt(values.get(column)) for column in SUMMARY_COLUMNS}
+
+
+def summary_row(
+    study_id: str,
+    source: str,
+    result: StudyResult | None = None,
+    error: str = "",
+    *,
+    threshold: float | None = None,
+) -> dict[str, object]:
+    """One summary.csv row (text cells); numeric fields empty for failed studies (see :func:`summary_values`)."""
+    return summary_cells(summary_values(study_id, source, result, error, threshold=threshold))
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _fmt(value: object) -> str:
+    if value is None or isinstance(value, bool):
+        return "" if value is None else str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
 
 
 def write_summary(path: Path, rows: Sequence[dict[str, object]]) -> None:
@@ -388,7 +524,8 @@ def run_batch(
 ) -> BatchOutcome:
     """Analyse every study found under ``inputs``; write per-study outputs and summary.csv.
 
-    Failures are isolated per study (status=failed, one-line error); finished
+    Failures are isolated per study (status=failed, one-line error); a study without
+    plausible lungs gets status=not-assessable and a ``reason``; finished
     studies are never rewritten or lost; summary.csv is rewritten atomically
     after every study. With ``all_series`` every usable series of a study is
     analysed as its own row (study id suffixed with the short series UID).
@@ -447,7 +584,7 @@ def _resumed(study_dir: Path, resume_key: tuple[str, str] | None, outcome: Batch
     summary = report.get("summary")
     if not isinstance(summary, dict):
         return False  # a report from an older layout: recompute
-    outcome.rows.append(dict(summary))
+    outcome.rows.append(summary_cells(summary))
     outcome.skipped.append(study_dir.name)
     return True
 
@@ -472,11 +609,11 @@ def _analyze_and_write(
     ) as bar:
         result = analyze_study(volume, models, config, progress=bar.update)
     result.timings_s.update(ingest_timings)
-    row = summary_row(study_id, source, result)
+    values = summary_values(study_id, source, result, threshold=config.classify.positive_threshold)
     with _stage("report", study_id, result.timings_s):
-        write_study_outputs(output / study_id, result, models, config, row)
-    log.info("%s: ok (%.1f s)", study_id, sum(result.timings_s.values()))
-    return row
+        write_study_outputs(output / study_id, result, models, config, values)
+    log.info("%s: %s (%.1f s)", study_id, result.status, sum(result.timings_s.values()))
+    return summary_cells(values)
 
 
 def _record_failure(outcome: BatchOutcome, study_id: str, source: str, error: CoronaCTError) -> None:
@@ -686,7 +823,7 @@ def run_demo(output: Path, config: PipelineConfig, *, cls_weights: Path | None =
         )
     outcome = run_batch([inputs / name for name in phantoms], output / "results", config, models)
     print(
-        f"{'study':<16} {'status':<7} {'p(case)':>8} {'score cm3':>10} {'lesions cm3 (true)':>18} "
+        f"{'study':<16} {'status':<14} {'p(case)':>8} {'score cm3':>10} {'lesions cm3 (true)':>18} "
         f"{'lung cm3':>9} {'lung cm3 (true)':>15} {'GGO %':>6} {'consol. %':>9}"
     )
     for row in outcome.rows:
@@ -694,10 +831,10 @@ def run_demo(output: Path, config: PipelineConfig, *, cls_weights: Path | None =
         true_lesion = truth.lesion_volume_ml if truth is not None else math.nan
         true_lung = truth.lung_volume_ml if truth is not None else math.nan
         print(
-            f"{row['study_id']!s:<16} {row['status']!s:<7} {_num(row['case_probability'], 3):>8} "
+            f"{row['study_id']!s:<16} {row['status']!s:<14} {_num(row['case_probability'], 3):>8} "
             f"{_num(row['corona_score_cm3'], 1):>10} {true_lesion:>18.1f} {_num(row['lung_volume_cm3'], 1):>9} "
             f"{true_lung:>15.1f} {_num(row['ggo_percent'], 2):>6} {_num(row['consolidation_percent'], 2):>9} "
-            f"{row['error']}"
+            f"{row['error'] or row['reason']}"
         )
     print(f"reports: {output / 'results'}/<study>/report.html; summary: {output / 'results' / 'summary.csv'}")
     return outcome.exit_code

@@ -69,6 +69,12 @@ AIRWAY_CENTRAL_FRACTION = 0.18
 MIN_LUNG_BODY_FRACTION = 0.08
 #: Aerated lung (parenchyma with vessels) has a median near −850 HU; gas alone is near −1000 HU.
 LUNG_MIN_MEDIAN_HU = -960.0
+#: A lung lies at least this far (mm) inside the body outline (ribs, muscle, fat in between) ...
+CHEST_WALL_MM = 4.0
+#: ... so a 3D component with more than this share of its voxels closer to the outline is not lung.
+MAX_SUPERFICIAL_SHARE = 0.3
+#: A region of the U-Net mask whose median is above this (HU) is fat or soft tissue, not lung.
+LUNG_MAX_MEDIAN_HU = -400.0
 #: A bite of the convex hull is a mediastinal concavity, not a lesion, when it comes this close
 #: (mm) to the other lung.
 MEDIASTINUM_GUARD_MM = 20.0
@@ -118,6 +124,7 @@ def segment_lungs(
         raw = predict_lung_labels(model, windowed, seg_config.batch_size, device, input_size=size)
         rim_px = math.ceil(max(volume.array.shape[1:]) / size)
         raw = trim_dense_rim(raw, low_density(volume.array, volume.units, seg_config), rim_px)
+        raw = keep_plausible_lung(raw, volume.array, volume.units, spacing_mm, seg_config)
         labels = clean_lung_mask(raw, spacing_mm, seg_config, intensity=volume.array)
         method = "unet"
     elif seg_config.method == "unet":
@@ -194,6 +201,68 @@ def trim_dense_rim(labels: np.ndarray, low: BoolArray, rim_px: int) -> LabelArra
     core = ndimage.binary_erosion(lungs, structure=in_plane, iterations=rim_px)
     trimmed = np.where(lungs & ~core & ~low, 0, labels)
     return trimmed.astype(np.uint8)
+
+
+def keep_plausible_lung(
+    labels: np.ndarray,
+    array: np.ndarray,
+    units: str,
+    spacing_mm: tuple[float, float, float],
+    config: SegmentConfig,
+) -> LabelArray:
+    """U-Net labels kept only where lung can be: inside the chest wall, not gas, lung-sized.
+
+    A network sees texture, not anatomy: on scanners it was not trained on it also labels air
+    under the table and above the shoulders, the foam pad under the back, stomach and bowel
+    gas, the trachea and the oesophagus. Dropped here: pixels outside the body
+    (:func:`body_mask`); 3D components lying largely within ``CHEST_WALL_MM`` of the body's
+    outline (pads, skin folds: a lung always has a chest wall around it); in-plane components
+    that are pure gas (median below ``LUNG_MIN_MEDIAN_HU``, HU only); and, per side, 3D
+    components smaller than ``SECOND_LUNG_MIN_FRACTION`` of that side's largest. HU only: 3D
+    components with a median above ``LUNG_MAX_MEDIAN_HU`` (subcutaneous fat, bowel wall).
+    """
+    labels = np.asarray(labels, dtype=np.uint8)
+    lungs = labels > 0
+    if not lungs.any():
+        return labels
+    low = low_density(array, units, config)
+    # The body without what lies against it: a foam pad or table cavity between back and table is
+    # low-density and enclosed, so the broad body (dense tissue and enclosed air) takes it in.
+    # The dense outline alone excludes it, unless a crop opens the chest wall (then the broad one).
+    body = body_mask(~low)
+    broad_body = body_mask(~outside_air(low))
+    if np.count_nonzero(lungs & body) < 0.8 * np.count_nonzero(lungs & broad_body):
+        body = broad_body
+    lungs &= body
+    wall_px = max(1, math.ceil(CHEST_WALL_MM / min(spacing_mm[1:])))
+    inner = ndimage.binary_erosion(body, structure=_INPLANE_4, iterations=wall_px)
+    components, count = ndimage.label(lungs, structure=_FACES_3D)
+    if count:
+        index = np.arange(1, count + 1)
+        inner_share = np.asarray(ndimage.mean(inner, components, index))
+        superficial = np.zeros(count + 1, dtype=bool)
+        superficial[1:] = inner_share < 1.0 - MAX_SUPERFICIAL_SHARE
+        if units == "HU":  # fat and soft tissue are not lung, whatever their texture
+            medians = np.asarray(ndimage.median(array, components, index))
+            superficial[1:] |= medians > LUNG_MAX_MEDIAN_HU
+        lungs &= ~superficial[components]
+    if units == "HU" and lungs.any():
+        components, count = ndimage.label(lungs, structure=_INPLANE_8)
+        medians = np.asarray(ndimage.median(array, components, np.arange(1, count + 1)))
+        gas = np.zeros(count + 1, dtype=bool)
+        gas[1:] = medians < LUNG_MIN_MEDIAN_HU
+        lungs &= ~gas[components]
+    kept = np.zeros(labels.shape, dtype=np.uint8)
+    for side in (RIGHT_LUNG, LEFT_LUNG):
+        components, count = ndimage.label(lungs & (labels == side), structure=_FACES_3D)
+        if count == 0:
+            continue
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        keep = sizes >= SECOND_LUNG_MIN_FRACTION * sizes.max()
+        keep[0] = False
+        kept[keep[components]] = side
+    return kept
 
 
 def low_density(array: np.ndarray, units: str, config: SegmentConfig) -> BoolArray:

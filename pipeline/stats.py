@@ -32,6 +32,10 @@ FloatVector = npt.NDArray[np.float64]
 
 #: Two-sided 95 % normal quantile.
 Z_95 = 1.959963984540054
+#: Fewest cases per class for an AUC worth an interval: DeLong's variance (sample covariance of
+#: the placement values) is 0 with one case in a class, so 1 positive and 1 negative give
+#: "AUC 1.000 (1.000–1.000)".
+MIN_CASES_PER_CLASS = 2
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,12 @@ class RocResult:
     n_pos: int
     n_neg: int
     confidence: float = 0.95
+    problems: tuple[str, ...] = ()  # why this ROC is degenerate (see ``roc_problems``); () when it is not
+
+    @property
+    def degenerate(self) -> bool:
+        """True when the AUC says nothing and ``ci_low``/``ci_high``/``auc_se`` must not be reported."""
+        return bool(self.problems)
 
 
 def _as_binary(y_true: npt.ArrayLike) -> npt.NDArray[np.bool_]:
@@ -87,6 +97,28 @@ def _require_both_classes(y: npt.NDArray[np.bool_]) -> tuple[int, int]:
             f"ROC needs both classes; the labels have only {only} cases ({n_pos + n_neg} studies)"
         )
     return n_pos, n_neg
+
+
+def roc_problems(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[str, ...]:
+    """Why an ROC of these labels and scores is degenerate; () when it is not.
+
+    - fewer than ``MIN_CASES_PER_CLASS`` cases in a class: the AUC takes a handful of values
+      and its interval (DeLong or bootstrap) has zero width;
+    - a constant score: AUC 0.5 by ties, whatever the labels.
+    Labels with a single class are refused by every ROC function (``InputError``).
+    """
+    y = _as_binary(y_true)
+    s = _as_scores(scores, y.size)
+    n_pos, n_neg = _require_both_classes(y)
+    problems = []
+    if min(n_pos, n_neg) < MIN_CASES_PER_CLASS:
+        problems.append(
+            f"fewer than {MIN_CASES_PER_CLASS} cases in a class ({n_pos} positive, {n_neg} negative): "
+            "the AUC has no confidence interval"
+        )
+    if float(np.ptp(s)) == 0.0:
+        problems.append(f"the score is constant ({s[0]:.6g} for all {s.size} studies): AUC 0.5 by ties")
+    return tuple(problems)
 
 
 def midranks(values: npt.ArrayLike) -> FloatVector:
@@ -235,6 +267,8 @@ def roc_analysis(
 
     ``ci="delong"``: AUC ± z·SE (DeLong), clipped to [0, 1].
     ``ci="bootstrap"``: percentile interval of ``n_bootstrap`` stratified resamples (seeded).
+    ``problems`` (:func:`roc_problems`) is non-empty when the result is degenerate: the
+    interval is then computed as usual but meaningless, and reports must not show it.
     """
     if not 0.0 < confidence < 1.0:
         raise ConfigError(f"confidence level must lie in (0, 1), got {confidence}")
@@ -268,6 +302,7 @@ def roc_analysis(
         n_pos=int(y.sum()),
         n_neg=int((~y).sum()),
         confidence=confidence,
+        problems=roc_problems(y, scores),
     )
 
 

@@ -3,7 +3,16 @@
 All three read one or more ``run`` output folders (``OUT/summary.csv``, and for
 ``cluster`` the per-study ``OUT/<study_id>/features.npz``), match studies by
 ``study_id``, list every study they could not use and why, and write a PNG, a JSON
-with every number, and a short Markdown summary for a paper. See docs/analysis.md.
+with every number, and a short Markdown summary for a paper. Studies that ``run``
+found not assessable (no plausible lungs, no call made) are left out and counted
+unless ``--include-not-assessable`` is given.
+
+A result that says nothing is called degenerate, in every output (JSON ``degenerate`` and
+``degenerate_reasons``, a banner in the Markdown, a line on stdout), and the command exits
+with ``EXIT_DEGENERATE`` (3) unless ``--allow-degenerate`` is given: an ROC with fewer than
+2 cases in a class or a constant score, a comparison of a constant score, most labelled (or
+grouped) studies unmatched, clusters that coincide with studies or with result folders
+(sources), or slices from a single study. See docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import csv
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +35,7 @@ import numpy.typing as npt
 from pipeline import __version__
 from pipeline.atomic import atomic_path, write_text
 from pipeline.errors import ConfigError, InputError
-from pipeline.run import SUMMARY_COLUMNS
+from pipeline.run import STATUS_NOT_ASSESSABLE, STATUS_OK, SUMMARY_COLUMNS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -36,8 +46,18 @@ log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "summary.csv"
 FEATURES_NAME = "features.npz"
-NUMERIC_COLUMNS = tuple(c for c in SUMMARY_COLUMNS if c not in {"study_id", "status", "source", "error"})
+NUMERIC_COLUMNS = tuple(
+    c for c in SUMMARY_COLUMNS if c not in {"study_id", "status", "source", "reason", "error"}
+)
+#: Why not-assessable studies are left out, and how to keep them.
+NOT_ASSESSABLE_NOTE = (
+    "not assessable in `corona-ct run`: no plausible lungs, no call made; --include-not-assessable keeps them"
+)
 DEFAULT_SCORE = "corona_score_cm3"
+#: Exit code of an analysis whose result is degenerate (0 with --allow-degenerate).
+EXIT_DEGENERATE = 3
+#: Below this share of the labelled (grouped) studies usable, most labels are unmatched: degenerate.
+MIN_MATCHED_SHARE = 0.5
 FEATURE_KEYS = ("slice_index", "z_mm", "probability", "features", "weights")
 IMAGE_KEYS = ("thumbnails", "cams")
 
@@ -81,6 +101,19 @@ def _add_results_arguments(parser: argparse.ArgumentParser) -> None:
         help="rename every study to '<OUT folder name>/<study_id>' so that the same study_id in two "
         "outputs stays apart (labels/groups files must then use the prefixed ids); without it a "
         "duplicate study_id is an error",
+    )
+    parser.add_argument(
+        "--include-not-assessable",
+        action="store_true",
+        help="keep studies that `run` found not assessable (no plausible lungs); they have no classifier "
+        "scores, so they count only for columns with a value (n_slices, lung_volume_cm3)",
+    )
+    parser.add_argument(
+        "--allow-degenerate",
+        action="store_true",
+        help=f"exit 0 even when the result is degenerate (fewer than 2 cases in a class, a constant score, "
+        f"most labels unmatched, clusters that coincide with studies or sources); without it such a run "
+        f"writes its outputs, marked degenerate, and exits with {EXIT_DEGENERATE}",
     )
 
 
@@ -195,6 +228,8 @@ class Cohort:
     raw_id: dict[str, str]  # study_id -> id as written by run (differs with --prefix-ids)
     columns: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    not_assessable: dict[str, str] = field(default_factory=dict)  # study_id -> reason; left out
+    included_not_assessable: list[str] = field(default_factory=list)  # kept by --include-not-assessable
 
     def numeric_columns(self) -> list[str]:
         return [c for c in self.columns if c in NUMERIC_COLUMNS]
@@ -227,8 +262,14 @@ def _read_csv(path: Path, required: Sequence[str], what: str) -> list[dict[str, 
     return rows
 
 
-def load_cohort(results: Sequence[Path], *, prefix_ids: bool = False) -> Cohort:
-    """Merge the summaries of several run outputs; duplicate study_ids are an error unless prefixed."""
+def load_cohort(
+    results: Sequence[Path], *, prefix_ids: bool = False, include_not_assessable: bool = False
+) -> Cohort:
+    """Merge the summaries of several run outputs; duplicate study_ids are an error unless prefixed.
+
+    Not-assessable studies go to ``Cohort.not_assessable`` (left out), or with
+    ``include_not_assessable`` among the studies like successful ones.
+    """
     cohort = Cohort(studies={}, failed={}, folder_of={}, raw_id={})
     folder_names: dict[str, Path] = {}
     for given in results:
@@ -262,10 +303,15 @@ def load_cohort(results: Sequence[Path], *, prefix_ids: bool = False) -> Cohort:
                 )
             cohort.folder_of[study_id] = folder
             cohort.raw_id[study_id] = raw
-            if row["status"].lower() == "ok":
+            status = row["status"].lower()
+            if status == STATUS_NOT_ASSESSABLE and not include_not_assessable:
+                cohort.not_assessable[study_id] = row.get("reason", "") or status
+            elif status in (STATUS_OK, STATUS_NOT_ASSESSABLE):
                 cohort.studies[study_id] = {c: _to_float(row.get(c)) for c in NUMERIC_COLUMNS} | {
                     "study_id": study_id
                 }
+                if status == STATUS_NOT_ASSESSABLE:
+                    cohort.included_not_assessable.append(study_id)
             else:
                 cohort.failed[study_id] = row.get("error", "") or row["status"]
     if not cohort.folder_of:
@@ -275,10 +321,36 @@ def load_cohort(results: Sequence[Path], *, prefix_ids: bool = False) -> Cohort:
         )
     if not cohort.studies:
         raise InputError(
-            f"empty cohort: all {len(cohort.failed)} studies in the results failed in `corona-ct run`; "
-            "see the error column of summary.csv"
+            f"empty cohort: of the {len(cohort.folder_of)} studies in the results {len(cohort.failed)} failed "
+            f"in `corona-ct run` (see the error column of summary.csv) and {len(cohort.not_assessable)} were "
+            "not assessable (no plausible lungs; see the reason column, or pass --include-not-assessable)"
         )
     return cohort
+
+
+def _load_cohort(args: argparse.Namespace) -> Cohort:
+    """The cohort of ``--results``; says on stdout how many not-assessable studies were left out or kept."""
+    cohort = load_cohort(
+        args.results,
+        prefix_ids=args.prefix_ids,
+        include_not_assessable=getattr(args, "include_not_assessable", False),
+    )
+    if cohort.not_assessable:
+        print(
+            f"left out {_studies(len(cohort.not_assessable))} not assessable in `corona-ct run` (no plausible "
+            "lungs, no call made; reasons in the summary.csv reason column and in the outputs here; "
+            "--include-not-assessable keeps them)"
+        )
+    if cohort.included_not_assessable:
+        print(
+            f"kept {_studies(len(cohort.included_not_assessable))} not assessable in `corona-ct run` "
+            "(--include-not-assessable); they have no classifier scores"
+        )
+    return cohort
+
+
+def _studies(n: int) -> str:
+    return f"{n} stud{'y' if n == 1 else 'ies'}"
 
 
 def _check_scores(cohort: Cohort, scores: Sequence[str] | None) -> list[str]:
@@ -357,11 +429,13 @@ class Matched:
     failed_in_run: dict[str, str]
     not_in_table: list[str]
     missing_score: dict[str, list[str]]  # study_id -> scores without a value
+    not_assessable: dict[str, str] = field(default_factory=dict)  # study_id -> reason, left out
 
     def excluded_json(self, table_name: str) -> dict[str, Any]:
         return {
             f"in_{table_name}_not_in_results": self.missing_from_results,
             "failed_in_run": [{"study_id": s, "error": e} for s, e in self.failed_in_run.items()],
+            "not_assessable": [{"study_id": s, "reason": r} for s, r in self.not_assessable.items()],
             f"in_results_not_in_{table_name}": self.not_in_table,
             "missing_score": [{"study_id": s, "scores": v} for s, v in self.missing_score.items()],
         }
@@ -372,6 +446,9 @@ class Matched:
             lines.append(f"- in {table_file} but not in the results: {_id_list(self.missing_from_results)}")
         if self.failed_in_run:
             lines.append(f"- failed in `corona-ct run`: {_id_list(list(self.failed_in_run))}")
+        if self.not_assessable:
+            lines.append(f"- {NOT_ASSESSABLE_NOTE}: {_id_list(list(self.not_assessable))}")
+            lines += [f"  - `{s}`: {r}" for s, r in list(self.not_assessable.items())[:30]]
         if self.not_in_table:
             lines.append(f"- in the results but not in {table_file}: {_id_list(self.not_in_table)}")
         if self.missing_score:
@@ -403,12 +480,13 @@ def match_studies(cohort: Cohort, table: Mapping[str, Any], scores: Sequence[str
         failed_in_run=dict(cohort.failed),  # every failed study, labelled or not
         not_in_table=[s for s in cohort.studies if s not in table],
         missing_score=missing_score,
+        not_assessable=dict(cohort.not_assessable),  # every one left out, labelled or not
     )
 
 
 def _warn_excluded(matched: Matched, table_file: str) -> None:
     for line in matched.excluded_markdown(table_file):
-        if line != "- none":
+        if line.startswith("- ") and line != "- none":
             log.warning("left out %s", line[2:].replace("`", ""))
 
 
@@ -468,13 +546,63 @@ def _header(title: str, sources: Sequence[str]) -> list[str]:
     ]
 
 
+def _unmatched_problem(n_used: int, n_listed: int, table_file: str) -> str | None:
+    """The degenerate reason when most studies of a labels/groups file could not be used."""
+    if n_listed and n_used < MIN_MATCHED_SHARE * n_listed:
+        return (
+            f"most studies in {table_file} are unmatched: only {n_used} of {n_listed} have results with a "
+            "value for every score (see the studies left out)"
+        )
+    return None
+
+
+def _by_reason(problems: Mapping[str, Sequence[str]]) -> list[str]:
+    """``{score: [problem, ...]}`` as lines, one per problem, naming the scores it applies to."""
+    scores_of: dict[str, list[str]] = {}
+    for score, items in problems.items():
+        for problem in items:
+            scores_of.setdefault(problem, []).append(score)
+    return [f"{', '.join(scores)}: {problem}" for problem, scores in scores_of.items()]
+
+
+def _degenerate_markdown(reasons: Sequence[str], allowed: bool) -> list[str]:
+    if not reasons:
+        return []
+    lines = ["**DEGENERATE RESULT: these numbers say nothing about the scores.**", ""]
+    lines += [f"- {reason}" for reason in reasons]
+    lines += [
+        "",
+        "(written with --allow-degenerate)"
+        if allowed
+        else f"(the command exited with code {EXIT_DEGENERATE})",
+        "",
+    ]
+    return lines
+
+
+def _finish(reasons: Sequence[str], args: argparse.Namespace) -> int:
+    """Say why the result is degenerate; the exit code (``EXIT_DEGENERATE`` unless --allow-degenerate)."""
+    if not reasons:
+        return 0
+    for reason in reasons:
+        print(f"DEGENERATE: {reason}")
+    if args.allow_degenerate:
+        print("the outputs are marked degenerate (--allow-degenerate: exit 0)")
+        return 0
+    print(
+        f"the outputs are marked degenerate; exit code {EXIT_DEGENERATE} (--allow-degenerate accepts them)",
+        file=sys.stderr,
+    )
+    return EXIT_DEGENERATE
+
+
 # ----------------------------------------------------------------------------- ROC
 
 
 def handle_roc(args: argparse.Namespace) -> int:
-    from pipeline.stats import delong_test, roc_analysis
+    from pipeline.stats import MIN_CASES_PER_CLASS, delong_test, roc_analysis
 
-    cohort = load_cohort(args.results, prefix_ids=args.prefix_ids)
+    cohort = _load_cohort(args)
     scores = _check_scores(cohort, args.scores)
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be a number of resamples ≥ 1, got {args.bootstrap}")
@@ -501,9 +629,12 @@ def handle_roc(args: argparse.Namespace) -> int:
         s: roc_analysis(y, matched.values[s], ci=ci, n_bootstrap=args.bootstrap or 2000, seed=args.seed)
         for s in scores
     }
+    unmatched = _unmatched_problem(len(matched.study_ids), len(labels), args.labels.name)
+    reasons = [*([unmatched] if unmatched else []), *_by_reason({s: r.problems for s, r in results.items()})]
+    too_few = min(int(y.sum()), int((~y).sum())) < MIN_CASES_PER_CLASS
     comparisons: list[dict[str, Any]] = []
     for i, a in enumerate(scores):
-        for b in scores[i + 1 :]:
+        for b in scores[i + 1 :] if not too_few else []:
             z, p, auc_a, auc_b = delong_test(y, matched.values[a], matched.values[b])
             comparisons.append(
                 {"score_a": a, "score_b": b, "auc_a": auc_a, "auc_b": auc_b, "z": z, "p_value": p}
@@ -520,9 +651,13 @@ def handle_roc(args: argparse.Namespace) -> int:
         "confidence": 0.95,
         "n_bootstrap": args.bootstrap or None,
         "seed": args.seed if args.bootstrap else None,
+        "include_not_assessable": args.include_not_assessable,
         "n_studies": int(y.size),
         "n_positive": int(y.sum()),
         "n_negative": int((~y).sum()),
+        "degenerate": bool(reasons),
+        "degenerate_reasons": reasons,
+        "allow_degenerate": args.allow_degenerate,
         "scores": {s: _roc_json(r) for s, r in results.items()},
         "delong_tests": comparisons,
         "excluded": matched.excluded_json("labels"),
@@ -530,8 +665,16 @@ def handle_roc(args: argparse.Namespace) -> int:
     }
     _write_json(args.output / "roc.json", payload)
     _plot_roc(results, args.output / "roc.png")
-    write_text(args.output / "roc.md", _roc_markdown(results, comparisons, matched, cohort, args, ci))
+    write_text(
+        args.output / "roc.md", _roc_markdown(results, comparisons, matched, cohort, args, ci, reasons)
+    )
     for s, r in results.items():
+        if r.degenerate:
+            print(
+                f"{s}: AUC {r.auc:.3f} from {r.n_pos} positive and {r.n_neg} negative studies, degenerate "
+                "(no confidence interval, no operating point)"
+            )
+            continue
         print(
             f"{s}: AUC {r.auc:.3f} (95% CI {r.ci_low:.3f}–{r.ci_high:.3f}, {ci}); Youden threshold "
             f"{r.youden_threshold:.4g}: sensitivity {r.sensitivity:.3f}, specificity {r.specificity:.3f}"
@@ -539,15 +682,19 @@ def handle_roc(args: argparse.Namespace) -> int:
     for c in comparisons:
         print(f"DeLong {c['score_a']} vs {c['score_b']}: z = {c['z']:.3f}, p = {_fmt_p(c['p_value'])}")
     print(f"wrote roc.png, roc.json, roc.md to {args.output}")
-    return 0
+    return _finish(reasons, args)
 
 
 def _roc_json(result: RocResult) -> dict[str, Any]:
+    """One score's ROC; a degenerate one has null interval and SE, and lists its ``problems``."""
+    sound = not result.degenerate
     return {
         "auc": result.auc,
-        "ci_low": result.ci_low,
-        "ci_high": result.ci_high,
-        "auc_se": result.auc_se,
+        "ci_low": result.ci_low if sound else None,
+        "ci_high": result.ci_high if sound else None,
+        "auc_se": result.auc_se if sound else None,
+        "degenerate": result.degenerate,
+        "problems": list(result.problems),
         "youden_threshold": result.youden_threshold,
         "sensitivity": result.sensitivity,
         "specificity": result.specificity,
@@ -563,9 +710,9 @@ def _plot_roc(results: Mapping[str, RocResult], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(5.0, 5.0))
     axes.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1, label="chance")
     for name, r in results.items():
+        interval = "degenerate, no CI" if r.degenerate else f"{r.ci_low:.3f}–{r.ci_high:.3f}"
         line = axes.step(
-            r.fpr, r.tpr, where="post", linewidth=1.8,
-            label=f"{name}: AUC {r.auc:.3f} ({r.ci_low:.3f}–{r.ci_high:.3f})",
+            r.fpr, r.tpr, where="post", linewidth=1.8, label=f"{name}: AUC {r.auc:.3f} ({interval})",
         )[0]  # fmt: skip
         axes.plot(1 - r.specificity, r.sensitivity, "o", color=line.get_color(), markersize=6)
     axes.set_xlabel("1 − specificity")
@@ -574,8 +721,10 @@ def _plot_roc(results: Mapping[str, RocResult], path: Path) -> None:
     axes.set_ylim(-0.01, 1.01)
     axes.set_aspect("equal")
     first = next(iter(results.values()))
+    degenerate = "DEGENERATE " if any(r.degenerate for r in results.values()) else ""
     axes.set_title(
-        f"ROC (n = {first.n_pos} positive, {first.n_neg} negative); dots: Youden point", fontsize=9
+        f"{degenerate}ROC (n = {first.n_pos} positive, {first.n_neg} negative); dots: Youden point",
+        fontsize=9,
     )
     axes.legend(loc="lower right", fontsize=8)
     _save_figure(figure, path)
@@ -588,6 +737,7 @@ def _roc_markdown(
     cohort: Cohort,
     args: argparse.Namespace,
     ci: str,
+    reasons: Sequence[str] = (),
 ) -> str:
     first = next(iter(results.values()))
     ci_text = (
@@ -597,6 +747,7 @@ def _roc_markdown(
     )
     lines = [
         *_header("ROC analysis", cohort.sources),
+        *_degenerate_markdown(reasons, args.allow_degenerate),
         f"Cohort: {first.n_pos + first.n_neg} studies ({first.n_pos} positive, {first.n_neg} negative; "
         f"labels from `{args.labels.name}`).",
         "",
@@ -604,6 +755,9 @@ def _roc_markdown(
         "|---|---|---|---|---|",
     ]
     for name, r in results.items():
+        if r.degenerate:
+            lines.append(f"| {name} | {r.auc:.3f} (degenerate: no CI) | – | – | – |")
+            continue
         lines.append(
             f"| {name} | {r.auc:.3f} ({r.ci_low:.3f}–{r.ci_high:.3f}) | {r.youden_threshold:.4g} "
             f"| {r.sensitivity:.3f} | {r.specificity:.3f} |"
@@ -636,7 +790,7 @@ def _roc_markdown(
 def handle_wilcoxon(args: argparse.Namespace) -> int:
     from pipeline.stats import group_comparison
 
-    cohort = load_cohort(args.results, prefix_ids=args.prefix_ids)
+    cohort = _load_cohort(args)
     scores = _check_scores(cohort, args.scores)
     groups = _read_mapping(args.groups, "group", "groups file")
     matched = match_studies(cohort, groups, scores)
@@ -666,12 +820,24 @@ def handle_wilcoxon(args: argparse.Namespace) -> int:
         log.warning("group %r has a single study (%s); it is left out of the tests", g, ", ".join(ids))
 
     comparisons = {s: group_comparison({g: matched.values[s][members[g]] for g in kept}) for s in scores}
+    unmatched = _unmatched_problem(len(matched.study_ids), len(groups), args.groups.name)
+    tested = np.concatenate([members[g] for g in kept])
+    constant = {
+        s: [f"the score is constant ({matched.values[s][tested][0]:.6g} in every group): nothing to compare"]
+        for s in scores
+        if float(np.ptp(matched.values[s][tested])) == 0.0
+    }
+    reasons = [*([unmatched] if unmatched else []), *_by_reason(constant)]
     args.output.mkdir(parents=True, exist_ok=True)
     payload = {
         "analysis": "wilcoxon" if len(kept) == 2 else "kruskal-wallis",
         "corona_ct_version": __version__,
         "results": cohort.sources,
         "groups_file": str(args.groups),
+        "include_not_assessable": args.include_not_assessable,
+        "degenerate": bool(reasons),
+        "degenerate_reasons": reasons,
+        "allow_degenerate": args.allow_degenerate,
         "test": "two-sided Wilcoxon rank-sum (Mann–Whitney U; exact when a group has ≤ 8 studies and no "
         "ties, else normal approximation with tie and continuity correction)",
         "effect_sizes": "rank_biserial = (U_a − U_b)/(n_a·n_b) = 2·P(a > b) + P(a = b) − 1; "
@@ -689,7 +855,9 @@ def handle_wilcoxon(args: argparse.Namespace) -> int:
     _plot_groups(comparisons, matched.values, members, args.output / "wilcoxon.png", args.seed)
     write_text(
         args.output / "wilcoxon.md",
-        _wilcoxon_markdown(comparisons, matched, cohort, dropped, args.groups.name),
+        _wilcoxon_markdown(
+            comparisons, matched, cohort, dropped, args.groups.name, reasons, args.allow_degenerate
+        ),
     )
     for s, c in comparisons.items():
         summary = ", ".join(
@@ -709,7 +877,7 @@ def handle_wilcoxon(args: argparse.Namespace) -> int:
                 + f", rank-biserial {t['rank_biserial']:+.3f}, r = {t['r']:+.3f}"
             )
     print(f"wrote wilcoxon.png, wilcoxon.json, wilcoxon.md to {args.output}")
-    return 0
+    return _finish(reasons, args)
 
 
 def _group_order(option: str | None, groups: Mapping[str, str], source: Path) -> list[str]:
@@ -775,8 +943,10 @@ def _wilcoxon_markdown(
     cohort: Cohort,
     dropped: Mapping[str, list[str]],
     table_file: str,
+    reasons: Sequence[str] = (),
+    allowed: bool = False,
 ) -> str:
-    lines = [*_header("Group comparison", cohort.sources)]
+    lines = [*_header("Group comparison", cohort.sources), *_degenerate_markdown(reasons, allowed)]
     for score, c in comparisons.items():
         lines += [f"## {score}", "", "| group | n | median (IQR) |", "|---|---|---|"]
         lines += [
@@ -842,10 +1012,12 @@ def load_slices(cohort: Cohort, *, positive_only: bool, threshold: float) -> Sli
     ids: list[str] = []
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (*FEATURE_KEYS, "row")}
     skipped: dict[str, str] = dict.fromkeys(cohort.failed, "failed in `corona-ct run`")
+    skipped |= {s: f"not assessable in `corona-ct run`: {r}" for s, r in cohort.not_assessable.items()}
     for study_id in cohort.studies:
         path = _features_path(cohort, study_id)
         if not path.is_file():
-            skipped[study_id] = f"no {path}"
+            not_assessable = study_id in cohort.included_not_assessable
+            skipped[study_id] = "not assessable: nothing was classified" if not_assessable else f"no {path}"
             continue
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -920,6 +1092,7 @@ def handle_cluster(args: argparse.Namespace) -> int:
 
     from pipeline.cluster import (
         distances_to_centres,
+        dominant_groups,
         elbow_fits,
         key_slices,
         kmeans,
@@ -933,7 +1106,7 @@ def handle_cluster(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     device = resolve_device(args.device)
-    cohort = load_cohort(args.results, prefix_ids=args.prefix_ids)
+    cohort = _load_cohort(args)
     table = load_slices(cohort, positive_only=args.positive_only, threshold=args.threshold)
     n_slices = len(table.study_id)
     if n_slices < 2:
@@ -957,6 +1130,9 @@ def handle_cluster(args: argparse.Namespace) -> int:
     nearest = key_slices(x, result.labels, result.centres, n=args.key_slices)
     labels = result.labels.cpu().numpy()
     seconds = time.perf_counter() - started
+    sources = [str(cohort.folder_of[s]) for s in table.study_id]
+    by_study, by_source = dominant_groups(labels, table.study_id), dominant_groups(labels, sources)
+    reasons = _cluster_problems(table.study_id, sources, labels)
 
     args.output.mkdir(parents=True, exist_ok=True)
     _write_clusters_csv(args.output / "clusters.csv", table, labels, distances, coords)
@@ -970,6 +1146,8 @@ def handle_cluster(args: argparse.Namespace) -> int:
                 "n_slices": int(in_cluster.sum()),
                 "n_studies": len({table.study_id[i] for i in np.flatnonzero(in_cluster)}),
                 "fraction_positive_slices": float(positive[in_cluster].mean()) if in_cluster.any() else None,
+                "dominant_study": _dominant_json(by_study.get(c), "study_id"),
+                "dominant_source": _dominant_json(by_source.get(c), "source"),
                 "mean_probability": float(table.probability[in_cluster].mean()) if in_cluster.any() else None,
                 "key_slices": [
                     {
@@ -991,6 +1169,10 @@ def handle_cluster(args: argparse.Namespace) -> int:
         "n_studies": len(set(table.study_id)),
         "feature_dim": int(x.shape[1]),
         "positive_only": args.positive_only,
+        "include_not_assessable": args.include_not_assessable,
+        "degenerate": bool(reasons),
+        "degenerate_reasons": reasons,
+        "allow_degenerate": args.allow_degenerate,
         "threshold": args.threshold,
         "k": k,
         "k_choice": "elbow knee (auto)" if k_fixed is None else "--k",
@@ -1006,10 +1188,12 @@ def handle_cluster(args: argparse.Namespace) -> int:
         "clusters": clusters,
         "skipped_studies": [{"study_id": s, "reason": r} for s, r in table.skipped.items()],
     }
-    _write_json(args.output / "cluster.json", payload)
     _plot_elbow(ks, inertias, knee, k, args.output / "elbow.png")
     _plot_pca(coords, explained, labels, positive, args.threshold, args.output / "pca.png")
-    _plot_key_slices(cohort, table, nearest, distances, args.output / "key_slices.png")
+    payload["key_slices_with_empty_cam"] = _plot_key_slices(
+        cohort, table, nearest, distances, args.output / "key_slices.png"
+    )
+    _write_json(args.output / "cluster.json", payload)
     write_text(args.output / "cluster.md", _cluster_markdown(payload, cohort))
     sizes = ", ".join(f"{c['cluster']}: {c['n_slices']}" for c in clusters)
     print(
@@ -1019,7 +1203,39 @@ def handle_cluster(args: argparse.Namespace) -> int:
     print(
         f"wrote clusters.csv, cluster.json, cluster.md, elbow.png, pca.png, key_slices.png to {args.output}"
     )
-    return 0
+    return _finish(reasons, args)
+
+
+def _dominant_json(dominant: tuple[str, float] | None, key: str) -> dict[str, Any] | None:
+    return None if dominant is None else {key: dominant[0], "share": dominant[1]}
+
+
+def _cluster_problems(
+    study_ids: Sequence[str], sources: Sequence[str], labels: npt.NDArray[np.int64]
+) -> list[str]:
+    """Why a clustering is degenerate: one study, or clusters that coincide with studies or sources."""
+    from pipeline.cluster import coinciding_groups
+
+    reasons = []
+    studies = sorted(set(study_ids))
+    if len(studies) < 2:
+        reasons.append(
+            f"all {len(study_ids)} slices come from one study ({studies[0]}): the clusters cannot tell "
+            "manifestations from the scan"
+        )
+    for groups, what, meaning in (
+        (study_ids, "studies", "they separate scans, not manifestations"),
+        (sources, "result folders (sources)", "they separate data sources, not manifestations"),
+    ):
+        found = coinciding_groups(labels, groups)
+        if found is None:
+            continue
+        shares = ", ".join(
+            f"C{c + 1}: {Path(g).name if groups is sources else g} {100 * share:.0f}%"
+            for c, (g, share) in sorted(found.items())
+        )
+        reasons.append(f"the clusters coincide with {what} ({shares}): {meaning}")
+    return reasons
 
 
 def _write_clusters_csv(
@@ -1103,13 +1319,24 @@ def _plot_key_slices(
     nearest: Sequence[npt.NDArray[np.int64]],
     distances: npt.NDArray[np.float32],
     path: Path,
-) -> None:
+) -> int:
+    """Key slices with their Grad-CAM maps; returns how many of the shown maps are empty (all zero).
+
+    The title claims an overlay, and a colour bar is drawn, only when some map is not empty; an
+    empty map is named under its slice.
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     plt = _pyplot()
     n_cols = max(1, max(len(idx) for idx in nearest))
     figure, grid = plt.subplots(
-        len(nearest), n_cols, figsize=(2.1 * n_cols, 2.3 * len(nearest)), squeeze=False
+        len(nearest), n_cols, figsize=(2.1 * n_cols + 0.5, 2.3 * len(nearest)), squeeze=False
     )
     images = _load_key_images(cohort, table, [i for idx in nearest for i in idx])
+    cams = [cam for _, cam in images.values() if cam is not None]
+    n_empty = sum(1 for cam in cams if not cam.any())
+    overlaid = len(cams) > n_empty
     for c, idx in enumerate(nearest):
         for col in range(n_cols):
             axes = grid[c, col]
@@ -1122,18 +1349,32 @@ def _plot_key_slices(
                 axes.text(0.5, 0.5, "no thumbnail", ha="center", va="center", fontsize=7)
             else:
                 axes.imshow(thumbnail, cmap="gray", vmin=0, vmax=255)
-                if cam is not None:
+                if cam is not None and cam.any():
                     # Transparent where the map is near zero, so the anatomy stays readable.
                     heat = np.ma.masked_less(cam.astype(np.float32) / 255.0, 0.05)
                     axes.imshow(heat, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+            state = "" if cam is None or cam.any() else "\nGrad-CAM map empty"
             axes.set_title(
                 f"C{c + 1} {table.study_id[i]}\nslice {table.slice_index[i]}, p={table.probability[i]:.2f}, "
-                f"d={distances[i]:.1f}",
+                f"d={distances[i]:.1f}{state}",
                 fontsize=6,
             )
-    figure.suptitle("Key slices nearest each cluster centre (Grad-CAM overlaid)", fontsize=9)
-    figure.tight_layout()
+    if overlaid:
+        title = "Key slices nearest each cluster centre (Grad-CAM overlaid, transparent below 0.05)"
+    elif cams:
+        title = "Key slices nearest each cluster centre (no overlay: every Grad-CAM map is empty)"
+    else:
+        title = "Key slices nearest each cluster centre (no Grad-CAM maps in features.npz)"
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout(rect=(0.0, 0.0, 0.9 if overlaid else 1.0, 0.96))
+    if overlaid:
+        bar = figure.colorbar(
+            ScalarMappable(Normalize(0.0, 1.0), "jet"), cax=figure.add_axes((0.92, 0.2, 0.015, 0.6))
+        )
+        bar.set_label("Grad-CAM (0–1)", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
     _save_figure(figure, path)
+    return n_empty
 
 
 def _load_key_images(
@@ -1161,6 +1402,7 @@ def _cluster_markdown(payload: Mapping[str, Any], cohort: Cohort) -> str:
     ratio = payload["pca_explained_variance_ratio"]
     lines = [
         *_header("Clustering of disease manifestations", cohort.sources),
+        *_degenerate_markdown(payload["degenerate_reasons"], payload["allow_degenerate"]),
         f"{payload['n_slices']} {'positive ' if payload['positive_only'] else ''}slices from "
         f"{payload['n_studies']} studies; k = {payload['k']} "
         + (

@@ -86,13 +86,26 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _print_rows(rows: list[dict[str, object]]) -> None:
-    header = f"{'study_id':<24} {'status':<7} {'slices':>6} {'p(case)':>8} {'score cm3':>10} {'lung cm3':>9}  error"
+    """One line per study; not-assessable studies are listed again below with their reasons."""
+    from pipeline.run import STATUS_NOT_ASSESSABLE
+
+    header = (
+        f"{'study_id':<24} {'status':<14} {'slices':>6} {'p(case)':>8} {'score cm3':>10} {'lung cm3':>9}  "
+        "error / reason"
+    )
     print(header)
-    for row in sorted(rows, key=lambda r: str(r["study_id"])):
+    ordered = sorted(rows, key=lambda r: str(r["study_id"]))
+    for row in ordered:
         print(
-            f"{row['study_id']!s:<24} {row['status']!s:<7} {row['slices_evaluated']!s:>6} "
-            f"{row['case_probability']!s:>8} {row['corona_score_cm3']!s:>10} {row['lung_volume_cm3']!s:>9}  {row['error']}"
+            f"{row['study_id']!s:<24} {row['status']!s:<14} {row['slices_evaluated']!s:>6} "
+            f"{row['case_probability']!s:>8} {row['corona_score_cm3']!s:>10} {row['lung_volume_cm3']!s:>9}  "
+            f"{row['error'] or row.get('reason', '')}"
         )
+    not_assessable = [row for row in ordered if row["status"] == STATUS_NOT_ASSESSABLE]
+    if not_assessable:
+        print("NOT ASSESSABLE (no COVID-19 call was made; is the lung in view?):")
+        for row in not_assessable:
+            print(f"  {row['study_id']}: {row.get('reason', '')}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -116,11 +129,13 @@ def _run(args: argparse.Namespace) -> int:
         show_progress=False if args.no_progress else None,
     )
     _print_rows(outcome.rows)
-    done = len(outcome.rows) - len(outcome.failures)
+    not_assessable = len(outcome.not_assessable)
+    done = len(outcome.rows) - len(outcome.failures) - not_assessable
     print(
-        f"{done} ok, {len(outcome.failures)} failed, {len(outcome.skipped)} resumed; summary: {args.output / 'summary.csv'}"
+        f"{done} ok, {len(outcome.failures)} failed, {not_assessable} not assessable, "
+        f"{len(outcome.skipped)} resumed; summary: {args.output / 'summary.csv'}"
     )
-    return outcome.exit_code
+    return outcome.exit_code  # not-assessable studies are answers, not failures: exit 0
 
 
 def _explain(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from pipeline import cli
 SUMMARY_COLUMNS = [
     "study_id", "status", "source", "n_slices", "slices_evaluated", "positive_slices", "case_probability",
     "corona_score_cm3", "corona_score_in_lung_cm3", "lung_volume_cm3", "affected_percent", "ggo_percent",
-    "consolidation_percent", "error",
+    "consolidation_percent", "reason", "error",
 ]  # fmt: skip
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -36,10 +36,12 @@ def write_run_output(
     slices: int = 6,
     seed: int = 0,
     with_features: bool = True,
+    not_assessable: Mapping[str, str] | None = None,
 ) -> None:
     """A `corona-ct run` output: summary.csv (+ features.npz per study) following the run contract.
 
-    ``scores`` maps study_id -> (corona_score_cm3, case_probability), or None for a failed study.
+    ``scores`` maps study_id -> (corona_score_cm3, case_probability), or None for a failed study;
+    ``not_assessable`` maps study_id -> reason for studies without plausible lungs (no scores, no features).
     Slice features come from three well-separated "manifestations", so clustering has structure.
     """
     rng = np.random.default_rng(seed)
@@ -48,6 +50,18 @@ def write_run_output(
     with (folder / "summary.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
+        for study_id, reason in (not_assessable or {}).items():
+            row = dict.fromkeys(SUMMARY_COLUMNS, "")
+            row.update(
+                study_id=study_id,
+                source=f"/data/{study_id}",
+                status="not-assessable",
+                reason=reason,
+                n_slices="20",
+                slices_evaluated="0",
+                lung_volume_cm3="18.3",
+            )
+            writer.writerow(row)
         for study_id, values in scores.items():
             row = dict.fromkeys(SUMMARY_COLUMNS, "")
             row.update(study_id=study_id, source=f"/data/{study_id}")
@@ -144,8 +158,11 @@ def test_roc_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert excluded["in_labels_not_in_results"] == ["NOT_RUN"]
     assert [f["study_id"] for f in excluded["failed_in_run"]] == ["FAILED1"]
     assert excluded["in_results_not_in_labels"] == ["UNLABELLED"]
+    assert report["degenerate"] is False and report["degenerate_reasons"] == []
+    assert all(result["problems"] == [] for result in report["scores"].values())
     markdown = (out / "roc.md").read_text()
     assert "| corona_score_cm3 |" in markdown and "NOT_RUN" in markdown and "FAILED1" in markdown
+    assert "DEGENERATE" not in markdown
     assert "DeLong" in capsys.readouterr().out
 
 
@@ -243,6 +260,7 @@ def test_cluster_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     ]  # fmt: skip
     report = json.loads((out / "cluster.json").read_text())
     assert report["k"] == report["knee"] == 3  # three manifestations were written
+    assert report["degenerate"] is False and report["key_slices_with_empty_cam"] == 0
     assert {int(r["cluster"]) for r in rows} == {1, 2, 3}
     for cluster in report["clusters"]:
         # Each fake manifestation has its own slice probability, so clusters are pure.
@@ -260,6 +278,79 @@ def test_cluster_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         kept = list(csv.DictReader(handle))
     assert 0 < len(kept) < 60 and all(float(r["probability"]) >= 0.5 for r in kept)
     assert json.loads((positive / "cluster.json").read_text())["k"] == 2
+
+
+NOT_ASSESSABLE = {
+    "ABDOMEN": "no lungs in view: the largest lung cross-section is 6.7 cm²",
+    "HEAD": "no lungs found",
+}
+
+
+def test_not_assessable_studies_are_left_out_unless_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scores, labels = _cohort(seed=6)
+    write_run_output(tmp_path / "run", scores, with_features=False, not_assessable=NOT_ASSESSABLE)
+    label_file = _write_table(tmp_path / "labels.csv", "label", labels | {"ABDOMEN": 1, "HEAD": 0})
+    base = ["analyze", "roc", "--results", tmp_path / "run", "--labels", label_file]
+
+    assert _main(*base, "--output", tmp_path / "roc") == 0
+    out = capsys.readouterr().out
+    assert "left out 2 studies not assessable" in out
+    report = json.loads((tmp_path / "roc" / "roc.json").read_text())
+    assert report["n_studies"] == 24 and report["include_not_assessable"] is False
+    assert report["excluded"]["not_assessable"] == [
+        {"study_id": s, "reason": r} for s, r in NOT_ASSESSABLE.items()
+    ]
+    assert report["excluded"]["missing_score"] == []
+    markdown = (tmp_path / "roc" / "roc.md").read_text()
+    assert "not assessable in `corona-ct run`" in markdown and "2 (`ABDOMEN`, `HEAD`)" in markdown
+    assert f"`ABDOMEN`: {NOT_ASSESSABLE['ABDOMEN']}" in markdown
+
+    # kept on request: they have no classifier score, so they are listed as lacking it, never scored 0
+    assert _main(*base, "--output", tmp_path / "kept", "--include-not-assessable") == 0
+    assert "kept 2 studies not assessable" in capsys.readouterr().out
+    kept = json.loads((tmp_path / "kept" / "roc.json").read_text())
+    assert kept["n_studies"] == 24 and kept["excluded"]["not_assessable"] == []
+    assert [m["study_id"] for m in kept["excluded"]["missing_score"]] == ["ABDOMEN", "HEAD"]
+    # ... and they count where they have a value
+    groups = _write_table(
+        tmp_path / "groups.csv",
+        "group",
+        {s: ("a" if i % 2 else "b") for i, s in enumerate([*NOT_ASSESSABLE, *scores])},
+    )
+    wilcoxon = [
+        "analyze",
+        "wilcoxon",
+        "--results",
+        tmp_path / "run",
+        "--groups",
+        groups,
+        "--score",
+        "lung_volume_cm3",
+    ]
+    # every ok study has 4200 cm³: a constant score is degenerate (outputs written, exit 3)
+    assert _main(*wilcoxon, "--output", tmp_path / "w1") == 3
+    assert _main(*wilcoxon, "--output", tmp_path / "w2", "--include-not-assessable") == 0
+    n = [len(json.loads((tmp_path / w / "wilcoxon.json").read_text())["studies"]) for w in ("w1", "w2")]
+    assert n == [24, 26]
+
+
+def test_cluster_leaves_out_not_assessable_studies_with_their_reason(tmp_path: Path) -> None:
+    scores, _ = _cohort(n=6, seed=7)
+    write_run_output(tmp_path / "run", scores, not_assessable=NOT_ASSESSABLE)
+    args = ["cluster", "--results", tmp_path / "run", "--k", "2", "--restarts", "1", "--device", "cpu"]
+    assert _main(*args, "--output", tmp_path / "c") == 0
+    skipped = json.loads((tmp_path / "c" / "cluster.json").read_text())["skipped_studies"]
+    assert skipped == [
+        {"study_id": s, "reason": f"not assessable in `corona-ct run`: {r}"}
+        for s, r in NOT_ASSESSABLE.items()
+    ]
+    assert _main(*args, "--output", tmp_path / "c2", "--include-not-assessable") == 0
+    skipped = json.loads((tmp_path / "c2" / "cluster.json").read_text())["skipped_studies"]
+    assert {s["study_id"]: s["reason"] for s in skipped} == dict.fromkeys(
+        NOT_ASSESSABLE, "not assessable: nothing was classified"
+    )
 
 
 def test_duplicate_study_ids_across_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -348,3 +439,179 @@ def test_user_errors_are_one_line_with_exit_code_2(
     assert len(lines) == 1 and lines[0].startswith("corona-ct: error: "), captured.err
     assert expected in lines[0]
     assert "Traceback" not in captured.err and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- degenerate results
+
+
+def test_roc_from_one_positive_and_one_negative_is_degenerate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_run_output(tmp_path / "run", {"S1": (40.0, 0.9), "S2": (2.0, 0.1)}, with_features=False)
+    labels = _write_table(tmp_path / "labels.csv", "label", {"S1": 1, "S2": 0})
+    base: list[str | Path] = ["analyze", "roc", "--results", tmp_path / "run", "--labels", labels]
+    base += ["--score", "corona_score_cm3", "--score", "case_probability"]
+    capsys.readouterr()
+    assert _main(*base, "--output", tmp_path / "roc") == 3
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert (
+        "DEGENERATE: corona_score_cm3, case_probability: fewer than 2 cases in a class (1 positive, 1 negative)"
+        in printed
+    )
+    assert "AUC 1.000 from 1 positive and 1 negative studies, degenerate" in printed
+    assert "1.000–1.000" not in printed and "95% CI" not in printed and "exit code 3" in captured.err
+    report = json.loads((tmp_path / "roc" / "roc.json").read_text())
+    assert report["degenerate"] is True and report["allow_degenerate"] is False
+    for result in report["scores"].values():
+        assert result["auc"] == 1.0 and result["ci_low"] is None and result["ci_high"] is None
+        assert result["auc_se"] is None and result["degenerate"] is True
+    assert report["delong_tests"] == []  # no paired test on one case per class
+    markdown = (tmp_path / "roc" / "roc.md").read_text()
+    assert markdown.count("DEGENERATE RESULT") == 1 and "1.000–1.000" not in markdown
+    assert "| corona_score_cm3 | 1.000 (degenerate: no CI) |" in markdown
+
+    assert _main(*base, "--output", tmp_path / "allowed", "--allow-degenerate") == 0
+    allowed = json.loads((tmp_path / "allowed" / "roc.json").read_text())
+    assert allowed["degenerate"] is True and allowed["allow_degenerate"] is True
+    assert "1.000–1.000" not in capsys.readouterr().out
+
+
+def test_roc_of_a_constant_score_is_degenerate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scores, labels = _cohort(seed=8)
+    flat = {s: (0.0, probability) for s, (_, probability) in scores.items()}
+    write_run_output(tmp_path / "run", flat, with_features=False)
+    table = _write_table(tmp_path / "labels.csv", "label", labels)
+    args = ["analyze", "roc", "--results", tmp_path / "run", "--labels", table, "--output", tmp_path / "o"]
+    assert _main(*args, "--score", "corona_score_cm3", "--score", "case_probability") == 3
+    report = json.loads((tmp_path / "o" / "roc.json").read_text())
+    assert report["degenerate_reasons"] == [
+        "corona_score_cm3: the score is constant (0 for all 24 studies): AUC 0.5 by ties"
+    ]
+    assert report["scores"]["corona_score_cm3"]["ci_low"] is None
+    assert report["scores"]["case_probability"]["degenerate"] is False
+    assert report["scores"]["case_probability"]["ci_low"] is not None
+    assert "DEGENERATE: corona_score_cm3: the score is constant" in capsys.readouterr().out
+
+
+def test_roc_with_most_labels_unmatched_is_degenerate(tmp_path: Path) -> None:
+    scores, labels = _cohort(seed=9)
+    write_run_output(tmp_path / "run", scores, with_features=False)
+    elsewhere = {f"OTHER{i}": i % 2 for i in range(30)}
+    table = _write_table(tmp_path / "labels.csv", "label", labels | elsewhere)
+    args = ["analyze", "roc", "--results", tmp_path / "run", "--labels", table, "--output", tmp_path / "o"]
+    assert _main(*args) == 3
+    report = json.loads((tmp_path / "o" / "roc.json").read_text())
+    assert report["degenerate_reasons"] == [
+        "most studies in labels.csv are unmatched: only 24 of 54 have results with a value for every score "
+        "(see the studies left out)"
+    ]
+    assert report["scores"]["corona_score_cm3"]["ci_low"] is not None  # the ROC itself is sound
+    # half of them matched is not "most unmatched"
+    half = _write_table(tmp_path / "half.csv", "label", labels | dict(list(elsewhere.items())[:24]))
+    assert _main(*args[:-4], "--labels", half, "--output", tmp_path / "h") == 0
+
+
+def _rewrite_features(folder: Path, study_id: str, **arrays: np.ndarray) -> None:
+    path = folder / study_id / "features.npz"
+    with np.load(path) as npz:
+        content = {k: npz[k] for k in npz.files}
+    np.savez(path, **(content | arrays))
+
+
+def _cluster_args(out: Path, *results: Path) -> list[str | Path]:
+    return [
+        "cluster",
+        "--results",
+        *results,
+        "--output",
+        out,
+        "--k",
+        "2",
+        "--restarts",
+        "2",
+        "--device",
+        "cpu",
+    ]
+
+
+def test_clusters_that_coincide_with_studies_are_degenerate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    write_run_output(run, {"A": (10.0, 0.9), "B": (0.0, 0.1)}, feature_dim=16, slices=8)
+    rng = np.random.default_rng(3)
+    for shift, study in ((0.0, "A"), (9.0, "B")):  # each scan its own features, whatever it shows
+        _rewrite_features(run, study, features=(shift + rng.normal(size=(8, 16))).astype(np.float32))
+    assert _main(*_cluster_args(tmp_path / "c", run)) == 3
+    report = json.loads((tmp_path / "c" / "cluster.json").read_text())
+    assert report["degenerate"] is True
+    (reason,) = report["degenerate_reasons"]
+    assert reason.startswith("the clusters coincide with studies (C1: ") and "100%" in reason
+    assert reason.endswith("they separate scans, not manifestations")
+    assert {c["dominant_study"]["study_id"] for c in report["clusters"]} == {"A", "B"}
+    assert all(c["dominant_study"]["share"] == 1.0 for c in report["clusters"])
+    assert "DEGENERATE RESULT" in (tmp_path / "c" / "cluster.md").read_text()
+    assert "DEGENERATE: the clusters coincide with studies" in capsys.readouterr().out
+    assert _main(*_cluster_args(tmp_path / "ok", run), "--allow-degenerate") == 0
+
+
+def test_clusters_that_coincide_with_sources_are_degenerate(tmp_path: Path) -> None:
+    site_a, site_b = tmp_path / "site_a", tmp_path / "site_b"
+    rng = np.random.default_rng(4)
+    for site, shift in ((site_a, 0.0), (site_b, 9.0)):  # a scanner effect: every study of a site alike
+        studies = {f"{site.name}-{i}": (float(i), 0.5) for i in range(3)}
+        write_run_output(site, studies, feature_dim=16, slices=6)
+        for study in studies:
+            _rewrite_features(site, study, features=(shift + rng.normal(size=(6, 16))).astype(np.float32))
+    assert _main(*_cluster_args(tmp_path / "c", site_a, site_b)) == 3
+    report = json.loads((tmp_path / "c" / "cluster.json").read_text())
+    (reason,) = report["degenerate_reasons"]  # not the studies: each cluster holds three of them
+    assert reason.startswith("the clusters coincide with result folders (sources) (C1: site_")
+    assert reason.endswith("they separate data sources, not manifestations")
+    assert all(c["dominant_source"]["share"] == 1.0 for c in report["clusters"])
+    assert all(c["dominant_study"]["share"] == pytest.approx(1 / 3) for c in report["clusters"])
+
+
+def test_clusters_of_a_single_study_are_degenerate(tmp_path: Path) -> None:
+    write_run_output(tmp_path / "run", {"ONLY": (10.0, 0.9)}, feature_dim=16, slices=12)
+    assert _main(*_cluster_args(tmp_path / "c", tmp_path / "run")) == 3
+    reasons = json.loads((tmp_path / "c" / "cluster.json").read_text())["degenerate_reasons"]
+    assert reasons[0] == (
+        "all 12 slices come from one study (ONLY): the clusters cannot tell manifestations from the scan"
+    )
+
+
+@pytest.fixture
+def saved_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[str, int, list[str]]]:
+    """file name -> (figure title, number of axes, axes titles) of every figure the command saves."""
+    from pipeline.commands import analyze
+
+    saved: dict[str, tuple[str, int, list[str]]] = {}
+    real = analyze._save_figure
+
+    def record(figure, path: Path) -> None:  # type: ignore[no-untyped-def]
+        title = figure._suptitle.get_text() if figure._suptitle is not None else ""
+        saved[path.name] = (title, len(figure.axes), [a.get_title() for a in figure.axes])
+        real(figure, path)
+
+    monkeypatch.setattr(analyze, "_save_figure", record)
+    return saved
+
+
+def test_key_slices_claim_an_overlay_only_with_a_colour_bar_and_a_map(tmp_path: Path, saved_figures) -> None:
+    scores, _ = _cohort(n=6, seed=10)
+    write_run_output(tmp_path / "run", scores)
+    assert _main(*_cluster_args(tmp_path / "c", tmp_path / "run")) == 0
+    title, n_axes, _ = saved_figures["key_slices.png"]
+    assert title.startswith("Key slices nearest each cluster centre (Grad-CAM overlaid")
+    assert n_axes == 2 * 4 + 1  # k = 2 rows of 4 key slices, and the colour bar
+
+    for study in scores:  # every Grad-CAM map empty (all zero)
+        _rewrite_features(tmp_path / "run", study, cams=np.zeros((6, 112, 112), np.uint8))
+    assert _main(*_cluster_args(tmp_path / "e", tmp_path / "run")) == 0
+    title, n_axes, axes_titles = saved_figures["key_slices.png"]
+    assert "overlaid" not in title and "every Grad-CAM map is empty" in title
+    assert n_axes == 2 * 4  # no colour bar
+    assert all(t.endswith("Grad-CAM map empty") for t in axes_titles)
+    assert json.loads((tmp_path / "e" / "cluster.json").read_text())["key_slices_with_empty_cam"] == 8

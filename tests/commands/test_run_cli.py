@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -49,6 +50,30 @@ def test_run_exit_code_is_1_when_a_study_fails(tmp_path: Path, phantom, capsys) 
     with (tmp_path / "out" / "summary.csv").open() as handle:
         rows = {r["status"]: r for r in csv.DictReader(handle)}
     assert "empty" in rows["failed"]["error"].lower() or "no " in rows["failed"]["error"].lower()
+
+
+def test_run_lists_a_study_without_lungs_as_not_assessable_and_exits_0(
+    tmp_path: Path, phantom, capsys
+) -> None:
+    no_lungs = dataclasses.replace(
+        phantom, hu=np.where(phantom.lung_labels > 0, 40, phantom.hu).astype(np.int16)
+    )
+    write_dicom_series(phantom, tmp_path / "in" / "chest")
+    write_dicom_series(no_lungs, tmp_path / "in" / "nolungs")
+    code = main(
+        ["run", str(tmp_path / "in" / "chest"), str(tmp_path / "in" / "nolungs"),
+         "--output", str(tmp_path / "out"), "--allow-untrained", "--no-progress", *FAST]
+    )  # fmt: skip
+    assert code == 0  # not assessable is an answer, not a failure
+    out = capsys.readouterr().out
+    assert "1 ok, 0 failed, 1 not assessable, 0 resumed" in out
+    table_line = next(line for line in out.splitlines() if line.startswith("nolungs "))
+    assert "not-assessable" in table_line and "no lungs found" in table_line
+    listed = out.split("NOT ASSESSABLE", 1)[1].splitlines()
+    assert listed[1].strip() == "nolungs: no lungs found" and len(listed) == 3  # then the count line
+    with (tmp_path / "out" / "summary.csv").open() as handle:
+        rows = {r["study_id"]: r for r in csv.DictReader(handle)}
+    assert rows["nolungs"]["status"] == "not-assessable" and rows["chest"]["status"] == "ok"
 
 
 def test_explain_writes_maps_at_the_image_size(tmp_path: Path, phantom) -> None:

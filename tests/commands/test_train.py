@@ -157,5 +157,6 @@ def test_train_seg_from_a_mask_manifest_and_run_with_the_unet(tmp_path: Path) ->
     report = json.loads((tmp_path / "out" / row["study_id"] / "report.json").read_text())
     assert report["segmenter"] == "unet"
     assert report["models"]["segmenter"]["sha256"] == card["sha256"]
-    # a 1-epoch U-Net may find no lungs: that is a warning in the report, not a failed study
-    assert code == 0 and row["status"] == "ok"
+    # a 1-epoch U-Net may find no lungs (and this small phantom's lungs are below a real chest's
+    # size): the study is then not assessable, which is an answer, not a failed study
+    assert code == 0 and row["status"] in {"ok", "not-assessable"}

@@ -268,3 +268,25 @@ def test_a_card_that_is_not_json_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not plain JSON"):
         save_checkpoint(Tiny(), tmp_path / "tiny", card)
     assert list(tmp_path.iterdir()) == []  # no orphan tensors without their card
+
+
+def test_input_contract_refuses_another_window_and_warns_about_another_segmenter() -> None:
+    from models.checkpoint import LoadedModel, input_contract_problems
+
+    card = {"input": {"size": 224, "window": [-1000.0, 0.0], "roi": "lung-bbox",
+                      "segmenter": {"architecture": "segmenter/unet-vgg16", "sha256": "a" * 64}}}  # fmt: skip
+    same = LoadedModel(
+        torch.nn.Identity(), None, {"architecture": "segmenter/unet-vgg16"}, "a" * 64, None, True
+    )
+    other = LoadedModel(
+        torch.nn.Identity(), None, {"architecture": "segmenter/unet-vgg16"}, "b" * 64, None, True
+    )
+    assert input_contract_problems(card, (-1000.0, 0.0), same) == ([], [])
+    errors, _ = input_contract_problems(card, (-1350.0, 150.0), same)
+    assert len(errors) == 1 and "window.hu_min=-1000.0" in errors[0]
+    _, warnings = input_contract_problems(card, (-1000.0, 0.0), other)
+    assert len(warnings) == 1 and "crops differ" in warnings[0]
+    _, warnings = input_contract_problems(card, (-1000.0, 0.0), None)
+    assert "classical segmenter" in warnings[0]
+    errors, _ = input_contract_problems({"input": {"roi": "none"}}, (-1000.0, 0.0), same)
+    assert "roi 'none'" in errors[0]

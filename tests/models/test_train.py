@@ -232,3 +232,35 @@ def test_segmenter_validation_groups_can_be_named(tmp_path: Path) -> None:
             SegmentationSlices(windowed, labels), groups,
             dataclasses.replace(config, val_groups=("p7",)), tmp_path / "unknown",
         )  # fmt: skip
+
+
+def test_lesion_mask_loss_trains_and_leaves_no_head_in_the_checkpoint(tmp_path: Path) -> None:
+    """The auxiliary heads train with the network but the saved model is a plain classifier."""
+    from data.datasets import MASK_UNKNOWN
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.uniform(0.0, 0.3, (12, SIZE, SIZE)).astype(np.float32))
+    masks = np.zeros((12, SIZE, SIZE), np.uint8)
+    labels = np.array([0, 1] * 6)
+    for i in np.flatnonzero(labels):
+        images[i, 8:20, 8:20] += 0.5
+        masks[i, 8:20, 8:20] = 1
+    masks[1] = MASK_UNKNOWN  # a real positive: label per slice only
+    train = SliceDataset(images, labels, masks)
+    config = quick_config(epochs=2, lesion_mask_weight=1.0, precise_bn=False)
+    result = train_classifier(train, None, config, tmp_path, roi="lung-bbox")
+    state, card = load_checkpoint(tmp_path / "model.safetensors", expected_architecture="classifier/resnet50")
+    assert not any("lesion_heads" in key for key in state)
+    assert card["train_config"]["lesion_mask_weight"] == 1.0
+    load_classifier(tmp_path / "model.safetensors")  # strict load: nothing extra, nothing missing
+    # resuming restores the heads too
+    again = train_classifier(
+        train, None, dataclasses.replace(config, epochs=3), tmp_path, roi="lung-bbox", resume=True
+    )
+    assert len(again.history) == 3 and result.best_epoch == 2
+
+
+def test_lesion_mask_loss_needs_masks(tmp_path: Path) -> None:
+    train = SliceDataset(torch.zeros(4, SIZE, SIZE), [0, 1, 0, 1])
+    with pytest.raises(ConfigError, match="lesion masks"):
+        train_classifier(train, None, quick_config(lesion_mask_weight=0.5), tmp_path)

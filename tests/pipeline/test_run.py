@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -37,6 +39,12 @@ def phantom():
     return make_phantom(seed=3, shape=(10, 96, 96), spacing_mm=(5.0, 3.2, 3.2), lesions="mixed")
 
 
+def _without_lungs(phantom):  # type: ignore[no-untyped-def]
+    """The phantom with its lungs filled with soft tissue (40 HU): a CT with no lungs in view."""
+    hu = np.where(phantom.lung_labels > 0, 40, phantom.hu).astype(np.int16)
+    return dataclasses.replace(phantom, hu=hu)
+
+
 def test_without_weights_the_run_refuses_with_a_remedy(config: PipelineConfig) -> None:
     with pytest.raises(ModelError, match="--allow-untrained"):
         load_models(config)
@@ -67,6 +75,18 @@ def test_analyze_study_shapes_and_invariants(phantom, models, config: PipelineCo
     assert set(result.timings_s) >= {"segment", "roi", "classify+gradcam", "severity"}
 
 
+def test_analyze_study_stops_at_the_gate_without_lungs(phantom, models, config: PipelineConfig) -> None:
+    result = analyze_study(_without_lungs(phantom).to_volume("nolung"), models, config)
+    assert result.status == "not-assessable" and not result.assessable
+    assert result.not_assessable_reason == "no lungs found"
+    assert result.severity is None and result.case_probability is None
+    assert not result.scores.evaluated.any() and np.isnan(result.scores.probs).all()
+    assert "classify+gradcam" not in result.timings_s and "assess" in result.timings_s
+    assert result.features.features.shape == (0, 2048)
+    # a chest passes the gate
+    assert analyze_study(phantom.to_volume("chest"), models, config).status == "ok"
+
+
 def _write_bad_study(folder: Path) -> None:
     folder.mkdir(parents=True)
     (folder / "IM0001.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage" * 10)
@@ -78,10 +98,11 @@ def batch(tmp_path_factory, phantom, models, config: PipelineConfig):
     inputs = root / "inputs"
     write_dicom_series(phantom, inputs / "case_a", patient_name="Secret^Patient", patient_id="PID-998877")
     write_nifti(phantom, inputs / "case_b.nii.gz")
+    write_nifti(_without_lungs(phantom), inputs / "case_c.nii.gz")
     _write_bad_study(inputs / "case_broken")
     output = root / "out"
     outcome = run_batch(
-        [inputs / "case_a", inputs / "case_b.nii.gz", inputs / "case_broken"],
+        [inputs / "case_a", inputs / "case_b.nii.gz", inputs / "case_c.nii.gz", inputs / "case_broken"],
         output,
         config,
         models,
@@ -99,9 +120,10 @@ def test_batch_isolates_failures_and_writes_every_output(batch) -> None:
     _inputs, output, outcome = batch
     rows = {row["source"]: row for row in _summary(output)}
     assert list(_summary(output)[0]) == list(SUMMARY_COLUMNS)
-    assert outcome.exit_code == 1
+    assert outcome.exit_code == 1  # the broken study; the one without lungs is not a failure
     statuses = sorted(row["status"] for row in rows.values())
-    assert statuses == ["failed", "ok", "ok"]
+    assert statuses == ["failed", "not-assessable", "ok", "ok"]
+    assert len(outcome.failures) == 1 and len(outcome.not_assessable) == 1
     failed = next(row for row in rows.values() if row["status"] == "failed")
     assert failed["error"] and "\n" not in failed["error"]
     for row in rows.values():
@@ -123,9 +145,39 @@ def test_batch_isolates_failures_and_writes_every_output(batch) -> None:
         assert features["thumbnails"].shape[1:] == (112, 112)
 
 
+def test_a_study_without_lungs_is_not_assessable_and_says_why(batch) -> None:
+    _inputs, output, _ = batch
+    row = next(r for r in _summary(output) if r["source"] == "nifti:case_c.nii.gz")
+    assert row["status"] == "not-assessable" and row["reason"] == "no lungs found" and row["error"] == ""
+    # no call: every classifier number is empty, not 0
+    for column in ("case_probability", "corona_score_cm3", "positive_slices", "affected_percent"):
+        assert row[column] == "", column
+    assert row["slices_evaluated"] == "0" and float(row["lung_volume_cm3"]) == 0
+    study_dir = output / row["study_id"]
+    report = json.loads((study_dir / "report.json").read_text())
+    assert report["status"] == "not-assessable" and report["not_assessable_reason"] == "no lungs found"
+    assert report["summary"]["status"] == "not-assessable"
+    assert report["case"] is None and report["severity"] is None
+    assert report["lung_check"]["assessable"] is False and report["lung_check"]["slices_with_lung"] == 0
+    # the lung mask is written so that the user can see why; nothing classified, so no map, no features
+    assert report["files"] == ["lung_mask.nii.gz", "report.html"]
+    assert all((study_dir / name).is_file() for name in report["files"])
+    assert not (study_dir / "heatmap.nii.gz").exists() and not (study_dir / "features.npz").exists()
+    html = (study_dir / "report.html").read_text()
+    assert 'class="not-assessable">NOT ASSESSABLE: no lungs found' in html
+    assert html.index("NOT ASSESSABLE") < html.index("<h2>")  # the banner comes before any section
+    assert not re.search(r"\b(positive|negative)\b", html, re.IGNORECASE)
+    assert "probability" not in html.lower()
+    # an assessable study's report has the status too
+    ok = next(r for r in _summary(output) if r["status"] == "ok")
+    ok_report = json.loads((output / ok["study_id"] / "report.json").read_text())
+    assert ok_report["status"] == "ok" and ok_report["not_assessable_reason"] is None
+    assert "NOT ASSESSABLE" not in (output / ok["study_id"] / "report.html").read_text()
+
+
 def test_nifti_outputs_have_the_inputs_grid(batch) -> None:
     inputs, output, _ = batch
-    row = next(r for r in _summary(output) if r["source"].startswith("nifti"))
+    row = next(r for r in _summary(output) if r["source"] == "nifti:case_b.nii.gz")
     source = nib.load(inputs / "case_b.nii.gz")
     for name in ("lung_mask.nii.gz", "heatmap.nii.gz"):
         written = nib.load(output / row["study_id"] / name)
@@ -147,9 +199,10 @@ def test_no_output_contains_patient_identity(batch) -> None:
 
 def test_resume_skips_complete_studies_and_reruns_on_config_change(batch, models, config) -> None:
     inputs, output, _first = batch
-    paths = [inputs / "case_a", inputs / "case_b.nii.gz"]
+    paths = [inputs / "case_a", inputs / "case_b.nii.gz", inputs / "case_c.nii.gz"]
     again = run_batch(paths, output, config, models, resume=True, show_progress=False)
-    assert len(again.skipped) == 2 and again.exit_code == 0
+    assert len(again.skipped) == 3 and again.exit_code == 0  # the not-assessable study is complete too
+    assert [r["status"] for r in again.not_assessable] == ["not-assessable"]
     changed = config.replace({"cam.activation_threshold": 0.5})
     rerun = run_batch(paths[:1], output / "changed", changed, models, resume=True, show_progress=False)
     assert rerun.skipped == []

@@ -51,7 +51,8 @@ def test_good_studies_finish_and_broken_ones_fail_alone(outcome) -> None:
     by_status: dict[str, list[dict[str, str]]] = {}
     for row in rows:
         by_status.setdefault(row["status"], []).append(row)
-    assert len(by_status["ok"]) == 3  # LIDC-0001, abdomen, copy of LIDC-0002
+    assert len(by_status["ok"]) == 2  # LIDC-0001, copy of LIDC-0002
+    assert [row["source"] for row in by_status["not-assessable"]] == ["dicom:abdomen-j2k"]
     assert len(by_status["failed"]) >= 1
     assert all(row["error"] and "Traceback" not in row["error"] for row in by_status["failed"])
     assert result.exit_code == 1
@@ -74,12 +75,13 @@ def test_lidc_lung_volumes_are_plausible_for_the_slab(outcome) -> None:
         assert report["segmenter"] == "classical"
 
 
-def test_the_abdomen_reports_no_lungs_instead_of_a_score(outcome) -> None:
+def test_the_abdomen_is_not_assessable_instead_of_scored(outcome) -> None:
     _, output, rows = outcome
     row = next(r for r in rows if r["source"] == "dicom:abdomen-j2k")
-    assert row["status"] == "ok"
+    assert row["status"] == "not-assessable" and row["reason"] == "no lungs found"
     assert row["slices_evaluated"] == "0" and float(row["lung_volume_cm3"]) == 0
-    assert float(row["corona_score_cm3"]) == 0
+    assert row["corona_score_cm3"] == "" and row["case_probability"] == ""  # no call, not a score of 0
     report = _report(output, row)
+    assert report["status"] == "not-assessable" and report["not_assessable_reason"] == "no lungs found"
     assert any("no lungs" in warning for warning in report["warnings"])
     assert all(not s["evaluated"] and s["probability"] is None for s in report["slices"])

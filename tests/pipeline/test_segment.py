@@ -134,3 +134,32 @@ def test_trim_dense_rim_removes_only_dense_edge_pixels() -> None:
     assert trimmed[0, 18:23, 18:23].all()  # the inner lesion stays
     assert (trimmed[0][radius < 13] == 1).all()
     np.testing.assert_array_equal(trim_dense_rim(labels, low, rim_px=0), labels)
+
+
+def test_unet_labels_outside_the_chest_wall_or_on_gas_or_fat_are_dropped() -> None:
+    """keep_plausible_lung: the pad under the back, stomach gas and fat are not lung; the lungs stay."""
+    from pipeline.config import SegmentConfig
+    from pipeline.segment import keep_plausible_lung
+
+    rng = np.random.default_rng(0)
+    hu = np.full((6, 96, 96), -1000.0, np.float32)  # air around the body
+    yy, xx = np.mgrid[:96, :96]
+    body = ((yy - 44) / 34) ** 2 + ((xx - 48) / 42) ** 2 <= 1
+    hu[:, body] = 40.0
+    right = ((yy - 44) / 16) ** 2 + ((xx - 30) / 11) ** 2 <= 1
+    left = ((yy - 44) / 16) ** 2 + ((xx - 66) / 11) ** 2 <= 1
+    hu[:, right | left] = -850.0 + 20 * rng.standard_normal((6, int((right | left).sum())))
+    pad = (yy >= 80) & (yy <= 86) & (np.abs(xx - 48) < 30)  # foam under the back, below the body
+    hu[:, pad] = -900.0
+    gas = ((yy - 66) / 4) ** 2 + ((xx - 48) / 5) ** 2 <= 1  # stomach bubble between the lungs
+    hu[:, gas] = -1000.0
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[:, right] = 1
+    labels[:, left | gas] = 2
+    labels[:, pad] = 2
+    fat = (yy >= 12) & (yy <= 14) & (np.abs(xx - 48) < 8)  # a sliver labelled on fat
+    hu[:, fat] = -100.0
+    labels[:, fat] = 1
+    kept = keep_plausible_lung(labels, hu, "HU", (5.0, 1.5, 1.5), SegmentConfig())
+    assert (kept[:, right] == 1).all() and (kept[:, left] == 2).all()
+    assert not kept[:, pad].any() and not kept[:, gas].any() and not kept[:, fat].any()

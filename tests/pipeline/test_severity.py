@@ -1,15 +1,19 @@
-"""Corona score against a hand computation; severity measures on the phantom's known truth."""
+"""Corona score against a hand computation; HU measures on synthetic lungs and the phantom's known truth."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from data.phantom import LESION_CODE, VESSEL, make_phantom
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, SeverityConfig
 from pipeline.datamodel import CamStack, LungMask, SliceScores
 from pipeline.errors import GeometryError
-from pipeline.severity import corona_score, severity
+from pipeline.severity import HU_MEASURE_CAVEAT, corona_score, hu_maps, raw_hu_fractions, severity
 
 
 def test_corona_score_equals_hand_computation() -> None:
@@ -35,7 +39,6 @@ def test_corona_score_rejects_mismatched_shapes() -> None:
 def test_severity_on_phantom_matches_known_truth() -> None:
     phantom = make_phantom(seed=3, shape=(12, 64, 64), lesions="mixed")
     volume = phantom.to_volume()
-    lungs = phantom.lung_labels > 0
     config = PipelineConfig()
     # CAM = 0.8 exactly on the lesions, 0.3 elsewhere; every slice positive
     maps = np.where(phantom.lesion_mask, 0.8, 0.3).astype(np.float32)
@@ -51,12 +54,8 @@ def test_severity_on_phantom_matches_known_truth() -> None:
     assert result.lung_volume_cm3 == pytest.approx(phantom.lung_volume_mm3 / 1000.0)
     assert result.affected_percent == pytest.approx(0.8 * phantom.affected_percent, rel=1e-6)
     assert result.positive_slices == n
-    # HU measures from the phantom's own tissue truth: GGO lesions; consolidation lesions and vessels
-    n_lung = np.count_nonzero(lungs)
-    ggo_truth = 100.0 * np.count_nonzero(phantom.lesion_kind == LESION_CODE["ggo"]) / n_lung
-    dense = (phantom.lesion_kind == LESION_CODE["consolidation"]) | ((phantom.tissue == VESSEL) & lungs)
-    assert result.ggo_percent == pytest.approx(ggo_truth)
-    assert result.consolidation_percent == pytest.approx(100.0 * np.count_nonzero(dense) / n_lung)
+    # HU measures: per side they add up to the whole (both are % of the assessed lung)
+    assert result.ggo_percent is not None and result.consolidation_percent is not None
     for side in ("right", "left"):
         values = getattr(result, side)
         assert values["lung_volume_cm3"] == pytest.approx(phantom.lung_volume_by_side_mm3[side] / 1000.0)
@@ -87,3 +86,214 @@ def test_severity_without_lungs_or_hu() -> None:
     assert result.corona_score_cm3 == 0.0 and result.positive_slices == 0
     assert result.ggo_percent is None and result.consolidation_percent is None
     assert "ggo_percent" not in result.right
+
+
+def test_raw_hu_fractions_keep_the_old_bounds() -> None:
+    hu = np.array([[[-751.0, -750.0, -300.0, -299.0, 50.0, 51.0]]])
+    ggo, consolidation = raw_hu_fractions(hu, np.ones(hu.shape, dtype=bool), SeverityConfig())
+    assert ggo == pytest.approx(100.0 * 2 / 6) and consolidation == pytest.approx(100.0 * 2 / 6)
+
+
+# --- HU measures on synthetic lungs with known truth ---
+
+SPACING = (2.0, 0.7, 0.7)  # mm (z, y, x): low-dose thin slices, sharp in-plane
+LUNG_HU = -850.0
+INNER = slice(1, -1)  # the first and last slices are the lung's through-plane rim (edge_margin_slices)
+
+
+def _noisy_lung(noise_sd: float = 60.0, shape: tuple[int, int, int] = (5, 180, 180)) -> tuple[Any, Any]:
+    """(HU, lungs): an elliptic lung at −850 HU in soft tissue (+40 HU) plus noise of ``noise_sd`` HU.
+
+    The first and last slices (of several) hold a smaller ellipse: the lung's top and bottom. The
+    noise is lightly correlated (Gaussian 0.5 px, like a sharp kernel), then scaled to ``noise_sd``.
+    """
+    _, ny, nx = shape
+    y, x = np.ogrid[:ny, :nx]
+
+    def ellipse(scale: float) -> np.ndarray:
+        return ((y - ny / 2) / (0.42 * scale * ny)) ** 2 + ((x - nx / 2) / (0.45 * scale * nx)) ** 2 <= 1.0
+
+    lungs = np.broadcast_to(ellipse(1.0), shape).copy()
+    if shape[0] > 2:
+        lungs[0] = lungs[-1] = ellipse(0.8)
+    noise = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal(shape), (0, 0.5, 0.5))
+    hu = np.where(lungs, LUNG_HU, 40.0) + noise * (noise_sd / noise.std())
+    return hu.astype(np.float32), lungs
+
+
+def _add_vessels(hu: np.ndarray, lungs: np.ndarray, vessel_hu: float = 40.0) -> np.ndarray:
+    """Thin vessels of ``vessel_hu``: in-plane tubes 1.4–3.5 mm wide and through-plane dots 2–3.5 mm,
+    blurred into the lung (partial volume). Returns the (unblurred) vessel mask."""
+    _, ny, nx = hu.shape
+    y, x = np.mgrid[:ny, :nx]
+    vessels = np.zeros(hu.shape[1:], dtype=bool)
+    for angle, offset, half_width_px in ((0.3, -30, 1.0), (1.2, 10, 1.5), (2.2, 25, 2.5), (-0.7, 0, 1.0)):
+        vessels |= (
+            np.abs((x - nx / 2) * np.sin(angle) - (y - ny / 2) * np.cos(angle) - offset) <= half_width_px
+        )
+    for cy, cx, radius in ((60, 60, 2.0), (120, 70, 2.5), (80, 130, 1.5), (110, 120, 2.5)):
+        vessels |= (y - cy) ** 2 + (x - cx) ** 2 <= radius**2
+    mask = np.broadcast_to(vessels, hu.shape) & lungs
+    blurred = ndimage.gaussian_filter(np.where(mask, vessel_hu, LUNG_HU), (0, 0.7, 0.7))
+    hu[lungs] += (blurred - LUNG_HU)[lungs]
+    return mask
+
+
+def _disk(shape: tuple[int, ...], center: tuple[float, float], radius_mm: float) -> np.ndarray:
+    _, ny, nx = shape
+    y, x = np.ogrid[:ny, :nx]
+    disk = ((y - center[0]) ** 2 + (x - center[1]) ** 2) * SPACING[1] ** 2 <= radius_mm**2
+    return np.broadcast_to(disk, shape).copy()
+
+
+def test_noisy_lung_with_thin_vessels_reads_almost_no_opacity() -> None:
+    hu, lungs = _noisy_lung(noise_sd=60.0)
+    vessels = _add_vessels(hu, lungs)
+    config = SeverityConfig()
+    raw_ggo, raw_consolidation = raw_hu_fractions(hu, lungs, config)
+    assert raw_ggo + raw_consolidation > 8.0  # what the raw thresholds made of this clean lung
+    maps = hu_maps(hu, lungs, SPACING, config)
+    ggo, consolidation = maps.percent()
+    assert ggo < 0.3 and consolidation < 0.3
+    assert not (maps.assessed & vessels).any()
+    assert np.count_nonzero(maps.assessed) > 0.6 * np.count_nonzero(lungs)  # most of the lung is assessed
+    # per slice: noise found at its true level, then smoothed below the target
+    assert np.all(np.abs(maps.noise_sd_hu[INNER] - 60.0) < 12.0)
+    assert np.all(maps.smoothing_mm[INNER] > 0)
+    assert np.all(maps.residual_noise_hu[INNER] <= config.noise_target_hu)
+    assert maps.aerated_level_hu == pytest.approx(LUNG_HU, abs=25.0)
+
+
+def test_broad_ground_glass_patch_is_counted_at_its_true_area() -> None:
+    hu, lungs = _noisy_lung(noise_sd=60.0)
+    _add_vessels(hu, lungs)
+    patch = _disk(hu.shape, (90, 60), radius_mm=15.0)  # 30 mm across, clear of the rim and the vessels' ends
+    hu[patch] += -500.0 - LUNG_HU
+    maps = hu_maps(hu, lungs, SPACING, SeverityConfig())
+    true_area = np.count_nonzero(patch[INNER] & maps.assessed[INNER])
+    assert np.count_nonzero(maps.ggo[INNER]) == pytest.approx(true_area, rel=0.1)
+    assert np.count_nonzero(maps.ggo & ~patch) < 0.05 * true_area
+    assert np.count_nonzero(maps.consolidation) < 0.02 * true_area
+    ggo = maps.percent()[0]
+    assert ggo == pytest.approx(
+        100.0 * np.count_nonzero(patch & maps.assessed) / np.count_nonzero(maps.assessed), rel=0.1
+    )
+
+
+def test_dense_lung_does_not_read_as_ground_glass() -> None:
+    """A whole lung at −720 HU (expiration, thick slices) is above −750 HU everywhere, yet not ground glass."""
+    hu, lungs = _noisy_lung(noise_sd=40.0)
+    hu[lungs] += 130.0
+    patch = _disk(hu.shape, (90, 60), radius_mm=15.0)
+    hu[patch] += -450.0 - (LUNG_HU + 130.0)
+    maps = hu_maps(hu, lungs, SPACING, SeverityConfig())
+    assert maps.ggo_floor_hu == pytest.approx(maps.aerated_level_hu + 150.0)
+    assert np.count_nonzero(maps.ggo & ~patch) < 0.05 * np.count_nonzero(patch & maps.assessed)
+    assert np.count_nonzero(maps.ggo & patch) > 0.9 * np.count_nonzero(patch & maps.assessed)
+    absolute = hu_maps(hu, lungs, SPACING, dataclasses.replace(SeverityConfig(), ggo_contrast_hu=0.0))
+    assert absolute.percent()[0] > 50.0  # the absolute range alone takes the whole lung
+
+
+def test_enclosed_consolidation_counts_but_a_mask_leak_does_not() -> None:
+    hu, lungs = _noisy_lung(noise_sd=40.0)
+    lesion = _disk(hu.shape, (90, 60), radius_mm=9.0)  # 18 mm across, surrounded by aerated lung
+    hu[lesion] += 10.0 - LUNG_HU
+    leak = _disk(hu.shape, (90, 172), radius_mm=12.0) & ~lungs  # the mask takes in chest wall at one side
+    leaky = lungs | leak
+    maps = hu_maps(hu, leaky, SPACING, SeverityConfig())
+    true_area = np.count_nonzero(lesion[INNER] & maps.assessed[INNER])
+    assert np.count_nonzero(maps.consolidation[INNER] & lesion[INNER]) == pytest.approx(true_area, rel=0.05)
+    assert np.count_nonzero(maps.ggo & lesion) == 0
+    assert np.count_nonzero(maps.consolidation & leak) < 0.05 * np.count_nonzero(leak)
+    off = hu_maps(hu, leaky, SPACING, dataclasses.replace(SeverityConfig(), consolidation_reach_mm=0.0))
+    assert np.count_nonzero(off.consolidation & leak) > 0.3 * np.count_nonzero(leak)
+
+
+def _scene() -> tuple[np.ndarray, np.ndarray]:
+    """Noisy lung with bright and dim vessels, a ground-glass patch, a consolidation and a mask leak."""
+    hu, lungs = _noisy_lung(noise_sd=60.0)
+    _add_vessels(hu, lungs)
+    dim = np.zeros(hu.shape, dtype=bool)
+    dim[:, 40:140, 118:121] = True  # a 2 mm vessel in partial volume: −550 HU
+    hu[dim & lungs] = -550.0
+    hu[_disk(hu.shape, (70, 55), radius_mm=12.0)] += -500.0 - LUNG_HU
+    hu[_disk(hu.shape, (125, 60), radius_mm=7.0)] += 20.0 - LUNG_HU
+    return hu, lungs | (_disk(hu.shape, (90, 172), radius_mm=12.0) & ~lungs)
+
+
+#: (field, other value, what must change and how) for every SeverityConfig field
+FIELD_EFFECTS = [
+    ("ggo_hu", (-450.0, -300.0), "ggo", "less"),
+    ("consolidation_hu", (-300.0, -100.0), "consolidation", "less"),
+    ("ggo_contrast_hu", 450.0, "ggo", "less"),
+    ("edge_margin_mm", 6.0, "assessed", "less"),
+    ("edge_margin_slices", 0, "assessed", "more"),
+    ("vessel_hu", 200.0, "consolidation", "less"),
+    ("vessel_smoothing_mm", 2.5, "excluded", "less"),
+    ("vessel_width_mm", 0.0, "consolidation", "more"),
+    ("vessel_contrast_hu", 0.0, "excluded", "less"),
+    ("vessel_margin_mm", 0.0, "excluded", "less"),
+    ("consolidation_reach_mm", 0.0, "consolidation", "more"),
+    ("noise_target_hu", 90.0, "smoothing_mm", "less"),
+    ("max_smoothing_mm", 0.0, "smoothing_mm", "less"),
+]
+
+
+def test_every_severity_field_is_listed() -> None:
+    assert {f.name for f in dataclasses.fields(SeverityConfig)} == {name for name, *_ in FIELD_EFFECTS}
+
+
+@pytest.mark.parametrize(("field", "value", "measure", "direction"), FIELD_EFFECTS)
+def test_each_severity_field_acts(field: str, value: Any, measure: str, direction: str) -> None:
+    hu, lungs = _scene()
+
+    def amount(config: SeverityConfig) -> float:
+        maps = hu_maps(hu, lungs, SPACING, config)
+        return float(np.nansum(getattr(maps, measure)))
+
+    default, changed = (
+        amount(SeverityConfig()),
+        amount(dataclasses.replace(SeverityConfig(), **{field: value})),
+    )
+    assert (changed < default) if direction == "less" else (changed > default), (default, changed)
+
+
+def test_single_slice_and_empty_lungs() -> None:
+    hu, lungs = _noisy_lung(noise_sd=40.0, shape=(1, 180, 180))
+    maps = hu_maps(hu, lungs, (1.0, *SPACING[1:]), SeverityConfig())
+    assert maps.assessed.any()  # one slice has no through-plane rim to leave out
+    nothing = hu_maps(hu, np.zeros(hu.shape, dtype=bool), SPACING, SeverityConfig())
+    assert nothing.percent() == (0.0, 0.0) and np.isnan(nothing.noise_sd_hu).all()
+    with pytest.raises(GeometryError):
+        hu_maps(hu, lungs[0], SPACING, SeverityConfig())
+
+
+def test_severity_hu_measures_on_the_phantom() -> None:
+    """Default-size phantom (1.6 mm pixels): ground glass found at its true extent, thin vessels left out."""
+    config = PipelineConfig()
+    for lesions in ("ggo", "none"):
+        phantom = make_phantom(seed=3, lesions=lesions)
+        volume = phantom.to_volume()
+        n = volume.n_slices
+        scores = SliceScores(probs=np.zeros(n, dtype=np.float32), evaluated=np.ones(n, dtype=bool))
+        cams = CamStack(np.zeros(volume.array.shape, dtype=np.float32), ("layer2",))
+        result = severity(volume, LungMask(phantom.lung_labels.copy(), "truth"), cams, scores, config)
+        maps = hu_maps(volume.hu, phantom.lung_labels > 0, volume.geometry.spacing_mm, config.severity)
+        assert (result.ggo_percent, result.consolidation_percent) == maps.percent()
+        truth = 100.0 * np.count_nonzero((phantom.lesion_kind == LESION_CODE["ggo"]) & maps.assessed)
+        truth /= np.count_nonzero(maps.assessed)
+        assert result.ggo_percent == pytest.approx(truth, rel=0.15, abs=0.05)
+        if lesions == "none":  # thin vessels are left out; only the hilar ones, wider than 5 mm, remain
+            vessels = (phantom.tissue == VESSEL) & (phantom.lung_labels > 0)
+            raw_consolidation = raw_hu_fractions(volume.hu, phantom.lung_labels > 0, config.severity)[1]
+            assert result.ggo_percent is not None and result.consolidation_percent is not None
+            assert result.ggo_percent < 0.05 and result.consolidation_percent < 0.6 * raw_consolidation
+            assert np.count_nonzero(maps.excluded & vessels) > 0.5 * np.count_nonzero(vessels)
+        for side, label in (("right", 1), ("left", 2)):
+            assert getattr(result, side)["ggo_percent"] == pytest.approx(
+                maps.percent(phantom.lung_labels == label)[0]
+            )
+
+
+def test_caveat_names_the_measured_auc() -> None:
+    assert "AUC" in HU_MEASURE_CAVEAT and "benchmarks/hu_measures.py" in HU_MEASURE_CAVEAT

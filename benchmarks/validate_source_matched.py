@@ -1,0 +1,297 @@
+"""Validate the source-matched classifier where the image source cannot separate the classes.
+
+    python benchmarks/validate_source_matched.py --data ../shared/data --runs runs/sm \\
+        --output runs/sm/validation [--final models/weights/classifier.safetensors]
+
+Every figure comes from data the scored model never trained on:
+
+* **COVID-CT-MD, leave one patient out**: each of P002 (COVID-19), cap002 (pneumonia) and
+  normal001 is run end to end (U-Net lungs, case box, ResNet-50, two-scale Grad-CAM,
+  Corona score) by the model of ``RUNS/lopo-<patient>`` trained without it. Slice AUC of
+  infected vs clean slices (radiologists' labels) per patient and pooled; case Corona
+  score and probability; share of clean slices called positive.
+* **Non-COVID CT never trained on** (the epoch-selection patients of
+  ``models.build_defaults.VAL_GROUPS``: LIDC-IDRI-0002 and four TCGA patients), plus each
+  LOPO model on its held-out normal001: share of evaluated slices called positive.
+* **Localisation** on the COVID-SemiSeg masked slices of texture fold B, whose textures
+  no LOPO model saw: Dice of the fused map > 0.6, best-threshold Dice, pointing game,
+  and the count of positive slices whose map is empty.
+* **UCSD COVID-CT** (figure crops, never trained on) with the final model: AUC with its
+  DeLong 95 % CI, overall (the stretch goal: another source entirely).
+
+Writes ``validation.json``; prints a summary. The phantom cohort is
+``benchmarks/phantom_cohort.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CAM_THRESHOLD = 0.6
+THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
+
+
+def auc_with_ci(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64]) -> dict[str, Any] | None:
+    from pipeline.stats import roc_analysis
+
+    if labels.min(initial=1) == labels.max(initial=0) or labels.size < 2:
+        return None
+    roc = roc_analysis(labels, scores)
+    return {
+        "auc": roc.auc,
+        "ci95": [roc.ci_low, roc.ci_high],
+        "n": int(labels.size),
+        "n_pos": int(labels.sum()),
+    }
+
+
+def dice(prediction: npt.NDArray[np.bool_], truth: npt.NDArray[np.bool_]) -> float:
+    total = int(prediction.sum() + truth.sum())
+    return 2.0 * int((prediction & truth).sum()) / total if total else 1.0
+
+
+def explain_slice(path: Path, models: Any, config: Any) -> tuple[float, np.ndarray, np.ndarray]:
+    """(probability, fused map on the image grid, image) of one slice image, as ``explain`` makes them."""
+    from pipeline.classify import classify_slices
+    from pipeline.device import resolve_device
+    from pipeline.ingest.slices import read_slice_image
+    from pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
+    from pipeline.run import slice_lung_mask
+
+    image, units = read_slice_image(path, config.ingest)
+    lungs = slice_lung_mask(image, units, config, models, path.name)
+    box = lung_bounding_box(lungs, config.roi)
+    windowed = window(image[None].astype(np.float32), units, config.window)
+    out = classify_slices(
+        models.classifier, models.spec, to_model_input(windowed, box, models.input_size(config)),
+        batch_size=1, device=resolve_device(config.runtime.device), amp=config.runtime.amp, explain=True,
+    )  # fmt: skip
+    cam = paste_back(np.asarray(out.fused), box, image.shape)[0]
+    return float(np.asarray(out.probabilities)[0]), cam, image
+
+
+def save_montage(result: Any, infected: np.ndarray, path: Path, count: int = 8) -> None:
+    """The ``count`` evaluated slices with the highest probability, fused Grad-CAM over the CT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probs = np.nan_to_num(np.asarray(result.scores.probs, dtype=np.float64), nan=-1.0)
+    chosen = np.sort(np.argsort(probs)[::-1][:count])
+    fig, axes = plt.subplots(1, count, figsize=(2.2 * count, 2.6))
+    for ax, z in zip(np.atleast_1d(axes), chosen, strict=False):
+        ax.imshow(np.clip(result.volume.array[z], -1000, 0), cmap="gray")
+        cam = np.ma.masked_less_equal(result.cams.maps[z], 0.05)
+        ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.contour(result.lung_mask.lungs[z], [0.5], colors="w", linewidths=0.4)
+        ax.set_title(f"z{z} p={probs[z]:.2f} {'inf' if infected[z] else 'clean'}", fontsize=7)
+        ax.axis("off")
+    fig.savefig(path, dpi=70, bbox_inches="tight")
+    plt.close(fig)
+
+
+def lopo(data: Path, runs: Path, config: Any, output: Path, only: list[str] | None = None) -> dict[str, Any]:
+    from data.source_matched import CTMD_PATIENTS, ctmd_infection_labels
+    from pipeline.ingest import load_study
+    from pipeline.run import analyze_study, load_models
+
+    out: dict[str, Any] = {"patients": {}}
+    for patient in only or CTMD_PATIENTS:
+        weights = runs / f"lopo-{patient}" / "model.safetensors"
+        models = load_models(config, weights)
+        volume = load_study(data / "covid-ct-md" / patient, config.ingest)
+        infected = ctmd_infection_labels(volume, data / "covid-ct-md" / "slice_labels.csv", patient)
+        started = time.perf_counter()
+        result = analyze_study(volume, models, config)
+        evaluated = np.asarray(result.scores.evaluated)
+        probs = np.asarray(result.scores.probs, dtype=np.float64)[evaluated]
+        labels = infected[evaluated]
+        called = probs >= config.classify.positive_threshold
+        sev = result.severity
+        positive_maps = np.asarray(result.cams.maps)[evaluated][called]
+        out["patients"][patient] = {
+            "weights": str(weights),
+            "evaluated_slices": int(evaluated.sum()),
+            "infected_slices": int(labels.sum()),
+            "slice_auc": auc_with_ci(labels, probs),
+            "clean_called_positive": float(called[labels == 0].mean()) if (labels == 0).any() else None,
+            "infected_called_positive": float(called[labels == 1].mean()) if (labels == 1).any() else None,
+            "case_probability": result.case_probability,
+            "corona_score_cm3": sev.corona_score_cm3,
+            "affected_percent": sev.affected_percent,
+            "lung_volume_cm3": sev.lung_volume_cm3,
+            "positive_slices": sev.positive_slices,
+            "positive_slices_with_empty_map": int(sum(1 for m in positive_maps if not (m > 0).any())),
+            "seconds": round(time.perf_counter() - started, 1),
+            "slices": [
+                {"index": int(i), "infected": int(infected[i]), "probability": float(result.scores.probs[i])}
+                for i in np.flatnonzero(evaluated)
+            ],
+        }
+        save_montage(result, infected, output / f"maps-{patient}.png")
+        logging.info("%s: %s", patient, {k: v for k, v in out["patients"][patient].items() if k != "slices"})
+    return out
+
+
+def lopo_summary(patients: dict[str, Any]) -> dict[str, Any]:
+    """Pooled slice AUC over the held-out patients scored so far, and COVID vs normal at case level."""
+    labels = np.array([row["infected"] for p in patients.values() for row in p["slices"]])
+    probs = np.array([row["probability"] for p in patients.values() for row in p["slices"]])
+    out: dict[str, Any] = {"patients": patients, "pooled_slice_auc": auc_with_ci(labels, probs)}
+    if {"P002", "normal001"} <= set(patients):
+        out["covid_above_normal"] = {
+            "corona_score": patients["P002"]["corona_score_cm3"] > patients["normal001"]["corona_score_cm3"],
+            "probability": patients["P002"]["case_probability"] > patients["normal001"]["case_probability"],
+        }
+    return out
+
+
+def clean_ct(data: Path, weights: Path, config: Any) -> dict[str, Any]:
+    """Slices called positive on non-COVID CT no model trained on (the epoch-selection patients)."""
+    from models.build_defaults import VAL_GROUPS
+    from pipeline.ingest import load_study
+    from pipeline.run import analyze_study, load_models
+
+    models = load_models(config, weights)
+    out: dict[str, Any] = {}
+    called_all: list[bool] = []
+    for group in VAL_GROUPS:
+        if group.startswith("LIDC"):
+            result = analyze_study(load_study(data / "dicom" / group, config.ingest), models, config)
+            evaluated = np.asarray(result.scores.evaluated)
+            probs = np.asarray(result.scores.probs)[evaluated]
+        elif group.startswith("TCGA"):
+            probs = np.array(
+                [
+                    explain_slice(p, models, config)[0]
+                    for p in sorted((data / "tcga-slices" / group).glob("*.dcm"))
+                ]
+            )
+        else:
+            continue
+        called = probs >= config.classify.positive_threshold
+        called_all += called.tolist()
+        out[group] = {"evaluated_slices": int(probs.size), "called_positive": int(called.sum()),
+                      "max_probability": float(probs.max()) if probs.size else None}  # fmt: skip
+    out["all"] = {"evaluated_slices": len(called_all), "positive_fraction": float(np.mean(called_all))}
+    return out
+
+
+def localisation(data: Path, runs: Path, config: Any) -> dict[str, Any]:
+    from PIL import Image
+
+    from data.source_matched import CTMD_PATIENTS
+    from models.build_defaults import texture_fold
+    from pipeline.run import load_models
+
+    images = data / "covid-semiseg" / "train" / "Imgs"
+    fold_b = [p for p in sorted(images.iterdir()) if texture_fold(p.stem) == "B"]
+    out: dict[str, Any] = {"slices": [p.stem for p in fold_b], "models": {}}
+    for patient in CTMD_PATIENTS:
+        weights = runs / f"lopo-{patient}" / "model.safetensors"
+        if not weights.is_file():
+            logging.warning("localisation: %s is missing, skipped", weights)
+            continue
+        models = load_models(config, weights)
+        dices, by_threshold, hits, probabilities, empty_positive = [], [], [], [], 0
+        for path in fold_b:
+            with Image.open(data / "covid-semiseg" / "train" / "GT" / f"{path.stem}.png") as handle:
+                infection = np.asarray(handle.convert("L")) > 127
+            probability, cam, _ = explain_slice(path, models, config)
+            probabilities.append(probability)
+            dices.append(dice(cam > CAM_THRESHOLD, infection))
+            by_threshold.append([dice(cam > t, infection) for t in THRESHOLDS])
+            peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+            hits.append(bool(infection[peak]) and cam.max() > 0)
+            empty_positive += int(probability >= config.classify.positive_threshold and not (cam > 0).any())
+        mean_by_threshold = np.mean(by_threshold, axis=0)
+        out["models"][f"lopo-{patient}"] = {
+            "mean_dice_cam_0.6": float(np.mean(dices)),
+            "best_threshold": float(THRESHOLDS[int(np.argmax(mean_by_threshold))]),
+            "mean_dice_best_threshold": float(mean_by_threshold.max()),
+            "pointing_game": float(np.mean(hits)),
+            "called_positive": float(np.mean(np.asarray(probabilities) >= 0.5)),
+            "positive_slices_with_empty_map": empty_positive,
+        }
+        logging.info("localisation lopo-%s: %s", patient, out["models"][f"lopo-{patient}"])
+    values = list(out["models"].values())
+    out["mean"] = {
+        k: float(np.mean([v[k] for v in values]))
+        for k in ("mean_dice_cam_0.6", "mean_dice_best_threshold", "pointing_game", "called_positive")
+    }
+    return out
+
+
+def ucsd(data: Path, weights: Path, config: Any) -> dict[str, Any]:
+    from pipeline.run import load_models
+
+    models = load_models(config, weights)
+    labels, probs = [], []
+    for label, folder in ((1, "CT_COVID"), (0, "CT_NonCOVID")):
+        for path in sorted((data / "covid-ct" / folder).iterdir()):
+            probs.append(explain_slice(path, models, config)[0])
+            labels.append(label)
+    y, p = np.asarray(labels), np.asarray(probs)
+    return {"all": auc_with_ci(y, p), "accuracy_at_0.5": float(np.mean((p >= 0.5) == (y == 1))),
+            "covid_called_positive": float((p[y == 1] >= 0.5).mean()),
+            "noncovid_called_positive": float((p[y == 0] >= 0.5).mean())}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/sm"), help="folder with lopo-<patient>/ runs")
+    parser.add_argument(
+        "--final", type=Path, help="final weights (default: models/weights/classifier.safetensors)"
+    )
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--only", action="append", choices=("lopo", "clean", "localisation", "ucsd"))
+    parser.add_argument("--patient", action="append", help="LOPO: only these held-out patients (repeatable)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+    from models.weights import default_weights
+    from pipeline.config import PipelineConfig
+
+    config = PipelineConfig().replace({"runtime.device": "cpu"})
+    final = args.final or default_weights("classifier")
+    args.output.mkdir(parents=True, exist_ok=True)
+    path = args.output / "validation.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    sections = args.only or ["lopo", "clean", "localisation", "ucsd"]
+    for section in sections:
+        started = time.perf_counter()
+        if section == "lopo":
+            scored = lopo(args.data, args.runs, config, args.output, args.patient)["patients"]
+            results["lopo"] = lopo_summary({**results.get("lopo", {}).get("patients", {}), **scored})
+        elif section == "clean":
+            results["clean_ct_final"] = clean_ct(args.data, final, config)
+        elif section == "localisation":
+            results["localisation_fold_b"] = localisation(args.data, args.runs, config)
+        elif section == "ucsd":
+            results["ucsd_final"] = ucsd(args.data, final, config)
+        logging.info("%s done in %.0f s", section, time.perf_counter() - started)
+        path.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    summary = json.loads(json.dumps(results, default=float))
+    for row in summary.get("lopo", {}).get("patients", {}).values():
+        row.pop("slices", None)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Source-matched training slices: the inference crop, real and counterfactual positives, masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.phantom import make_phantom
+from data.source_matched import UNKNOWN_MASK, PreparedSlices, ctmd_infection_labels, volume_slices
+from pipeline.config import PipelineConfig
+from pipeline.preprocess import lung_bounding_box, to_model_input, window
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def phantom_volume() -> tuple[object, np.ndarray, np.ndarray]:
+    phantom = make_phantom(
+        seed=5, shape=(12, 96, 96), spacing_mm=(5.0, 3.0, 3.0), lesions="ggo", lesion_volume_ml=40
+    )
+    return phantom.to_volume("ph"), np.asarray(phantom.lung_labels), np.asarray(phantom.lesion_mask)
+
+
+def test_clean_slices_get_a_counterfactual_twin_with_a_mask(phantom_volume: tuple) -> None:
+    volume, lungs, _ = phantom_volume
+    config = PipelineConfig()
+    prepared = volume_slices(volume, lungs, config, SIZE, "ph", np.random.default_rng(0))
+    clean = np.array([k == "clean" for k in prepared.kinds])
+    twins = np.array([k == "counterfactual" for k in prepared.kinds])
+    assert clean.sum() >= 5 and clean.sum() - 2 <= twins.sum() <= clean.sum()  # tiny apex lungs get none
+    assert (prepared.labels[clean] == 0).all() and (prepared.labels[twins] == 1).all()
+    assert (prepared.masks[clean] == 0).all()
+    assert all(m.any() for m in prepared.masks[twins])
+    # each twin follows its clean slice, and differs from it only where the lesion went
+    first = int(np.flatnonzero(twins)[0])
+    difference = (prepared.images[first] - prepared.images[first - 1]).abs().float().numpy()
+    assert difference[prepared.masks[first] == 1].mean() > 5 * difference[prepared.masks[first] == 0].mean()
+
+
+def test_slices_are_cropped_like_inference(phantom_volume: tuple) -> None:
+    volume, lungs, _ = phantom_volume
+    config = PipelineConfig()
+    prepared = volume_slices(
+        volume, lungs, config, SIZE, "ph", np.random.default_rng(0), counterfactual=False
+    )
+    box = lung_bounding_box(lungs > 0, config.roi)
+    expected = to_model_input(window(volume.array, "HU", config.window), box, SIZE)[:, 0]
+    z = np.flatnonzero((lungs > 0).sum(axis=(1, 2)) >= 1)
+    matches = [
+        np.allclose(prepared.images[i].float(), expected[zz], atol=2e-3)
+        for i, zz in enumerate(z[: len(prepared)])
+    ]
+    assert all(matches)
+
+
+def test_real_positives_have_unknown_masks_and_phantom_lesions_exact_ones(phantom_volume: tuple) -> None:
+    volume, lungs, lesion = phantom_volume
+    config = PipelineConfig()
+    infected = np.zeros(volume.n_slices, np.int64)
+    infected[::2] = 1
+    real = volume_slices(volume, lungs, config, SIZE, "ph", np.random.default_rng(0), infected=infected)
+    assert all((m == UNKNOWN_MASK).all() for m, k in zip(real.masks, real.kinds) if k == "infected")
+    exact = volume_slices(volume, lungs, config, SIZE, "ph", np.random.default_rng(0), lesion_masks=lesion)
+    lesion_rows = [i for i, k in enumerate(exact.kinds) if k == "phantom-lesion"]
+    assert lesion_rows and all(exact.masks[i].any() and exact.labels[i] == 1 for i in lesion_rows)
+
+
+def test_prepared_slices_round_trip(phantom_volume: tuple, tmp_path: Path) -> None:
+    volume, lungs, _ = phantom_volume
+    prepared = volume_slices(volume, lungs, PipelineConfig(), SIZE, "ph", np.random.default_rng(1))
+    prepared.save(tmp_path / "p.safetensors")
+    loaded = PreparedSlices.load(tmp_path / "p.safetensors")
+    assert loaded.kinds == prepared.kinds and loaded.groups == prepared.groups
+    assert np.array_equal(loaded.masks, prepared.masks) and np.array_equal(loaded.labels, prepared.labels)
+    keep = np.asarray(prepared.labels) == 1
+    assert len(loaded.select(keep)) == int(keep.sum())
+
+
+@pytest.mark.realdata
+def test_ctmd_labels_match_the_series(shared_data: Path) -> None:
+    from pipeline.ingest import load_study
+
+    volume = load_study(shared_data / "covid-ct-md" / "P002")
+    labels = ctmd_infection_labels(volume, shared_data / "covid-ct-md" / "slice_labels.csv", "P002")
+    assert labels.shape == (133,) and labels.sum() == 68
