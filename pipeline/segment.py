@@ -123,8 +123,9 @@ def segment_lungs(
         size = input_size or SEGMENTER_INPUT.input_size
         raw = predict_lung_labels(model, windowed, seg_config.batch_size, device, input_size=size)
         rim_px = math.ceil(max(volume.array.shape[1:]) / size)
-        raw = trim_dense_rim(raw, low_density(volume.array, volume.units, seg_config), rim_px)
-        raw = keep_plausible_lung(raw, volume.array, volume.units, spacing_mm, seg_config)
+        low = low_density(volume.array, volume.units, seg_config)
+        raw = trim_dense_rim(raw, low, rim_px)
+        raw = keep_plausible_lung(raw, volume.array, volume.units, spacing_mm, low)
         labels = clean_lung_mask(raw, spacing_mm, seg_config, intensity=volume.array)
         method = "unet"
     elif seg_config.method == "unet":
@@ -208,9 +209,11 @@ def keep_plausible_lung(
     array: np.ndarray,
     units: str,
     spacing_mm: tuple[float, float, float],
-    config: SegmentConfig,
+    low: BoolArray,
 ) -> LabelArray:
     """U-Net labels kept only where lung can be: inside the chest wall, not gas, lung-sized.
+
+    ``low`` is :func:`low_density` of ``array`` (the caller has it already).
 
     A network sees texture, not anatomy: on scanners it was not trained on it also labels air
     under the table and above the shoulders, the foam pad under the back, stomach and bowel
@@ -225,7 +228,6 @@ def keep_plausible_lung(
     lungs = labels > 0
     if not lungs.any():
         return labels
-    low = low_density(array, units, config)
     # The body without what lies against it: a foam pad or table cavity between back and table is
     # low-density and enclosed, so the broad body (dense tissue and enclosed air) takes it in.
     # The dense outline alone excludes it, unless a crop opens the chest wall (then the broad one).

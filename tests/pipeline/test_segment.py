@@ -139,7 +139,7 @@ def test_trim_dense_rim_removes_only_dense_edge_pixels() -> None:
 def test_unet_labels_outside_the_chest_wall_or_on_gas_or_fat_are_dropped() -> None:
     """keep_plausible_lung: the pad under the back, stomach gas and fat are not lung; the lungs stay."""
     from pipeline.config import SegmentConfig
-    from pipeline.segment import keep_plausible_lung
+    from pipeline.segment import keep_plausible_lung, low_density
 
     rng = np.random.default_rng(0)
     hu = np.full((6, 96, 96), -1000.0, np.float32)  # air around the body
@@ -160,6 +160,6 @@ def test_unet_labels_outside_the_chest_wall_or_on_gas_or_fat_are_dropped() -> No
     fat = (yy >= 12) & (yy <= 14) & (np.abs(xx - 48) < 8)  # a sliver labelled on fat
     hu[:, fat] = -100.0
     labels[:, fat] = 1
-    kept = keep_plausible_lung(labels, hu, "HU", (5.0, 1.5, 1.5), SegmentConfig())
+    kept = keep_plausible_lung(labels, hu, "HU", (5.0, 1.5, 1.5), low_density(hu, "HU", SegmentConfig()))
     assert (kept[:, right] == 1).all() and (kept[:, left] == 2).all()
     assert not kept[:, pad].any() and not kept[:, gas].any() and not kept[:, fat].any()
