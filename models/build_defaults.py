@@ -94,6 +94,18 @@ def _segmenter(config: PipelineConfig, cache_dir: Path) -> object:
 def prepare(args: argparse.Namespace) -> None:
     config = PipelineConfig()
     semiseg = args.data / "covid-semiseg" / "train"
+    needed = [
+        semiseg / "Imgs",
+        semiseg / "GT",
+        args.data / "covid-ct-md",
+        args.data / "tcga-slices",
+        args.data / "dicom",
+    ]
+    missing = [str(path) for path in needed if not path.is_dir()]
+    if missing:
+        raise SystemExit(
+            f"{args.data}: not the shared data folder; missing {', '.join(missing)} (see its README)"
+        )
     stems = sorted(p.stem for p in (semiseg / "Imgs").iterdir())
     output: Path = args.output
     output.mkdir(parents=True, exist_ok=True)
