@@ -1,5 +1,5 @@
 """Entry point: ``python run_pipeline.py --help`` (same as the ``corona-ct`` command)."""
 
-from pipeline.cli import main
+from corona_ct.pipeline.cli import main
 
 raise SystemExit(main())

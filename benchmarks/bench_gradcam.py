@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import torch
 
-from models.checkpoint import load_classifier
-from models.classifier import backbone_spec
-from pipeline.device import resolve_device
-from pipeline.explain import explain_batch
+from corona_ct.models.checkpoint import load_classifier
+from corona_ct.models.classifier import backbone_spec
+from corona_ct.pipeline.device import resolve_device
+from corona_ct.pipeline.explain import explain_batch
 
 
 def _seconds(run: Callable[[], None], repeats: int, device: torch.device) -> float:

@@ -23,7 +23,7 @@ import torch
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-from pipeline.cluster import KMeansResult, kmeans, zscore
+from corona_ct.pipeline.cluster import KMeansResult, kmeans, zscore
 
 T = TypeVar("T")
 

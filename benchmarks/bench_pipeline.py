@@ -27,9 +27,9 @@ def main() -> None:
 
     import torch
 
-    from pipeline.config import PipelineConfig
-    from pipeline.ingest import load_study
-    from pipeline.run import analyze_study, load_models
+    from corona_ct.pipeline.config import PipelineConfig
+    from corona_ct.pipeline.ingest import load_study
+    from corona_ct.pipeline.run import analyze_study, load_models
 
     if args.threads:
         torch.set_num_threads(args.threads)

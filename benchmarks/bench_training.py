@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-from data.datasets import as_network_input
-from models.classifier import build_classifier
-from models.train import TrainConfig, _autocast, augment_batch
+from corona_ct.data.datasets import as_network_input
+from corona_ct.models.classifier import build_classifier
+from corona_ct.models.train import TrainConfig, _autocast, augment_batch
 
 
 def _timed(step: Callable[[], None], steps: int, device: torch.device) -> float:

@@ -39,8 +39,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.manifest import group_of, group_rule, image_files
-from pipeline.atomic import write_text
+from corona_ct.data.manifest import group_of, group_rule, image_files
+from corona_ct.pipeline.atomic import write_text
 
 VAL_FRACTION = 0.2
 SEMISEG_SLICES_PER_VOLUME = 20
@@ -129,9 +129,9 @@ def pseudo_label_rows(data: Path, output: Path) -> list[dict[str, str]]:
     """Classical right/left lung pseudo-labels of SemiSeg unlabeled slices, saved as label PNGs."""
     from PIL import Image
 
-    from pipeline.config import PipelineConfig
-    from pipeline.ingest.slices import read_slice_image
-    from pipeline.segment import slice_lung_labels
+    from corona_ct.pipeline.config import PipelineConfig
+    from corona_ct.pipeline.ingest.slices import read_slice_image
+    from corona_ct.pipeline.segment import slice_lung_labels
 
     config = PipelineConfig()
     mask_dir = output / "pseudo_masks"
@@ -151,10 +151,10 @@ def pseudo_label_rows(data: Path, output: Path) -> list[dict[str, str]]:
 
 def lidc_rows(data: Path, output: Path) -> list[dict[str, str]]:
     """LIDC series as NIfTI volumes with classical 3D pseudo-labels (HU input, as at inference)."""
-    from pipeline.config import PipelineConfig
-    from pipeline.ingest import load_study
-    from pipeline.ingest.nifti import write_nifti
-    from pipeline.segment import segment_lungs
+    from corona_ct.pipeline.config import PipelineConfig
+    from corona_ct.pipeline.ingest import load_study
+    from corona_ct.pipeline.ingest.nifti import write_nifti
+    from corona_ct.pipeline.segment import segment_lungs
 
     config = PipelineConfig()
     rows = []
@@ -168,8 +168,8 @@ def lidc_rows(data: Path, output: Path) -> list[dict[str, str]]:
 
 
 def phantom_rows(output: Path) -> list[dict[str, str]]:
-    from data.phantom import make_phantom
-    from pipeline.ingest.nifti import write_nifti as write_nifti_array
+    from corona_ct.data.phantom import make_phantom
+    from corona_ct.pipeline.ingest.nifti import write_nifti as write_nifti_array
 
     rows = []
     for seed in SEG_PHANTOM_SEEDS:
@@ -237,9 +237,9 @@ TRAINING_DATA = {
 
 
 def install(output: Path, weights_dir: Path, validation: Path | None, cohort: Path | None) -> None:
-    from models.checkpoint import load_checkpoint, read_card, save_checkpoint
-    from models.classifier import build_classifier
-    from models.segmenter import build_unet
+    from corona_ct.models.checkpoint import load_checkpoint, read_card, save_checkpoint
+    from corona_ct.models.classifier import build_classifier
+    from corona_ct.models.segmenter import build_unet
 
     figures: dict[str, Any] = json.loads(validation.read_text()) if validation else {}
     if cohort is not None:

@@ -67,7 +67,7 @@ class Lungs:
     """Loads the series of the benchmark and their (cached) lung labels: shipped U-Net or classical."""
 
     def __init__(self, data: Path, cache: Path, config: Any, kind: str = "unet") -> None:
-        from pipeline.run import load_models
+        from corona_ct.pipeline.run import load_models
 
         self.data, self.cache, self.config, self.kind = data, cache, config, kind
         self.models = load_models(config) if kind == "unet" else None
@@ -93,8 +93,8 @@ class Lungs:
         return self._loaded[name]
 
     def _load(self, folder: Path, name: str) -> tuple[Any, npt.NDArray[np.uint8]]:
-        from pipeline.ingest import load_study
-        from pipeline.segment import segment_lungs
+        from corona_ct.pipeline.ingest import load_study
+        from corona_ct.pipeline.segment import segment_lungs
 
         volume = load_study(folder, self.config.ingest)
         module, size = self._segmenter()
@@ -115,8 +115,8 @@ class Lungs:
         """(patient, file, HU (y, x), pixel spacing mm, lung labels (y, x)) of every TCGA slice."""
         import pydicom
 
-        from pipeline.ingest.slices import read_slice_image
-        from pipeline.segment import slice_lung_labels
+        from corona_ct.pipeline.ingest.slices import read_slice_image
+        from corona_ct.pipeline.segment import slice_lung_labels
 
         module, size = self._segmenter()
         out = []
@@ -154,7 +154,7 @@ def measure(
     hu: npt.ArrayLike, labels: npt.ArrayLike, spacing_mm: tuple[float, float, float], config: Any
 ) -> dict[str, Any]:
     """Old and new measures of one series: whole-lung % and per-slice arrays."""
-    from pipeline.severity import hu_maps, raw_hu_fractions
+    from corona_ct.pipeline.severity import hu_maps, raw_hu_fractions
 
     hu = np.asarray(hu, dtype=np.float32)
     lungs = np.asarray(labels) > 0
@@ -189,7 +189,7 @@ def measure(
 
 def auc_figures(labels: npt.NDArray[np.int64], scores: FloatArray) -> dict[str, Any]:
     """AUC with its DeLong 95 % CI (None when one class is missing)."""
-    from pipeline.stats import roc_analysis
+    from corona_ct.pipeline.stats import roc_analysis
 
     out: dict[str, Any] = {"n": int(labels.size), "n_infected": int(labels.sum())}
     if 0 < labels.sum() < labels.size:
@@ -228,7 +228,7 @@ def whole(result: dict[str, Any]) -> dict[str, Any]:
 
 def run(lungs: Lungs, config: Any) -> dict[str, Any]:
     """Every figure of the benchmark for one configuration."""
-    from data.source_matched import ctmd_infection_labels
+    from corona_ct.data.source_matched import ctmd_infection_labels
 
     data = lungs.data
     figures: dict[str, Any] = {
@@ -362,7 +362,7 @@ SENSITIVITY = (
 
 def sensitivity(lungs: Lungs, config: Any) -> list[dict[str, Any]]:
     """Slice AUCs of the new measure on COVID-CT-MD (pooled, P002, cap002) for each one-at-a-time change."""
-    from data.source_matched import ctmd_infection_labels
+    from corona_ct.data.source_matched import ctmd_infection_labels
 
     cases = []
     for patient in CTMD_PATIENTS:
@@ -506,7 +506,7 @@ def main() -> None:
 
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # non-conformant UIDs of COVID-CT-MD, once per file
 
-    from pipeline.config import load_config
+    from corona_ct.pipeline.config import load_config
 
     config = load_config(None, args.set)
     start = time.perf_counter()

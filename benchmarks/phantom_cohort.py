@@ -37,9 +37,9 @@ def main() -> None:
     from scipy.stats import pearsonr
     from sklearn.metrics import roc_auc_score
 
-    from data.phantom import make_phantom, write_dicom_series
-    from pipeline.config import PipelineConfig
-    from pipeline.run import load_models, run_batch
+    from corona_ct.data.phantom import make_phantom, write_dicom_series
+    from corona_ct.pipeline.config import PipelineConfig
+    from corona_ct.pipeline.run import load_models, run_batch
 
     n_normal = max(1, args.n // 4)
     volumes_ml = np.concatenate([np.zeros(n_normal), np.linspace(10.0, args.max_ml, args.n - n_normal)])

@@ -40,7 +40,7 @@ THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
 
 def binary_figures(labels: npt.NDArray[np.int64], probs: npt.NDArray[np.float64]) -> dict[str, Any]:
     """AUC with DeLong CI and the p ≥ 0.5 operating point."""
-    from pipeline.stats import roc_analysis
+    from corona_ct.pipeline.stats import roc_analysis
 
     called = probs >= 0.5
     positive, negative = labels == 1, labels == 0
@@ -58,10 +58,10 @@ def binary_figures(labels: npt.NDArray[np.int64], probs: npt.NDArray[np.float64]
 
 
 def validate_classifier(manifest_path: Path, models: Any, config: Any) -> dict[str, Any]:
-    from data.datasets import build_slice_dataset
-    from data.manifest import read_manifest_csv
-    from models.train import predict_probabilities
-    from pipeline.device import resolve_device
+    from corona_ct.data.datasets import build_slice_dataset
+    from corona_ct.data.manifest import read_manifest_csv
+    from corona_ct.models.train import predict_probabilities
+    from corona_ct.pipeline.device import resolve_device
 
     manifest = read_manifest_csv(manifest_path)
     with manifest_path.open(encoding="utf-8") as handle:
@@ -113,12 +113,12 @@ def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
     """Localisation (Grad-CAM vs infection masks) and lung coverage of the infection."""
     from PIL import Image
 
-    from pipeline.classify import classify_slices
-    from pipeline.device import resolve_device
-    from pipeline.ingest.slices import read_slice_image
-    from pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
-    from pipeline.run import slice_lung_mask
-    from pipeline.segment import slice_lung_labels
+    from corona_ct.pipeline.classify import classify_slices
+    from corona_ct.pipeline.device import resolve_device
+    from corona_ct.pipeline.ingest.slices import read_slice_image
+    from corona_ct.pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
+    from corona_ct.pipeline.run import slice_lung_mask
+    from corona_ct.pipeline.segment import slice_lung_labels
 
     device = resolve_device(config.runtime.device)
     size = models.input_size(config)
@@ -197,8 +197,8 @@ def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
 
 
 def validate_lidc(data: Path, models: Any, config: Any) -> dict[str, Any]:
-    from pipeline.ingest import load_study
-    from pipeline.run import analyze_study
+    from corona_ct.pipeline.ingest import load_study
+    from corona_ct.pipeline.run import analyze_study
 
     out: dict[str, Any] = {}
     for series in sorted((data / "dicom").glob("LIDC-IDRI-*")):
@@ -229,9 +229,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
-    from pipeline.atomic import write_text
-    from pipeline.config import PipelineConfig
-    from pipeline.run import load_models
+    from corona_ct.pipeline.atomic import write_text
+    from corona_ct.pipeline.config import PipelineConfig
+    from corona_ct.pipeline.run import load_models
 
     config = PipelineConfig().replace({"runtime.device": args.device})
     models = load_models(config, args.cls_weights, args.seg_weights)

@@ -43,7 +43,7 @@ THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
 
 
 def auc_with_ci(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64]) -> dict[str, Any] | None:
-    from pipeline.stats import roc_analysis
+    from corona_ct.pipeline.stats import roc_analysis
 
     if labels.min(initial=1) == labels.max(initial=0) or labels.size < 2:
         return None
@@ -63,11 +63,11 @@ def dice(prediction: npt.NDArray[np.bool_], truth: npt.NDArray[np.bool_]) -> flo
 
 def explain_slice(path: Path, models: Any, config: Any) -> tuple[float, np.ndarray, np.ndarray]:
     """(probability, fused map on the image grid, image) of one slice image, as ``explain`` makes them."""
-    from pipeline.classify import classify_slices
-    from pipeline.device import resolve_device
-    from pipeline.ingest.slices import read_slice_image
-    from pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
-    from pipeline.run import slice_lung_mask
+    from corona_ct.pipeline.classify import classify_slices
+    from corona_ct.pipeline.device import resolve_device
+    from corona_ct.pipeline.ingest.slices import read_slice_image
+    from corona_ct.pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
+    from corona_ct.pipeline.run import slice_lung_mask
 
     image, units = read_slice_image(path, config.ingest)
     lungs = slice_lung_mask(image, units, config, models, path.name)
@@ -103,9 +103,9 @@ def save_montage(result: Any, infected: np.ndarray, path: Path, count: int = 8) 
 
 
 def lopo(data: Path, runs: Path, config: Any, output: Path, only: list[str] | None = None) -> dict[str, Any]:
-    from data.source_matched import CTMD_PATIENTS, ctmd_infection_labels
-    from pipeline.ingest import load_study
-    from pipeline.run import analyze_study, load_models
+    from corona_ct.data.source_matched import CTMD_PATIENTS, ctmd_infection_labels
+    from corona_ct.pipeline.ingest import load_study
+    from corona_ct.pipeline.run import analyze_study, load_models
 
     out: dict[str, Any] = {"patients": {}}
     for patient in only or CTMD_PATIENTS:
@@ -160,9 +160,9 @@ def lopo_summary(patients: dict[str, Any]) -> dict[str, Any]:
 
 def clean_ct(data: Path, weights: Path, config: Any) -> dict[str, Any]:
     """Slices called positive on non-COVID CT no model trained on (the epoch-selection patients)."""
-    from models.build_defaults import VAL_GROUPS
-    from pipeline.ingest import load_study
-    from pipeline.run import analyze_study, load_models
+    from corona_ct.models.build_defaults import VAL_GROUPS
+    from corona_ct.pipeline.ingest import load_study
+    from corona_ct.pipeline.run import analyze_study, load_models
 
     models = load_models(config, weights)
     out: dict[str, Any] = {}
@@ -192,9 +192,9 @@ def clean_ct(data: Path, weights: Path, config: Any) -> dict[str, Any]:
 def localisation(data: Path, runs: Path, config: Any) -> dict[str, Any]:
     from PIL import Image
 
-    from data.source_matched import CTMD_PATIENTS
-    from models.build_defaults import texture_fold
-    from pipeline.run import load_models
+    from corona_ct.data.source_matched import CTMD_PATIENTS
+    from corona_ct.models.build_defaults import texture_fold
+    from corona_ct.pipeline.run import load_models
 
     images = data / "covid-semiseg" / "train" / "Imgs"
     fold_b = [p for p in sorted(images.iterdir()) if texture_fold(p.stem) == "B"]
@@ -235,7 +235,7 @@ def localisation(data: Path, runs: Path, config: Any) -> dict[str, Any]:
 
 
 def ucsd(data: Path, weights: Path, config: Any) -> dict[str, Any]:
-    from pipeline.run import load_models
+    from corona_ct.pipeline.run import load_models
 
     models = load_models(config, weights)
     labels, probs = [], []
@@ -265,8 +265,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
-    from models.weights import default_weights
-    from pipeline.config import PipelineConfig
+    from corona_ct.models.weights import default_weights
+    from corona_ct.pipeline.config import PipelineConfig
 
     config = PipelineConfig().replace({"runtime.device": "cpu"})
     final = args.final or default_weights("classifier")

@@ -24,11 +24,11 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset
 
-from data.manifest import Manifest
-from pipeline.config import PipelineConfig
-from pipeline.datamodel import Volume
-from pipeline.errors import ConfigError, InputError
-from pipeline.preprocess import Box, lung_bounding_box, to_model_input, window
+from corona_ct.data.manifest import Manifest
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.datamodel import Volume
+from corona_ct.pipeline.errors import ConfigError, InputError
+from corona_ct.pipeline.preprocess import Box, lung_bounding_box, to_model_input, window
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,13 @@ def slices_to_model_input(
 
 def load_slice_input(path: Path, roi: str, size: int, config: PipelineConfig) -> torch.Tensor:
     """One slice image file → (size, size) grey network input (see module docstring)."""
-    from pipeline.ingest.slices import read_slice_image
+    from corona_ct.pipeline.ingest.slices import read_slice_image
 
     array, units = read_slice_image(path, config.ingest)
     windowed = window(array, units, config.window)[None]
     lungs = None
     if roi == "lung":
-        from pipeline.segment import slice_lungs
+        from corona_ct.pipeline.segment import slice_lungs
 
         lungs = slice_lungs(array, units, config, str(path))
         if not lungs.any():
@@ -227,13 +227,13 @@ def _read_pair(image_path: Path, mask_path: Path, config: PipelineConfig) -> tup
     """(windowed (z, y, x), labels (z, y, x)) of one manifest row (NIfTI volume or 2D slice image)."""
     name = image_path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
-        from pipeline.ingest import load_study
+        from corona_ct.pipeline.ingest import load_study
 
         volume = load_study(image_path, config.ingest)
         return window(volume.array, volume.units, config.window), _mask_on_canonical_grid(mask_path, volume)
     from PIL import Image
 
-    from pipeline.ingest.slices import read_slice_image
+    from corona_ct.pipeline.ingest.slices import read_slice_image
 
     array, units = read_slice_image(image_path, config.ingest)
     try:
@@ -279,8 +279,8 @@ def load_segmentation_data(
             parts.append(segmentation_slices_from_volume(windowed, labels, size, binary))
             groups += [(row.get("group") or "").strip() or image.name] * windowed.shape[0]
     if unlabeled:
-        from pipeline.ingest import load_study
-        from pipeline.segment import segment_lungs
+        from corona_ct.pipeline.ingest import load_study
+        from corona_ct.pipeline.segment import segment_lungs
 
         classical = dataclasses.replace(config.segment, method="classical")
         for study in unlabeled:

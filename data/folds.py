@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pipeline.errors import ConfigError
+from corona_ct.pipeline.errors import ConfigError
 
 IndexArray = npt.NDArray[np.int64]
 

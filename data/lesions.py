@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from pipeline.errors import InputError
+from corona_ct.pipeline.errors import InputError
 
 LUNG_HU = -850.0
 SOFT_TISSUE_HU = 40.0

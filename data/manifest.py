@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.errors import ConfigError, InputError, NoImageDataError
+from corona_ct.pipeline.errors import ConfigError, InputError, NoImageDataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"})
 SPLITS = ("train", "val", "test")

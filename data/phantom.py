@@ -31,10 +31,10 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from pipeline.atomic import atomic_path
-from pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Geometry, Volume
-from pipeline.errors import ConfigError
-from pipeline.ingest.nifti import write_nifti as write_nifti_array
+from corona_ct.pipeline.atomic import atomic_path
+from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Geometry, Volume
+from corona_ct.pipeline.errors import ConfigError
+from corona_ct.pipeline.ingest.nifti import write_nifti as write_nifti_array
 
 LesionKind = Literal["ggo", "consolidation"]
 

@@ -31,11 +31,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from data.lesions import TextureBank, paste_lesions
-from pipeline.config import PipelineConfig
-from pipeline.datamodel import Volume
-from pipeline.errors import InputError
-from pipeline.preprocess import evaluable_slices, lung_bounding_box, to_model_input, window
+from corona_ct.data.lesions import TextureBank, paste_lesions
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.datamodel import Volume
+from corona_ct.pipeline.errors import InputError
+from corona_ct.pipeline.preprocess import evaluable_slices, lung_bounding_box, to_model_input, window
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class PreparedSlices:
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 
-        from pipeline.atomic import atomic_path
+        from corona_ct.pipeline.atomic import atomic_path
 
         tensors = {
             "images": self.images.contiguous(),
@@ -108,8 +108,8 @@ class PreparedSlices:
 
 def single_slice_volume(path: Path, config: PipelineConfig, study_id: str) -> Volume:
     """One DICOM/TIFF/PNG slice as a 1-slice ``Volume`` (nominal 1 mm voxels, as ``explain`` reads it)."""
-    from pipeline.datamodel import Geometry
-    from pipeline.ingest.slices import read_slice_image
+    from corona_ct.pipeline.datamodel import Geometry
+    from corona_ct.pipeline.ingest.slices import read_slice_image
 
     array, units = read_slice_image(path, config.ingest)
     height, width = array.shape
@@ -219,8 +219,8 @@ def build_source_matched(
     progress: Callable[[str], None] | None = None,
 ) -> PreparedSlices:
     """All source-matched training slices from ``../shared/data`` (groups in ``exclude`` left out)."""
-    from data.phantom import make_phantom
-    from pipeline.ingest import load_study
+    from corona_ct.data.phantom import make_phantom
+    from corona_ct.pipeline.ingest import load_study
 
     rng = np.random.default_rng(seed)
     parts: list[PreparedSlices] = []

@@ -1,9 +1,9 @@
 """Build the default classifier from source-matched data (release tooling, not used at run time).
 
-    python -m models.build_defaults prepare --data ../shared/data --output runs/sm
-    python -m models.build_defaults train --prepared runs/sm/prepared-foldA.safetensors \\
+    python -m corona_ct.models.build_defaults prepare --data ../shared/data --output runs/sm
+    python -m corona_ct.models.build_defaults train --prepared runs/sm/prepared-foldA.safetensors \\
         --exclude P002 --output runs/sm/lopo-P002
-    python -m models.build_defaults train --prepared runs/sm/prepared-all.safetensors --output runs/sm/final
+    python -m corona_ct.models.build_defaults train --prepared runs/sm/prepared-all.safetensors --output runs/sm/final
 
 ``prepare`` segments every volume once with the shipped U-Net (the segmenter inference
 uses), caches the lung masks, and writes two training sets that differ only in the real
@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from data.lesions import TextureBank
-from data.source_matched import PreparedSlices, build_source_matched
-from pipeline.config import PipelineConfig
-from pipeline.datamodel import Volume
+from corona_ct.data.lesions import TextureBank
+from corona_ct.data.source_matched import PreparedSlices, build_source_matched
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.datamodel import Volume
 
 log = logging.getLogger("build_defaults")
 
@@ -64,8 +64,8 @@ def texture_fold(stem: str) -> str:
 
 
 def _segmenter(config: PipelineConfig, cache_dir: Path) -> object:
-    from pipeline.run import load_models
-    from pipeline.segment import segment_lungs, slice_lung_labels
+    from corona_ct.pipeline.run import load_models
+    from corona_ct.pipeline.segment import segment_lungs, slice_lung_labels
 
     models = load_models(config)
     if models.segmenter is None:
@@ -125,8 +125,8 @@ def prepare(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    from data.datasets import SliceDataset
-    from models.train import TrainConfig, train_classifier
+    from corona_ct.data.datasets import SliceDataset
+    from corona_ct.models.train import TrainConfig, train_classifier
 
     prepared = PreparedSlices.load(args.prepared)
     groups = np.asarray(prepared.groups)
@@ -140,7 +140,7 @@ def train(args: argparse.Namespace) -> None:
         lesion_mask_weight=args.lesion_mask_weight, seed=args.seed,
     )  # fmt: skip
     kinds = {k: train_part.kinds.count(k) for k in sorted(set(train_part.kinds))}
-    command = "python -m models.build_defaults " + " ".join(sys.argv[1:])
+    command = "python -m corona_ct.models.build_defaults " + " ".join(sys.argv[1:])
     card_extra = {
         "intended_use": "research only; trained on 3 patients of one scanner plus lung-cancer CT and phantoms, "
         "with counterfactual lesions; not a clinical population",
@@ -176,8 +176,8 @@ def train(args: argparse.Namespace) -> None:
 
 def install(args: argparse.Namespace) -> None:
     """Copy a trained run to ``models/weights/classifier`` as fp16 with its contract and figures."""
-    from models.checkpoint import load_checkpoint, read_card, save_checkpoint
-    from models.classifier import build_classifier
+    from corona_ct.models.checkpoint import load_checkpoint, read_card, save_checkpoint
+    from corona_ct.models.classifier import build_classifier
 
     source = args.run / "model.safetensors"
     card = read_card(source)
@@ -220,9 +220,9 @@ def calibrate(args: argparse.Namespace) -> None:
     """
     import torch
 
-    from data.datasets import SliceDataset
-    from models.checkpoint import load_classifier, save_checkpoint
-    from models.train import predict_probabilities
+    from corona_ct.data.datasets import SliceDataset
+    from corona_ct.models.checkpoint import load_classifier, save_checkpoint
+    from corona_ct.models.train import predict_probabilities
 
     prepared = PreparedSlices.load(args.prepared)
     is_val = np.isin(np.asarray(prepared.groups), VAL_GROUPS)

@@ -34,11 +34,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.classifier import BackboneSpec, backbone_spec, build_classifier
-from pipeline import __version__
-from pipeline.atomic import atomic_path, write_text
-from pipeline.device import resolve_device
-from pipeline.errors import ModelError
+from corona_ct.models.classifier import BackboneSpec, backbone_spec, build_classifier
+from corona_ct.pipeline import __version__
+from corona_ct.pipeline.atomic import atomic_path, write_text
+from corona_ct.pipeline.device import resolve_device
+from corona_ct.pipeline.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def load_segmenter(path: Path, device: str | torch.device = "cpu") -> LoadedMode
     card = read_card(path)
     name = _architecture_name(card, "segmenter", path)
     state, card = load_checkpoint(path, expected_architecture=f"segmenter/{name}")
-    from models.segmenter import build_unet  # lazy: segmentation-models-pytorch is heavy
+    from corona_ct.models.segmenter import build_unet  # lazy: segmentation-models-pytorch is heavy
 
     module = build_unet(
         num_classes=int(card.get("num_classes", 3)), in_channels=int(card["input"]["channels"])

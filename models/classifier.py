@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from pipeline.errors import ModelError
+from corona_ct.pipeline.errors import ModelError
 
 
 @dataclass(frozen=True)

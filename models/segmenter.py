@@ -21,9 +21,9 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from pipeline.errors import ModelError
-from pipeline.preprocess import resize_batch
-from pipeline.segment import split_sides
+from corona_ct.pipeline.errors import ModelError
+from corona_ct.pipeline.preprocess import resize_batch
+from corona_ct.pipeline.segment import split_sides
 
 SEGMENTER_ARCHITECTURE = "segmenter/unet-vgg16"
 

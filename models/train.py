@@ -38,15 +38,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from data.datasets import MASK_UNKNOWN, SegmentationSlices, SliceDataset, as_network_input
-from data.folds import group_train_val_split, stratified_group_kfold
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.classifier import backbone_spec, build_classifier, positive_probability
-from models.metrics import binary_report, roc_curve
-from pipeline import __version__
-from pipeline.atomic import atomic_path, write_text
-from pipeline.device import resolve_device
-from pipeline.errors import ConfigError, ModelError
+from corona_ct.data.datasets import MASK_UNKNOWN, SegmentationSlices, SliceDataset, as_network_input
+from corona_ct.data.folds import group_train_val_split, stratified_group_kfold
+from corona_ct.models.checkpoint import load_checkpoint, save_checkpoint
+from corona_ct.models.classifier import backbone_spec, build_classifier, positive_probability
+from corona_ct.models.metrics import binary_report, roc_curve
+from corona_ct.pipeline import __version__
+from corona_ct.pipeline.atomic import atomic_path, write_text
+from corona_ct.pipeline.device import resolve_device
+from corona_ct.pipeline.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -1069,7 +1069,7 @@ def train_segmenter(
     The validation split is group-wise (one volume never on both sides). Every epoch
     leaves a resumable state in ``output_dir``; ``resume`` continues after the last one.
     """
-    from models.segmenter import build_unet
+    from corona_ct.models.segmenter import build_unet
 
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)

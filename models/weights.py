@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pipeline.errors import ConfigError
+from corona_ct.pipeline.errors import ConfigError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 

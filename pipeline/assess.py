@@ -40,9 +40,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import SegmentConfig
-from pipeline.datamodel import LungMask, Volume
-from pipeline.segment import MIN_LUNG_BODY_FRACTION, body_mask, low_density, outside_air
+from corona_ct.pipeline.config import SegmentConfig
+from corona_ct.pipeline.datamodel import LungMask, Volume
+from corona_ct.pipeline.segment import MIN_LUNG_BODY_FRACTION, body_mask, low_density, outside_air
 
 NOT_ASSESSABLE = "not-assessable"
 NO_LUNGS_REASON = "no lungs found"

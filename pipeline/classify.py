@@ -12,11 +12,11 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from models.checkpoint import LoadedModel
-from models.classifier import BackboneSpec, positive_probability
-from pipeline.config import ClassifyConfig
-from pipeline.errors import ConfigError, ModelError
-from pipeline.explain import explain_batch
+from corona_ct.models.checkpoint import LoadedModel
+from corona_ct.models.classifier import BackboneSpec, positive_probability
+from corona_ct.pipeline.config import ClassifyConfig
+from corona_ct.pipeline.errors import ConfigError, ModelError
+from corona_ct.pipeline.explain import explain_batch
 
 FloatArray = npt.NDArray[np.float32]
 

@@ -14,14 +14,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipeline import __version__
-from pipeline.errors import CoronaCTError
+from corona_ct.pipeline import __version__
+from corona_ct.pipeline.errors import CoronaCTError
 
 COMMAND_MODULES = (
-    "pipeline.commands.inspect",
-    "pipeline.commands.run",
-    "pipeline.commands.train",
-    "pipeline.commands.analyze",
+    "corona_ct.pipeline.commands.inspect",
+    "corona_ct.pipeline.commands.run",
+    "corona_ct.pipeline.commands.train",
+    "corona_ct.pipeline.commands.analyze",
 )
 
 EXIT_OK, EXIT_STUDY_FAILED, EXIT_USAGE = 0, 1, 2

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from pipeline.errors import ConfigError, InputError
+from corona_ct.pipeline.errors import ConfigError, InputError
 
 #: Rows per chunk in distance computations: 65 536 rows × k centres stays small on any device.
 DEFAULT_CHUNK_SIZE = 65_536

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError
+from corona_ct.pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.errors import GeometryError, UnsupportedInputError
+from corona_ct.pipeline.errors import GeometryError, UnsupportedInputError
 
 FloatArray = npt.NDArray[np.float32]
 MaskArray = npt.NDArray[np.uint8]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.errors import ConfigError
+from corona_ct.pipeline.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from models.classifier import BackboneSpec, positive_probability, positive_score
-from pipeline.errors import ConfigError, ModelError
+from corona_ct.models.classifier import BackboneSpec, positive_probability, positive_score
+from corona_ct.pipeline.errors import ConfigError, ModelError
 
 FloatArray = npt.NDArray[np.float32]
 MapsT = TypeVar("MapsT", torch.Tensor, np.ndarray)

@@ -25,8 +25,8 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import RoiConfig, WindowConfig
-from pipeline.errors import ConfigError, GeometryError
+from corona_ct.pipeline.config import RoiConfig, WindowConfig
+from corona_ct.pipeline.errors import ConfigError, GeometryError
 
 #: Slice area (pixels) at which ``RoiConfig.min_lung_pixels`` is meant literally.
 REFERENCE_SLICE_AREA = 512 * 512

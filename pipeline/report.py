@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import __version__
-from pipeline.atomic import atomic_path, write_text
-from pipeline.config import PipelineConfig
+from corona_ct.pipeline import __version__
+from corona_ct.pipeline.atomic import atomic_path, write_text
+from corona_ct.pipeline.config import PipelineConfig
 
 if TYPE_CHECKING:
-    from models.checkpoint import LoadedModel
-    from pipeline.run import Models, StudyResult
+    from corona_ct.models.checkpoint import LoadedModel
+    from corona_ct.pipeline.run import Models, StudyResult
 
 RESEARCH_NOTICE = "Research use only. Not a medical device; not for diagnosis or treatment decisions."
 OUTPUT_FILES = ("lung_mask.nii.gz", "heatmap.nii.gz", "features.npz", "report.html")
@@ -69,8 +69,8 @@ def write_study_outputs(
 
     ``summary`` is the study's summary with numbers as numbers (:func:`pipeline.run.summary_values`).
     """
-    from pipeline.ingest.nifti import write_nifti
-    from pipeline.run import UNTRAINED_NOTICE, models_key
+    from corona_ct.pipeline.ingest.nifti import write_nifti
+    from corona_ct.pipeline.run import UNTRAINED_NOTICE, models_key
 
     study_dir.mkdir(parents=True, exist_ok=True)
     volume = result.volume
@@ -201,7 +201,7 @@ def hu_measures_info(config: PipelineConfig, units: str) -> dict[str, Any]:
     ``HU_REFERENCE_RANGE`` when it defines them (None until it does); the report shows them
     beside the HU numbers.
     """
-    from pipeline import severity as severity_module
+    from corona_ct.pipeline import severity as severity_module
 
     ggo, consolidation = config.severity.ggo_hu, config.severity.consolidation_hu
     caveat = getattr(severity_module, "HU_MEASURE_CAVEAT", None)

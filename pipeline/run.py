@@ -23,16 +23,24 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.assess import NOT_ASSESSABLE, LungCheck
-from pipeline.atomic import atomic_path, write_text
-from pipeline.config import PipelineConfig
-from pipeline.datamodel import CamStack, LungMask, Severity, SliceFeatures, SliceScores, StudyFailure, Volume
-from pipeline.errors import CoronaCTError, ModelError, StageError
+from corona_ct.pipeline.assess import NOT_ASSESSABLE, LungCheck
+from corona_ct.pipeline.atomic import atomic_path, write_text
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.datamodel import (
+    CamStack,
+    LungMask,
+    Severity,
+    SliceFeatures,
+    SliceScores,
+    StudyFailure,
+    Volume,
+)
+from corona_ct.pipeline.errors import CoronaCTError, ModelError, StageError
 
 if TYPE_CHECKING:
-    from models.checkpoint import LoadedModel
-    from models.classifier import BackboneSpec
-    from pipeline.ingest import StudyInput
+    from corona_ct.models.checkpoint import LoadedModel
+    from corona_ct.models.classifier import BackboneSpec
+    from corona_ct.pipeline.ingest import StudyInput
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +108,7 @@ class Models:
     def describe(self) -> dict[str, dict[str, object] | None]:
         """Names, architectures and checksums for the report."""
 
-        from models import weights
+        from corona_ct.models import weights
 
         def one(model: LoadedModel | None) -> dict[str, object] | None:
             if model is None:
@@ -135,9 +143,9 @@ def load_models(
     Explicit paths win over the project's default weights in ``models/weights``.
     Without classifier weights this refuses unless ``allow_untrained`` is set.
     """
-    from models.checkpoint import input_contract_problems, load_classifier, load_segmenter
-    from models.weights import default_weights
-    from pipeline.device import resolve_device
+    from corona_ct.models.checkpoint import input_contract_problems, load_classifier, load_segmenter
+    from corona_ct.models.weights import default_weights
+    from corona_ct.pipeline.device import resolve_device
 
     device = str(resolve_device(config.runtime.device))
     cls_path = cls_weights or default_weights("classifier")
@@ -238,12 +246,18 @@ def analyze_study(
     """
     import torch
 
-    from pipeline.assess import check_lungs
-    from pipeline.classify import case_probability, classify_slices
-    from pipeline.device import resolve_device
-    from pipeline.preprocess import evaluable_slices, lung_bounding_box, paste_back, to_model_input, window
-    from pipeline.segment import segment_lungs
-    from pipeline.severity import severity
+    from corona_ct.pipeline.assess import check_lungs
+    from corona_ct.pipeline.classify import case_probability, classify_slices
+    from corona_ct.pipeline.device import resolve_device
+    from corona_ct.pipeline.preprocess import (
+        evaluable_slices,
+        lung_bounding_box,
+        paste_back,
+        to_model_input,
+        window,
+    )
+    from corona_ct.pipeline.segment import segment_lungs
+    from corona_ct.pipeline.severity import severity
 
     timings: dict[str, float] = {}
     study_id = volume.study_id
@@ -411,8 +425,8 @@ def summary_values(
     that failed the gate. ``threshold`` (default ``classify.positive_threshold``'s default)
     decides which slices count as positive for ``empty_cam_positive_slices``.
     """
-    from pipeline.config import ClassifyConfig
-    from pipeline.report import empty_map_positive_slices
+    from corona_ct.pipeline.config import ClassifyConfig
+    from corona_ct.pipeline.report import empty_map_positive_slices
 
     row: dict[str, object] = dict.fromkeys(SUMMARY_COLUMNS)
     row.update(study_id=study_id, source=source, status=STATUS_FAILED, reason="", error=error)
@@ -532,7 +546,7 @@ def run_batch(
     """
     from tqdm import tqdm
 
-    from pipeline.ingest import load_all_series, load_input
+    from corona_ct.pipeline.ingest import load_all_series, load_input
 
     output.mkdir(parents=True, exist_ok=True)
     outcome = BatchOutcome()
@@ -601,7 +615,7 @@ def _analyze_and_write(
     """Analyse one loaded series and write its outputs; returns its summary row."""
     from tqdm import tqdm
 
-    from pipeline.report import write_study_outputs
+    from corona_ct.pipeline.report import write_study_outputs
 
     study_id = volume.study_id
     with tqdm(
@@ -628,8 +642,8 @@ def _discover_each(
     inputs: Sequence[str | Path], config: PipelineConfig
 ) -> tuple[list[StudyInput], list[StudyFailure]]:
     """Discover studies input by input, so that one unreadable input does not stop the others."""
-    from pipeline.ingest import discover
-    from pipeline.ingest.deid import clean_text, hashed_id
+    from corona_ct.pipeline.ingest import discover
+    from corona_ct.pipeline.ingest.deid import clean_text, hashed_id
 
     items: list[StudyInput] = []
     failures: list[StudyFailure] = []
@@ -672,7 +686,7 @@ def _display_source(item: StudyInput) -> str:
     A DICOM folder's name is shown only when the study id was derived from it, i.e.
     when it was judged free of patient identifiers; otherwise it is withheld.
     """
-    from pipeline.ingest.deid import clean_text
+    from corona_ct.pipeline.ingest.deid import clean_text
 
     kind, name, study_id = item.kind, Path(item.source).name, item.study_id
     if kind == "dicom" and study_id != name and not re.fullmatch(re.escape(name) + r"-\d+", study_id):
@@ -691,8 +705,8 @@ def slice_lung_mask(
     image: np.ndarray, units: str, config: PipelineConfig, models: Models, source: str = "slice"
 ) -> np.ndarray:
     """(1, y, x) bool lungs of one slice image: the run's U-Net when loaded, else the classical method."""
-    from pipeline.device import resolve_device
-    from pipeline.segment import slice_lung_labels
+    from corona_ct.pipeline.device import resolve_device
+    from corona_ct.pipeline.segment import slice_lung_labels
 
     unet = models.segmenter.module if models.segmenter is not None else None
     device = str(resolve_device(config.runtime.device))
@@ -715,11 +729,11 @@ def explain_images(
     lung is found or ``roi="none"``),
     resize, classifier and fused Grad-CAM, map pasted back at the image's size.
     """
-    from pipeline.classify import classify_slices
-    from pipeline.device import resolve_device
-    from pipeline.ingest.deid import clean_text
-    from pipeline.ingest.slices import read_slice_image
-    from pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
+    from corona_ct.pipeline.classify import classify_slices
+    from corona_ct.pipeline.device import resolve_device
+    from corona_ct.pipeline.ingest.deid import clean_text
+    from corona_ct.pipeline.ingest.slices import read_slice_image
+    from corona_ct.pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
 
     output.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.runtime.device)
@@ -800,7 +814,7 @@ def _write_overlay(path: Path, grey: np.ndarray, cam: np.ndarray) -> None:
 
 def run_demo(output: Path, config: PipelineConfig, *, cls_weights: Path | None = None) -> int:
     """Write two phantom studies (with and without lesions) as DICOM and run the pipeline on them."""
-    from data.phantom import make_phantom, write_dicom_series
+    from corona_ct.data.phantom import make_phantom, write_dicom_series
 
     inputs = output / "inputs"
     phantoms = {

@@ -50,9 +50,9 @@ from scipy import ndimage
 from skimage.morphology import convex_hull_image
 from skimage.segmentation import watershed
 
-from pipeline.config import PipelineConfig, SegmentConfig, WindowConfig
-from pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Geometry, LungMask, Volume
-from pipeline.errors import ModelError
+from corona_ct.pipeline.config import PipelineConfig, SegmentConfig, WindowConfig
+from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Geometry, LungMask, Volume
+from corona_ct.pipeline.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ def segment_lungs(
     spacing_mm = volume.geometry.spacing_mm
     if model is not None:
         # torch model code stays out of the classical path
-        from models.segmenter import SEGMENTER_INPUT, predict_lung_labels
-        from pipeline.preprocess import window
+        from corona_ct.models.segmenter import SEGMENTER_INPUT, predict_lung_labels
+        from corona_ct.pipeline.preprocess import window
 
         windowed = window(volume.array, volume.units, window_config)
         size = input_size or SEGMENTER_INPUT.input_size
@@ -165,7 +165,7 @@ def slice_lung_labels(
     minimum lung area (scaled to this image size) is used instead, as nominal ml.
     The classical form crops slice images for training (and for ``explain`` without a U-Net).
     """
-    from pipeline.preprocess import min_lung_pixels_for
+    from corona_ct.pipeline.preprocess import min_lung_pixels_for
 
     height, width = image.shape
     volume = Volume(

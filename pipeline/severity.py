@@ -55,9 +55,17 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from pipeline.config import PipelineConfig, SeverityConfig
-from pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, CamStack, LungMask, Severity, SliceScores, Volume
-from pipeline.errors import GeometryError
+from corona_ct.pipeline.config import PipelineConfig, SeverityConfig
+from corona_ct.pipeline.datamodel import (
+    LEFT_LUNG,
+    RIGHT_LUNG,
+    CamStack,
+    LungMask,
+    Severity,
+    SliceScores,
+    Volume,
+)
+from corona_ct.pipeline.errors import GeometryError
 
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float64]

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import special
 
-from pipeline.errors import ConfigError, InputError
+from corona_ct.pipeline.errors import ConfigError, InputError
 
 FloatVector = npt.NDArray[np.float64]
 

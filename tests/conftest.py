@@ -15,9 +15,9 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 def pytest_configure(config: pytest.Config) -> None:
     # Unit tests choose their models explicitly: the default weights are hidden for the whole
     # session (module fixtures load models before any function fixture could hide them).
-    import models.weights
+    from corona_ct.models import weights
 
-    models.weights.WEIGHTS_DIR = Path(tempfile.mkdtemp(prefix="corona-ct-no-default-weights-"))
+    weights.WEIGHTS_DIR = Path(tempfile.mkdtemp(prefix="corona-ct-no-default-weights-"))
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency
@@ -29,7 +29,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def _shipped_weights_when_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests marked ``shipped_weights`` see the default weights (they test the files that ship)."""
     if request.node.get_closest_marker("shipped_weights") is not None:
-        monkeypatch.setattr("models.weights.WEIGHTS_DIR", SHIPPED_WEIGHTS_DIR)
+        monkeypatch.setattr("corona_ct.models.weights.WEIGHTS_DIR", SHIPPED_WEIGHTS_DIR)
 
 
 @pytest.fixture(scope="session")

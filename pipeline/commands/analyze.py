@@ -32,15 +32,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from pipeline import __version__
-from pipeline.atomic import atomic_path, write_text
-from pipeline.errors import ConfigError, InputError
-from pipeline.run import STATUS_NOT_ASSESSABLE, STATUS_OK, SUMMARY_COLUMNS
+from corona_ct.pipeline import __version__
+from corona_ct.pipeline.atomic import atomic_path, write_text
+from corona_ct.pipeline.errors import ConfigError, InputError
+from corona_ct.pipeline.run import STATUS_NOT_ASSESSABLE, STATUS_OK, SUMMARY_COLUMNS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from pipeline.stats import GroupComparison, RocResult
+    from corona_ct.pipeline.stats import GroupComparison, RocResult
 
 log = logging.getLogger(__name__)
 
@@ -600,7 +600,7 @@ def _finish(reasons: Sequence[str], args: argparse.Namespace) -> int:
 
 
 def handle_roc(args: argparse.Namespace) -> int:
-    from pipeline.stats import MIN_CASES_PER_CLASS, delong_test, roc_analysis
+    from corona_ct.pipeline.stats import MIN_CASES_PER_CLASS, delong_test, roc_analysis
 
     cohort = _load_cohort(args)
     scores = _check_scores(cohort, args.scores)
@@ -788,7 +788,7 @@ def _roc_markdown(
 
 
 def handle_wilcoxon(args: argparse.Namespace) -> int:
-    from pipeline.stats import group_comparison
+    from corona_ct.pipeline.stats import group_comparison
 
     cohort = _load_cohort(args)
     scores = _check_scores(cohort, args.scores)
@@ -1090,7 +1090,7 @@ def _parse_k(text: str, n_slices: int) -> int | None:
 def handle_cluster(args: argparse.Namespace) -> int:
     import torch
 
-    from pipeline.cluster import (
+    from corona_ct.pipeline.cluster import (
         distances_to_centres,
         dominant_groups,
         elbow_fits,
@@ -1100,7 +1100,7 @@ def handle_cluster(args: argparse.Namespace) -> int:
         pca_2d,
         zscore,
     )
-    from pipeline.device import resolve_device
+    from corona_ct.pipeline.device import resolve_device
 
     for name in ("k_max", "restarts", "max_iter", "key_slices"):
         if getattr(args, name) < 1:
@@ -1214,7 +1214,7 @@ def _cluster_problems(
     study_ids: Sequence[str], sources: Sequence[str], labels: npt.NDArray[np.int64]
 ) -> list[str]:
     """Why a clustering is degenerate: one study, or clusters that coincide with studies or sources."""
-    from pipeline.cluster import coinciding_groups
+    from corona_ct.pipeline.cluster import coinciding_groups
 
     reasons = []
     studies = sorted(set(study_ids))

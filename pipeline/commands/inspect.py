@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from pipeline.errors import ConfigError, InputError
+from corona_ct.pipeline.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
-    from pipeline.ingest import SeriesInfo, StudyInput
+    from corona_ct.pipeline.ingest import SeriesInfo, StudyInput
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -43,7 +43,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _series_rows(series: tuple[SeriesInfo, ...]) -> list[str]:
-    from pipeline.ingest.dicom import series_label
+    from corona_ct.pipeline.ingest.dicom import series_label
 
     header = (
         "series",
@@ -85,8 +85,8 @@ def _series_rows(series: tuple[SeriesInfo, ...]) -> list[str]:
 def _study_block(
     item: StudyInput, series_uid: str | None, all_series: bool
 ) -> tuple[list[str], InputError | None]:
-    from pipeline.ingest import choose_series
-    from pipeline.ingest.dicom import series_label
+    from corona_ct.pipeline.ingest import choose_series
+    from corona_ct.pipeline.ingest.dicom import series_label
 
     lines = [f"study {item.study_id}  ({item.kind})  {item.source}"]
     if item.kind != "dicom":
@@ -118,8 +118,8 @@ def _study_block(
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from pipeline.ingest import discover, find_series
-    from pipeline.ingest.dicom import series_label
+    from corona_ct.pipeline.ingest import discover, find_series
+    from corona_ct.pipeline.ingest.dicom import series_label
 
     studies = discover(args.paths)
     target = None

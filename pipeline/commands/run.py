@@ -77,7 +77,7 @@ def register(subparsers: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from pipeline.config import load_config
+    from corona_ct.pipeline.config import load_config
 
     overrides = list(getattr(args, "overrides", []))
     if getattr(args, "device", None):
@@ -87,7 +87,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 def _print_rows(rows: list[dict[str, object]]) -> None:
     """One line per study; not-assessable studies are listed again below with their reasons."""
-    from pipeline.run import STATUS_NOT_ASSESSABLE
+    from corona_ct.pipeline.run import STATUS_NOT_ASSESSABLE
 
     header = (
         f"{'study_id':<24} {'status':<14} {'slices':>6} {'p(case)':>8} {'score cm3':>10} {'lung cm3':>9}  "
@@ -109,7 +109,7 @@ def _print_rows(rows: list[dict[str, object]]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.run import load_models, run_batch
+    from corona_ct.pipeline.run import load_models, run_batch
 
     config = _config(args)
     models = load_models(config, args.cls_weights, args.seg_weights, allow_untrained=args.allow_untrained)
@@ -139,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from pipeline.run import explain_images, load_models
+    from corona_ct.pipeline.run import explain_images, load_models
 
     config = _config(args)
     models = load_models(config, args.cls_weights, args.seg_weights, allow_untrained=args.allow_untrained)
@@ -153,7 +153,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipeline.run import run_demo
+    from corona_ct.pipeline.run import run_demo
 
     config = _config(args)
     return run_demo(args.output, config, cls_weights=args.cls_weights)

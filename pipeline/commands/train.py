@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError
+from corona_ct.pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def register(subparsers: Any) -> None:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from models.train import TrainConfig
+    from corona_ct.models.train import TrainConfig
 
     overrides = {field: getattr(args, option) for option, field in _OVERRIDES.items()
                  if getattr(args, option, None) is not None}  # fmt: skip
@@ -142,7 +142,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def _manifest(args: argparse.Namespace) -> Any:
-    from data.manifest import manifest_from_class_folders, read_manifest_csv
+    from corona_ct.data.manifest import manifest_from_class_folders, read_manifest_csv
 
     if (args.data is None) == (not args.class_dirs):
         raise ConfigError("give either --data MANIFEST.csv or --class NAME=DIR (at least two), not both")
@@ -158,8 +158,8 @@ def _manifest(args: argparse.Namespace) -> Any:
 
 
 def _prepared(args: argparse.Namespace, config: Any) -> tuple[Any, Any, Any]:
-    from data.datasets import build_slice_dataset
-    from pipeline.config import load_config
+    from corona_ct.data.datasets import build_slice_dataset
+    from corona_ct.pipeline.config import load_config
 
     pipeline_config = load_config(args.config)
     manifest = _manifest(args)
@@ -183,11 +183,11 @@ def _card_extra(manifest: Any, args: argparse.Namespace) -> dict[str, Any]:
 def run_train_classifier(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from data.folds import group_train_val_split, groups_overlap
-    from models.metrics import binary_report
-    from models.train import predict_probabilities, train_classifier
-    from pipeline.atomic import write_text
-    from pipeline.device import resolve_device
+    from corona_ct.data.folds import group_train_val_split, groups_overlap
+    from corona_ct.models.metrics import binary_report
+    from corona_ct.models.train import predict_probabilities, train_classifier
+    from corona_ct.pipeline.atomic import write_text
+    from corona_ct.pipeline.device import resolve_device
 
     config = _train_config(args)
     manifest, dataset, pipeline_config = _prepared(args, config)
@@ -239,7 +239,7 @@ def run_train_classifier(args: argparse.Namespace) -> int:
 
 
 def run_cross_validation(args: argparse.Namespace) -> int:
-    from models.train import cross_validate
+    from corona_ct.models.train import cross_validate
 
     config = _train_config(args)
     backbones = [name.strip() for name in args.backbones.split(",") if name.strip()]
@@ -257,9 +257,9 @@ def run_cross_validation(args: argparse.Namespace) -> int:
 
 
 def run_train_segmenter(args: argparse.Namespace) -> int:
-    from data.datasets import load_segmentation_data
-    from models.train import SegTrainConfig, train_segmenter
-    from pipeline.config import load_config
+    from corona_ct.data.datasets import load_segmentation_data
+    from corona_ct.models.train import SegTrainConfig, train_segmenter
+    from corona_ct.pipeline.config import load_config
 
     if not args.data and not args.unlabeled:
         raise ConfigError("give --data MANIFEST.csv (image,mask) and/or --unlabeled CT with --pseudo-labels")

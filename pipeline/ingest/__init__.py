@@ -8,7 +8,7 @@ StudyInstanceUID) of DICOM files found anywhere below a folder.
 
 Example::
 
-    from pipeline.ingest import load_study
+    from corona_ct.pipeline.ingest import load_study
     volume = load_study("LIDC-IDRI-0001")   # float32 HU, (z, y, x), +S +P +L
 """
 
@@ -22,17 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import IngestConfig
-from pipeline.datamodel import Volume
-from pipeline.errors import (
+from corona_ct.pipeline.config import IngestConfig
+from corona_ct.pipeline.datamodel import Volume
+from corona_ct.pipeline.errors import (
     AmbiguousInputError,
     ConfigError,
     InputError,
     NoImageDataError,
     UnsupportedInputError,
 )
-from pipeline.ingest.deid import clean_text, derive_study_id
-from pipeline.ingest.dicom import (
+from corona_ct.pipeline.ingest.deid import clean_text, derive_study_id
+from corona_ct.pipeline.ingest.dicom import (
     SeriesInfo,
     SliceHeader,
     describe_series,
@@ -339,15 +339,15 @@ def load_input(item: StudyInput, config: IngestConfig | None = None, series_uid:
     """Read one discovered study as a ``Volume`` (DICOM: the chosen series)."""
     config = config or IngestConfig()
     if item.kind == "nifti":
-        from pipeline.ingest.nifti import read_nifti
+        from corona_ct.pipeline.ingest.nifti import read_nifti
 
         return read_nifti(item.source, config, item.study_id)
     if item.kind == "tiff":
-        from pipeline.ingest.slices import read_tiff_folder
+        from corona_ct.pipeline.ingest.slices import read_tiff_folder
 
         return read_tiff_folder(item.source, config, item.study_id)
     if item.kind == "images":
-        from pipeline.ingest.slices import read_image_folder
+        from corona_ct.pipeline.ingest.slices import read_image_folder
 
         return read_image_folder(item.source, config, item.study_id)
     chosen, reason = choose_series(item, series_uid)

@@ -36,15 +36,15 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from pipeline.config import IngestConfig
-from pipeline.datamodel import Geometry, Volume
-from pipeline.errors import (
+from corona_ct.pipeline.config import IngestConfig
+from corona_ct.pipeline.datamodel import Geometry, Volume
+from corona_ct.pipeline.errors import (
     DecoderMissingError,
     GeometryError,
     InputError,
     UnsupportedInputError,
 )
-from pipeline.ingest.deid import clean_text
+from corona_ct.pipeline.ingest.deid import clean_text
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import numpy.typing as npt
 from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import aff2axcodes, io_orientation
 
-from pipeline.atomic import atomic_path
-from pipeline.config import IngestConfig
-from pipeline.datamodel import Geometry, SourceOrder, Volume
-from pipeline.errors import ConfigError, GeometryError, InputError, UnsupportedInputError
+from corona_ct.pipeline.atomic import atomic_path
+from corona_ct.pipeline.config import IngestConfig
+from corona_ct.pipeline.datamodel import Geometry, SourceOrder, Volume
+from corona_ct.pipeline.errors import ConfigError, GeometryError, InputError, UnsupportedInputError
 
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.config import IngestConfig
-from pipeline.datamodel import Geometry, Volume
-from pipeline.errors import (
+from corona_ct.pipeline.config import IngestConfig
+from corona_ct.pipeline.datamodel import Geometry, Volume
+from corona_ct.pipeline.errors import (
     AmbiguousInputError,
     DecoderMissingError,
     GeometryError,

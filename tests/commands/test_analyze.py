@@ -12,7 +12,7 @@ import pytest
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score
 
-from pipeline import cli
+from corona_ct.pipeline import cli
 
 SUMMARY_COLUMNS = [
     "study_id", "status", "source", "n_slices", "slices_evaluated", "positive_slices", "case_probability",
@@ -25,7 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(autouse=True)
 def only_analysis_commands(monkeypatch: pytest.MonkeyPatch) -> None:
     """Build the CLI with this module's commands only, so sibling commands cannot break these tests."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("pipeline.commands.analyze",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("corona_ct.pipeline.commands.analyze",))
 
 
 def write_run_output(
@@ -585,7 +585,7 @@ def test_clusters_of_a_single_study_are_degenerate(tmp_path: Path) -> None:
 @pytest.fixture
 def saved_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[str, int, list[str]]]:
     """file name -> (figure title, number of axes, axes titles) of every figure the command saves."""
-    from pipeline.commands import analyze
+    from corona_ct.pipeline.commands import analyze
 
     saved: dict[str, tuple[str, int, list[str]]] = {}
     real = analyze._save_figure

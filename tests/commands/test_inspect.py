@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli
+from corona_ct.pipeline import cli
 from tests.ingest.dicom_factory import CORONAL, phantom_hu, write_series
 
 
 @pytest.fixture(autouse=True)
 def _inspect_only(monkeypatch: pytest.MonkeyPatch) -> None:
     # Other subcommands are built elsewhere; the parser here needs only this one.
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("pipeline.commands.inspect",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("corona_ct.pipeline.commands.inspect",))
 
 
 def _two_series(root: Path) -> None:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.phantom import make_phantom
-from pipeline.commands import train as train_command
-from pipeline.config import WindowConfig
-from pipeline.preprocess import window
+from corona_ct.data.phantom import make_phantom
+from corona_ct.pipeline.commands import train as train_command
+from corona_ct.pipeline.config import WindowConfig
+from corona_ct.pipeline.preprocess import window
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +91,7 @@ def test_cv_writes_the_comparison_tables(slice_manifest: Path, tmp_path: Path) -
 
 
 def test_data_options_are_checked(slice_manifest: Path, tmp_path: Path) -> None:
-    from pipeline.errors import ConfigError
+    from corona_ct.pipeline.errors import ConfigError
 
     args = _parser().parse_args(["train-cls", "--output", str(tmp_path)])
     with pytest.raises(ConfigError, match="--data"):
@@ -102,7 +102,7 @@ def test_data_options_are_checked(slice_manifest: Path, tmp_path: Path) -> None:
 
 
 def test_train_seg_with_classical_pseudo_labels_on_unlabeled_ct(tmp_path: Path) -> None:
-    from data.phantom import write_nifti
+    from corona_ct.data.phantom import write_nifti
 
     study = write_nifti(make_phantom(seed=3, shape=(10, 64, 64), lesions="mixed"), tmp_path / "ct.nii.gz")
     args = _parser().parse_args(
@@ -114,7 +114,7 @@ def test_train_seg_with_classical_pseudo_labels_on_unlabeled_ct(tmp_path: Path) 
     assert card["architecture"] == "segmenter/unet-vgg16" and card["pseudo_labels"] == "classical"
     assert card["n_train_slices"] + card["n_val_slices"] == 10
     args = _parser().parse_args(["train-seg", "--unlabeled", str(study), "--output", str(tmp_path / "x")])
-    from pipeline.errors import ConfigError
+    from corona_ct.pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="pseudo-labels"):
         args.handler(args)
@@ -124,8 +124,8 @@ def test_train_seg_from_a_mask_manifest_and_run_with_the_unet(tmp_path: Path) ->
     """NIfTI volume + NIfTI mask and PNG slice + PNG mask → U-Net checkpoint → `run --seg-weights`."""
     import nibabel as nib
 
-    from data.phantom import write_nifti, write_png_slices
-    from pipeline.cli import main
+    from corona_ct.data.phantom import write_nifti, write_png_slices
+    from corona_ct.pipeline.cli import main
 
     phantom = make_phantom(seed=4, shape=(8, 64, 64), spacing_mm=(5.0, 4.0, 4.0), lesions="mixed")
     ct = write_nifti(phantom, tmp_path / "ct.nii.gz")

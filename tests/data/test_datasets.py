@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data.datasets import SliceDataset, as_network_input, build_slice_dataset, slices_to_model_input
-from data.folds import groups_overlap, stratified_group_kfold
-from data.manifest import (
+from corona_ct.data.datasets import SliceDataset, as_network_input, build_slice_dataset, slices_to_model_input
+from corona_ct.data.folds import groups_overlap, stratified_group_kfold
+from corona_ct.data.manifest import (
     GROUP_RULES,
     detect_rule,
     group_of,
@@ -19,9 +19,9 @@ from data.manifest import (
     manifest_from_class_folders,
     read_manifest_csv,
 )
-from pipeline.config import PipelineConfig
-from pipeline.errors import ConfigError, InputError
-from pipeline.preprocess import lung_bounding_box, to_model_input
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.errors import ConfigError, InputError
+from corona_ct.pipeline.preprocess import lung_bounding_box, to_model_input
 
 
 @pytest.mark.parametrize(
@@ -137,9 +137,9 @@ def test_slice_dataset_rejects_mismatched_labels() -> None:
 def test_lung_roi_crop_of_a_ct_slice_matches_the_crop_to_the_true_lungs(tmp_path: Path) -> None:
     import tifffile
 
-    from data.datasets import load_slice_input
-    from data.phantom import make_phantom
-    from pipeline.preprocess import window
+    from corona_ct.data.datasets import load_slice_input
+    from corona_ct.data.phantom import make_phantom
+    from corona_ct.pipeline.preprocess import window
 
     phantom = make_phantom(seed=0, shape=(12, 96, 96))
     # COVID-CTset style 16-bit TIFF: raw = HU + 1024 (IngestConfig.tiff_hu_offset).

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.folds import group_train_val_split, groups_overlap, stratified_group_kfold
-from pipeline.errors import ConfigError
+from corona_ct.data.folds import group_train_val_split, groups_overlap, stratified_group_kfold
+from corona_ct.pipeline.errors import ConfigError
 
 
 @st.composite

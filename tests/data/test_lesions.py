@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.lesions import TextureBank, noise_sd_hu, paste_lesions, procedural_lesion, relative_density
-from data.phantom import make_phantom
+from corona_ct.data.lesions import (
+    TextureBank,
+    noise_sd_hu,
+    paste_lesions,
+    procedural_lesion,
+    relative_density,
+)
+from corona_ct.data.phantom import make_phantom
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from data.phantom import (
+from corona_ct.data.phantom import (
     AIR,
     AIRWAY,
     BONE,
@@ -22,8 +22,8 @@ from data.phantom import (
     lesion_specs_for_volume,
     make_phantom,
 )
-from pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG
-from pipeline.errors import ConfigError
+from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG
+from corona_ct.pipeline.errors import ConfigError
 
 SMALL = (12, 64, 64)
 # A coarse grid with the default field of view: realistic lung volume at a fraction of the voxels.

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.phantom import make_phantom
-from data.source_matched import UNKNOWN_MASK, PreparedSlices, ctmd_infection_labels, volume_slices
-from pipeline.config import PipelineConfig
-from pipeline.preprocess import lung_bounding_box, to_model_input, window
+from corona_ct.data.phantom import make_phantom
+from corona_ct.data.source_matched import UNKNOWN_MASK, PreparedSlices, ctmd_infection_labels, volume_slices
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.preprocess import lung_bounding_box, to_model_input, window
 
 SIZE = 64
 
@@ -80,7 +80,7 @@ def test_prepared_slices_round_trip(phantom_volume: tuple, tmp_path: Path) -> No
 
 @pytest.mark.realdata
 def test_ctmd_labels_match_the_series(shared_data: Path) -> None:
-    from pipeline.ingest import load_study
+    from corona_ct.pipeline.ingest import load_study
 
     volume = load_study(shared_data / "covid-ct-md" / "P002")
     labels = ctmd_infection_labels(volume, shared_data / "covid-ct-md" / "slice_labels.csv", "P002")

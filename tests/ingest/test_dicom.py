@@ -9,10 +9,10 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from pipeline.config import IngestConfig
-from pipeline.errors import ConfigError
-from pipeline.ingest import choose_series, discover, load_all_series, load_input, load_study
-from pipeline.ingest.dicom import canonical_reorder, stored_values
+from corona_ct.pipeline.config import IngestConfig
+from corona_ct.pipeline.errors import ConfigError
+from corona_ct.pipeline.ingest import choose_series, discover, load_all_series, load_input, load_study
+from corona_ct.pipeline.ingest.dicom import canonical_reorder, stored_values
 from tests.ingest.dicom_factory import AXIAL, CORONAL, SAGITTAL, phantom_hu, world_of, write_series
 
 SPACING = (2.5, 0.7, 0.8)

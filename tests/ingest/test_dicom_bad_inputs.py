@@ -14,16 +14,16 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID
 
-from pipeline.config import IngestConfig
-from pipeline.errors import (
+from corona_ct.pipeline.config import IngestConfig
+from corona_ct.pipeline.errors import (
     AmbiguousInputError,
     DecoderMissingError,
     GeometryError,
     NoImageDataError,
     UnsupportedInputError,
 )
-from pipeline.ingest import choose_series, discover, load_input, load_study
-from pipeline.ingest import dicom as dicom_module
+from corona_ct.pipeline.ingest import choose_series, discover, load_input, load_study
+from corona_ct.pipeline.ingest import dicom as dicom_module
 from tests.ingest.dicom_factory import CORONAL, ct_slice, phantom_hu, write_series
 
 SPACING = (2.5, 0.7, 0.7)

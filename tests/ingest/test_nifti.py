@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from nibabel.orientations import axcodes2ornt, ornt_transform
 
-from data.phantom import Phantom, make_phantom
-from pipeline.config import IngestConfig
-from pipeline.errors import ConfigError, GeometryError, InputError, UnsupportedInputError
-from pipeline.ingest.nifti import read_nifti, write_nifti
+from corona_ct.data.phantom import Phantom, make_phantom
+from corona_ct.pipeline.config import IngestConfig
+from corona_ct.pipeline.errors import ConfigError, GeometryError, InputError, UnsupportedInputError
+from corona_ct.pipeline.ingest.nifti import read_nifti, write_nifti
 
 CONFIG = IngestConfig()
 # Non-square, with distinct sizes per axis, so that any permutation mistake changes the shape.

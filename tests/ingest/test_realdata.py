@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.ingest import discover, load_study
+from corona_ct.pipeline.ingest import discover, load_study
 
 pytestmark = pytest.mark.realdata
 

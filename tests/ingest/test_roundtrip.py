@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from data.phantom import (
+from corona_ct.data.phantom import (
     Phantom,
     make_phantom,
     window_to_uint8,
@@ -18,11 +18,11 @@ from data.phantom import (
     write_png_slices,
     write_tiff_slices,
 )
-from pipeline.config import IngestConfig
-from pipeline.errors import ConfigError
-from pipeline.ingest import load_study
-from pipeline.ingest.nifti import read_nifti
-from pipeline.ingest.slices import read_image_folder, read_tiff_folder
+from corona_ct.pipeline.config import IngestConfig
+from corona_ct.pipeline.errors import ConfigError
+from corona_ct.pipeline.ingest import load_study
+from corona_ct.pipeline.ingest.nifti import read_nifti
+from corona_ct.pipeline.ingest.slices import read_image_folder, read_tiff_folder
 
 CONFIG = IngestConfig()
 SHAPE = (12, 64, 56)

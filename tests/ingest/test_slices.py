@@ -10,16 +10,21 @@ import pytest
 import tifffile
 from PIL import Image
 
-from data.phantom import make_phantom, write_dicom_series
-from pipeline.config import IngestConfig
-from pipeline.errors import (
+from corona_ct.data.phantom import make_phantom, write_dicom_series
+from corona_ct.pipeline.config import IngestConfig
+from corona_ct.pipeline.errors import (
     AmbiguousInputError,
     GeometryError,
     InputError,
     NoImageDataError,
     UnsupportedInputError,
 )
-from pipeline.ingest.slices import read_image_folder, read_slice_image, read_tiff_folder, sort_by_slice_number
+from corona_ct.pipeline.ingest.slices import (
+    read_image_folder,
+    read_slice_image,
+    read_tiff_folder,
+    sort_by_slice_number,
+)
 
 CONFIG = IngestConfig()
 

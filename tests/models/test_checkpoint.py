@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.checkpoint import (
+from corona_ct.models.checkpoint import (
     CHECKPOINT_FORMAT,
     LoadedModel,
     load_checkpoint,
@@ -22,9 +22,9 @@ from models.checkpoint import (
     read_card,
     save_checkpoint,
 )
-from models.classifier import build_classifier
-from models.weights import default_weights
-from pipeline.errors import ConfigError, ModelError
+from corona_ct.models.classifier import build_classifier
+from corona_ct.models.weights import default_weights
+from corona_ct.pipeline.errors import ConfigError, ModelError
 
 
 def _card(architecture: str = "classifier/resnet50", **extra: object) -> dict[str, object]:
@@ -239,7 +239,9 @@ def test_segmenter_is_built_from_its_card(tmp_path: Path, monkeypatch: pytest.Mo
         built.append((num_classes, in_channels))
         return Tiny(in_channels, num_classes)
 
-    monkeypatch.setitem(sys.modules, "models.segmenter", types.SimpleNamespace(build_unet=build_unet))
+    monkeypatch.setitem(
+        sys.modules, "corona_ct.models.segmenter", types.SimpleNamespace(build_unet=build_unet)
+    )
     torch.manual_seed(3)
     model = Tiny(in_channels=1, num_classes=4)
     card = _card("segmenter/unet-tiny", num_classes=4)
@@ -271,7 +273,7 @@ def test_a_card_that_is_not_json_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_input_contract_refuses_another_window_and_warns_about_another_segmenter() -> None:
-    from models.checkpoint import LoadedModel, input_contract_problems
+    from corona_ct.models.checkpoint import LoadedModel, input_contract_problems
 
     card = {"input": {"size": 224, "window": [-1000.0, 0.0], "roi": "lung-bbox",
                       "segmenter": {"architecture": "segmenter/unet-vgg16", "sha256": "a" * 64}}}  # fmt: skip

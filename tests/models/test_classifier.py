@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.classifier import BACKBONES, backbone_spec, build_classifier, positive_probability
-from pipeline.errors import ModelError
+from corona_ct.models.classifier import BACKBONES, backbone_spec, build_classifier, positive_probability
+from corona_ct.pipeline.errors import ModelError
 
 #: Small CPU-friendly input per backbone (the smallest the architecture accepts comfortably).
 SMALL_INPUT = {"inception_v3": 75, "xception": 71}

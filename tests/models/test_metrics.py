@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from models.metrics import accuracy, binary_report, confusion_matrix, per_class_metrics, roc_auc, roc_curve
+from corona_ct.models.metrics import (
+    accuracy,
+    binary_report,
+    confusion_matrix,
+    per_class_metrics,
+    roc_auc,
+    roc_curve,
+)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -7,11 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from models.segmenter import SEGMENTER_ARCHITECTURE, SEGMENTER_INPUT, build_unet, predict_lung_labels
-from pipeline.config import SegmentConfig, WindowConfig
-from pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Geometry, Volume
-from pipeline.errors import ModelError
-from pipeline.segment import segment_lungs
+from corona_ct.models.segmenter import (
+    SEGMENTER_ARCHITECTURE,
+    SEGMENTER_INPUT,
+    build_unet,
+    predict_lung_labels,
+)
+from corona_ct.pipeline.config import SegmentConfig, WindowConfig
+from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Geometry, Volume
+from corona_ct.pipeline.errors import ModelError
+from corona_ct.pipeline.segment import segment_lungs
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from data.phantom import make_phantom
-from models.checkpoint import load_classifier, load_segmenter, read_card, sha256_file
-from models.weights import default_weights
-from pipeline.config import PipelineConfig
-from pipeline.errors import ModelError
-from pipeline.run import analyze_study, load_models
+from corona_ct.data.phantom import make_phantom
+from corona_ct.models.checkpoint import load_classifier, load_segmenter, read_card, sha256_file
+from corona_ct.models.weights import default_weights
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.errors import ModelError
+from corona_ct.pipeline.run import analyze_study, load_models
 
 pytestmark = pytest.mark.shipped_weights
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "models" / "weights"
@@ -35,9 +35,10 @@ def test_shipped_file_matches_its_card(kind: str) -> None:
     for field in ("input", "training_data", "validation", "intended_use", "train_config"):
         assert card.get(field), f"{kind} card lacks {field}"
     assert "research" in card["intended_use"]
-    command = {"classifier": "python -m models.build_defaults train ", "segmenter": "corona-ct train-seg "}[
-        kind
-    ]
+    command = {
+        "classifier": "python -m corona_ct.models.build_defaults train ",
+        "segmenter": "corona-ct train-seg ",
+    }[kind]
     assert card["training_data"]["command"].startswith(command)
 
 
@@ -112,7 +113,7 @@ def test_default_unet_measures_phantom_lungs() -> None:
 
 @pytest.mark.realdata
 def test_run_on_lidc_uses_the_defaults_and_says_so(shared_data: Path, tmp_path: Path) -> None:
-    from pipeline.cli import main
+    from corona_ct.pipeline.cli import main
 
     code = main(
         ["run", str(shared_data / "dicom" / "LIDC-IDRI-0001"), "--output", str(tmp_path), "--no-progress"]

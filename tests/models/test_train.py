@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from data.datasets import SegmentationSlices, SliceDataset, slices_to_model_input
-from data.phantom import make_phantom
-from models.checkpoint import load_checkpoint, load_classifier
-from models.metrics import roc_auc
-from models.train import (
+from corona_ct.data.datasets import SegmentationSlices, SliceDataset, slices_to_model_input
+from corona_ct.data.phantom import make_phantom
+from corona_ct.models.checkpoint import load_checkpoint, load_classifier
+from corona_ct.models.metrics import roc_auc
+from corona_ct.models.train import (
     TrainConfig,
     augment_batch,
     insert_synthetic_lesions,
@@ -22,9 +22,9 @@ from models.train import (
     random_affine_params,
     train_classifier,
 )
-from pipeline.config import PipelineConfig
-from pipeline.errors import ConfigError, ModelError
-from pipeline.preprocess import window
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.errors import ConfigError, ModelError
+from corona_ct.pipeline.preprocess import window
 
 SIZE = 32  # tiny input: the recipe's ResNet-50 unchanged, only the image is small
 
@@ -180,7 +180,7 @@ def test_synthetic_lesions_stay_inside_the_lungs_and_raise_density() -> None:
 
 
 def test_segmenter_training_writes_a_card_with_validation_dice(tmp_path: Path) -> None:
-    from models.train import SegTrainConfig, train_segmenter
+    from corona_ct.models.train import SegTrainConfig, train_segmenter
 
     phantom = make_phantom(seed=5, shape=(12, 64, 64), lesions="mixed")
     windowed = torch.from_numpy(window(phantom.hu, "HU", PipelineConfig().window))
@@ -195,7 +195,7 @@ def test_segmenter_training_writes_a_card_with_validation_dice(tmp_path: Path) -
 
 
 def test_segmenter_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
-    from models.train import SegTrainConfig, train_segmenter
+    from corona_ct.models.train import SegTrainConfig, train_segmenter
 
     phantom = make_phantom(seed=6, shape=(10, 48, 48), lesions="mixed")
     windowed = torch.from_numpy(window(phantom.hu, "HU", PipelineConfig().window))
@@ -215,7 +215,7 @@ def test_segmenter_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: 
 
 
 def test_segmenter_validation_groups_can_be_named(tmp_path: Path) -> None:
-    from models.train import SegTrainConfig, train_segmenter
+    from corona_ct.models.train import SegTrainConfig, train_segmenter
 
     volumes = [make_phantom(seed=seed, shape=(6, 32, 32), lesions="none") for seed in (8, 9)]
     windowed = torch.from_numpy(
@@ -236,7 +236,7 @@ def test_segmenter_validation_groups_can_be_named(tmp_path: Path) -> None:
 
 def test_lesion_mask_loss_trains_and_leaves_no_head_in_the_checkpoint(tmp_path: Path) -> None:
     """The auxiliary heads train with the network but the saved model is a plain classifier."""
-    from data.datasets import MASK_UNKNOWN
+    from corona_ct.data.datasets import MASK_UNKNOWN
 
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.uniform(0.0, 0.3, (12, SIZE, SIZE)).astype(np.float32))

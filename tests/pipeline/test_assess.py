@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.phantom import make_phantom
-from pipeline.assess import (
+from corona_ct.data.phantom import make_phantom
+from corona_ct.pipeline.assess import (
     MAX_LUNG_MEDIAN_HU,
     MIN_LUNG_AREA_CM2,
     MIN_LUNG_SLICES,
@@ -20,10 +20,10 @@ from pipeline.assess import (
     assess_lungs,
     check_lungs,
 )
-from pipeline.config import PipelineConfig, SegmentConfig, WindowConfig
-from pipeline.datamodel import LungMask, Volume
-from pipeline.preprocess import window
-from pipeline.segment import segment_lungs
+from corona_ct.pipeline.config import PipelineConfig, SegmentConfig, WindowConfig
+from corona_ct.pipeline.datamodel import LungMask, Volume
+from corona_ct.pipeline.preprocess import window
+from corona_ct.pipeline.segment import segment_lungs
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_the_unet_on_an_abdomen_is_not_assessable_and_a_chest_slab_is(
 ) -> None:
     """The shipped U-Net draws ~18 cm³ of "lungs" on the abdomen-j2k series (bowel gas, fat);
     without the gate that series was called COVID positive."""
-    from pipeline.run import load_models, run_batch
+    from corona_ct.pipeline.run import load_models, run_batch
 
     config = PipelineConfig().replace({"runtime.device": "cpu"})
     models = load_models(config)

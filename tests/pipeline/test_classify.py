@@ -9,12 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from models.checkpoint import LoadedModel, load_classifier
-from models.classifier import BACKBONES
-from pipeline.classify import SliceOutputs, case_probability, classify_slices
-from pipeline.config import ClassifyConfig
-from pipeline.errors import ConfigError, ModelError
-from pipeline.explain import explain_batch
+from corona_ct.models.checkpoint import LoadedModel, load_classifier
+from corona_ct.models.classifier import BACKBONES
+from corona_ct.pipeline.classify import SliceOutputs, case_probability, classify_slices
+from corona_ct.pipeline.config import ClassifyConfig
+from corona_ct.pipeline.errors import ConfigError, ModelError
+from corona_ct.pipeline.explain import explain_batch
 
 SPEC = BACKBONES["resnet50"]
 CPU = torch.device("cpu")

@@ -13,7 +13,7 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.cluster import (
+from corona_ct.pipeline.cluster import (
     distances_to_centres,
     elbow,
     gradient_weighted_features,
@@ -22,7 +22,7 @@ from pipeline.cluster import (
     knee_point,
     pca_2d,
 )
-from pipeline.errors import ConfigError
+from corona_ct.pipeline.errors import ConfigError
 
 
 def _blobs(

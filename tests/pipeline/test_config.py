@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from pipeline.config import PipelineConfig, load_config, parse_overrides
-from pipeline.errors import ConfigError
+from corona_ct.pipeline.config import PipelineConfig, load_config, parse_overrides
+from corona_ct.pipeline.errors import ConfigError
 
 
 def test_defaults_are_the_papers_values() -> None:

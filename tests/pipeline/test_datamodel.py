@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline.datamodel import Geometry, SourceOrder, Volume
-from pipeline.errors import GeometryError, UnsupportedInputError
+from corona_ct.pipeline.datamodel import Geometry, SourceOrder, Volume
+from corona_ct.pipeline.errors import GeometryError, UnsupportedInputError
 
 
 def test_affines_map_voxels_to_lps_and_ras() -> None:

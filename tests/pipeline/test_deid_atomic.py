@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.atomic import atomic_path, write_text
-from pipeline.ingest.deid import clean_text, derive_study_id, hashed_id
+from corona_ct.pipeline.atomic import atomic_path, write_text
+from corona_ct.pipeline.ingest.deid import clean_text, derive_study_id, hashed_id
 
 
 def test_study_id_uses_a_safe_folder_name_else_a_hash() -> None:

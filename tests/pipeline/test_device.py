@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pipeline.device import resolve_device
-from pipeline.errors import ConfigError
+from corona_ct.pipeline.device import resolve_device
+from corona_ct.pipeline.errors import ConfigError
 
 
 def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:

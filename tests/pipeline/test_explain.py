@@ -9,9 +9,9 @@ import torch
 from pytorch_grad_cam import GradCAM
 from torch import nn
 
-from models.classifier import BACKBONES, build_classifier, positive_score
-from pipeline.errors import ConfigError, ModelError
-from pipeline.explain import ExplainOutput, GradCamHooks, explain_batch, fuse, normalize_per_slice
+from corona_ct.models.classifier import BACKBONES, build_classifier, positive_score
+from corona_ct.pipeline.errors import ConfigError, ModelError
+from corona_ct.pipeline.explain import ExplainOutput, GradCamHooks, explain_batch, fuse, normalize_per_slice
 
 SPEC = BACKBONES["resnet50"]
 HOOKED = ("layer2", "layer3", "layer4")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import RoiConfig, WindowConfig
-from pipeline.errors import ConfigError, GeometryError
-from pipeline.preprocess import (
+from corona_ct.pipeline.config import RoiConfig, WindowConfig
+from corona_ct.pipeline.errors import ConfigError, GeometryError
+from corona_ct.pipeline.preprocess import (
     Box,
     evaluable_slices,
     lung_bounding_box,

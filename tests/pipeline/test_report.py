@@ -18,17 +18,24 @@ from typing import Any
 import numpy as np
 import pytest
 
-from data.phantom import make_phantom
-from pipeline.config import PipelineConfig
-from pipeline.datamodel import CamStack, Geometry, SliceScores
-from pipeline.report import (
+from corona_ct.data.phantom import make_phantom
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.datamodel import CamStack, Geometry, SliceScores
+from corona_ct.pipeline.report import (
     NO_VALIDATION,
     model_limits,
     training_data_summary,
     validation_figures,
     write_study_outputs,
 )
-from pipeline.run import Models, StudyResult, analyze_study, load_models, summary_cells, summary_values
+from corona_ct.pipeline.run import (
+    Models,
+    StudyResult,
+    analyze_study,
+    load_models,
+    summary_cells,
+    summary_values,
+)
 
 SMALL = {"roi.input_size": 64, "runtime.device": "cpu"}
 WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights"
@@ -256,7 +263,7 @@ def test_untrained_weights_have_no_validation(tmp_path, result, models, config) 
 @pytest.fixture
 def figure_axes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
     """(number of axes, first axes title) of every picture the HTML report renders, in order."""
-    import pipeline.report as report_module
+    import corona_ct.pipeline.report as report_module
 
     seen: list[tuple[int, str]] = []
     real = report_module._png
@@ -398,13 +405,15 @@ def test_the_severity_modules_hu_caveat_is_shown_beside_the_hu_numbers(
     tmp_path, result, models, config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in ("HU_MEASURE_CAVEAT", "HU_REFERENCE_RANGE"):  # absent: a named, empty place
-        monkeypatch.delattr(f"pipeline.severity.{name}", raising=False)
+        monkeypatch.delattr(f"corona_ct.pipeline.severity.{name}", raising=False)
     report, page = _write(tmp_path, result, models, config)
     assert report["hu_measures"]["caveat"] is None and report["hu_measures"]["reference_range"] is None
     assert re.search(r"rim excluded\) [\d.]+ % Consolidation", _text(page))  # nothing beside the number
     caveat = "vessels and the lung rim are left out; noise-matched smoothing"
-    monkeypatch.setattr("pipeline.severity.HU_MEASURE_CAVEAT", caveat, raising=False)
-    monkeypatch.setattr("pipeline.severity.HU_REFERENCE_RANGE", "healthy lungs: 0–2 %", raising=False)
+    monkeypatch.setattr("corona_ct.pipeline.severity.HU_MEASURE_CAVEAT", caveat, raising=False)
+    monkeypatch.setattr(
+        "corona_ct.pipeline.severity.HU_REFERENCE_RANGE", "healthy lungs: 0–2 %", raising=False
+    )
     report, page = _write(tmp_path / "caveat", result, models, config)
     assert report["hu_measures"]["caveat"] == caveat
     text = _text(page)

@@ -13,12 +13,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data.phantom import make_phantom, write_dicom_series, write_nifti
-from pipeline.config import PipelineConfig
-from pipeline.errors import ModelError
-from pipeline.preprocess import lung_bounding_box
-from pipeline.run import SUMMARY_COLUMNS, analyze_study, load_models, run_batch
-from pipeline.severity import corona_score
+from corona_ct.data.phantom import make_phantom, write_dicom_series, write_nifti
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.errors import ModelError
+from corona_ct.pipeline.preprocess import lung_bounding_box
+from corona_ct.pipeline.run import SUMMARY_COLUMNS, analyze_study, load_models, run_batch
+from corona_ct.pipeline.severity import corona_score
 
 PATIENT_STRINGS = ("PHANTOM^DEMO", "PHANTOM-0", "Secret^Patient", "PID-998877", "ACC-4455")
 SMALL = {"roi.input_size": 64, "runtime.device": "cpu"}
@@ -209,7 +209,7 @@ def test_resume_skips_complete_studies_and_reruns_on_config_change(batch, models
 
 
 def test_an_interrupted_batch_keeps_finished_studies(tmp_path, phantom, models, config, monkeypatch) -> None:
-    import pipeline.run as run_module
+    import corona_ct.pipeline.run as run_module
 
     inputs = tmp_path / "in"
     write_nifti(phantom, inputs / "a.nii.gz")
@@ -235,8 +235,8 @@ def test_an_interrupted_batch_keeps_finished_studies(tmp_path, phantom, models, 
 
 
 def test_a_checkpoint_runs_at_its_trained_size_and_is_named_in_the_report(tmp_path, phantom) -> None:
-    from models.checkpoint import read_card, save_checkpoint
-    from models.classifier import build_classifier
+    from corona_ct.models.checkpoint import read_card, save_checkpoint
+    from corona_ct.models.classifier import build_classifier
 
     torch_model = build_classifier("resnet50")
     weights = save_checkpoint(
@@ -271,8 +271,8 @@ def test_other_backbones_checkpoints_run_through_the_pipeline(
     """Any backbone's checkpoint: its own Grad-CAM layers, its trained input size, its feature width."""
     import torch
 
-    from models.checkpoint import save_checkpoint
-    from models.classifier import build_classifier
+    from corona_ct.models.checkpoint import save_checkpoint
+    from corona_ct.models.classifier import build_classifier
 
     torch.manual_seed(0)
     weights = save_checkpoint(

@@ -10,8 +10,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pipeline.config import PipelineConfig
-from pipeline.run import load_models, run_batch
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.run import load_models, run_batch
 
 pytestmark = pytest.mark.realdata
 

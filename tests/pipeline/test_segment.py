@@ -7,12 +7,18 @@ import dataclasses
 import numpy as np
 import pytest
 
-from data.phantom import LUNG, VESSEL, make_phantom
-from pipeline.config import SegmentConfig, WindowConfig
-from pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Volume
-from pipeline.errors import ModelError
-from pipeline.preprocess import window
-from pipeline.segment import NO_LUNGS_WARNING, clean_lung_mask, fill_holes_2d, segment_lungs, split_sides
+from corona_ct.data.phantom import LUNG, VESSEL, make_phantom
+from corona_ct.pipeline.config import SegmentConfig, WindowConfig
+from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Volume
+from corona_ct.pipeline.errors import ModelError
+from corona_ct.pipeline.preprocess import window
+from corona_ct.pipeline.segment import (
+    NO_LUNGS_WARNING,
+    clean_lung_mask,
+    fill_holes_2d,
+    segment_lungs,
+    split_sides,
+)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -121,7 +127,7 @@ def test_clean_lung_mask_closes_a_subpleural_bite_and_keeps_sides() -> None:
 
 
 def test_trim_dense_rim_removes_only_dense_edge_pixels() -> None:
-    from pipeline.segment import trim_dense_rim
+    from corona_ct.pipeline.segment import trim_dense_rim
 
     yy, xx = np.mgrid[:40, :40]
     radius = np.hypot(yy - 20, xx - 20)
@@ -138,8 +144,8 @@ def test_trim_dense_rim_removes_only_dense_edge_pixels() -> None:
 
 def test_unet_labels_outside_the_chest_wall_or_on_gas_or_fat_are_dropped() -> None:
     """keep_plausible_lung: the pad under the back, stomach gas and fat are not lung; the lungs stay."""
-    from pipeline.config import SegmentConfig
-    from pipeline.segment import keep_plausible_lung, low_density
+    from corona_ct.pipeline.config import SegmentConfig
+    from corona_ct.pipeline.segment import keep_plausible_lung, low_density
 
     rng = np.random.default_rng(0)
     hu = np.full((6, 96, 96), -1000.0, np.float32)  # air around the body

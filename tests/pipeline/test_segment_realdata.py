@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import PipelineConfig
-from pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Geometry, Volume
-from pipeline.segment import segment_lungs
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Geometry, Volume
+from corona_ct.pipeline.segment import segment_lungs
 
 pytestmark = pytest.mark.realdata
 
 
 def test_lidc_lung_volume_is_plausible(shared_data: Path) -> None:
-    from pipeline.ingest import load_study
+    from corona_ct.pipeline.ingest import load_study
 
     config = PipelineConfig()
     volume = load_study(shared_data / "dicom" / "LIDC-IDRI-0001", config.ingest)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from data.phantom import LESION_CODE, VESSEL, make_phantom
-from pipeline.config import PipelineConfig, SeverityConfig
-from pipeline.datamodel import CamStack, LungMask, SliceScores
-from pipeline.errors import GeometryError
-from pipeline.severity import HU_MEASURE_CAVEAT, corona_score, hu_maps, raw_hu_fractions, severity
+from corona_ct.data.phantom import LESION_CODE, VESSEL, make_phantom
+from corona_ct.pipeline.config import PipelineConfig, SeverityConfig
+from corona_ct.pipeline.datamodel import CamStack, LungMask, SliceScores
+from corona_ct.pipeline.errors import GeometryError
+from corona_ct.pipeline.severity import HU_MEASURE_CAVEAT, corona_score, hu_maps, raw_hu_fractions, severity
 
 
 def test_corona_score_equals_hand_computation() -> None:

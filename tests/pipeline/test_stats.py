@@ -10,8 +10,8 @@ import pytest
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from pipeline.errors import InputError
-from pipeline.stats import (
+from corona_ct.pipeline.errors import InputError
+from corona_ct.pipeline.stats import (
     bootstrap_auc,
     delong_auc_variance,
     delong_covariance,
