@@ -1,4 +1,4 @@
-"""Classification metrics computed with numpy only (validated against scikit-learn in the tests).
+"""Classification metrics of a trained model (validated against scikit-learn in the tests).
 
 Conventions follow scikit-learn: the confusion matrix has true classes in rows and
 predicted classes in columns; per-class metrics are one-vs-rest. A ratio whose
@@ -15,6 +15,8 @@ import numpy as np
 import numpy.typing as npt
 
 from corona_ct.pipeline.errors import ConfigError
+from corona_ct.pipeline.stats import roc_auc as stats_roc_auc
+from corona_ct.pipeline.stats import roc_curve_points
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -79,39 +81,23 @@ def _binary_scores(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[IntArr
 def roc_curve(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[FloatArray, FloatArray, FloatArray]:
     """False- and true-positive rates at every distinct score threshold (descending), from (0, 0).
 
-    Same points as ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``;
-    the first threshold is ``inf`` (nothing called positive).
+    ``pipeline.stats.roc_curve_points`` (same points as scikit-learn's
+    ``roc_curve(..., drop_intermediate=False)``; the first threshold is ``inf``). With one
+    class only the rates are undefined: a single (NaN, NaN, inf) point.
     """
     true, score = _binary_scores(y_true, scores)
-    order = np.argsort(-score, kind="mergesort")
-    sorted_score, sorted_true = score[order], true[order]
-    # Last index of each run of equal scores: a threshold admits all tied samples at once.
-    run_ends = np.r_[np.flatnonzero(np.diff(sorted_score)), sorted_score.size - 1]
-    tps = np.cumsum(sorted_true)[run_ends]
-    fps = (run_ends + 1) - tps
-    n_pos, n_neg = true.sum(), true.size - true.sum()
-    tpr = np.r_[0.0, tps / n_pos] if n_pos else np.full(tps.size + 1, np.nan)
-    fpr = np.r_[0.0, fps / n_neg] if n_neg else np.full(fps.size + 1, np.nan)
-    thresholds = np.r_[np.inf, sorted_score[run_ends]]
+    if not 0 < true.sum() < true.size:
+        return np.array([np.nan]), np.array([np.nan]), np.array([np.inf])
+    fpr, tpr, thresholds = roc_curve_points(true, score)
     return fpr, tpr, thresholds
 
 
 def roc_auc(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> float:
-    """Area under the ROC curve (Mann–Whitney form with mid-ranks for ties); NaN with one class only."""
+    """Area under the ROC curve (``pipeline.stats.roc_auc``); NaN with one class only."""
     true, score = _binary_scores(y_true, scores)
-    n_pos = int(true.sum())
-    n_neg = true.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if not 0 < true.sum() < true.size:
         return float("nan")
-    order = np.argsort(score, kind="mergesort")
-    sorted_score = score[order]
-    ranks = np.empty(score.size, dtype=np.float64)
-    # Mid-ranks: every member of a tie run gets the mean of the run's 1-based ranks.
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_score)) + 1]
-    ends = np.r_[starts[1:], score.size]
-    run_rank = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(run_rank, ends - starts)
-    return float((ranks[true == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return stats_roc_auc(true, score)
 
 
 def binary_report(

@@ -8,10 +8,14 @@ Conventions
 - DeLong variance uses the fast midrank algorithm of Sun & Xu (2014, IEEE Signal
   Processing Letters 21:1389), O(N log N) per score; the interval is AUC ± z·SE clipped
   to [0, 1], as in pROC.
-- The "Wilcoxon rank-sum" test reported here is the Mann–Whitney U test, mirroring
-  ``scipy.stats.mannwhitneyu(alternative="two-sided", method="auto")``: exact null
-  distribution when one group has ≤ 8 values and there are no ties, otherwise the normal
-  approximation with tie correction and continuity correction.
+- The "Wilcoxon rank-sum" test reported here is ``scipy.stats.mannwhitneyu`` (two-sided):
+  exact null distribution when one group has ≤ 8 values and there are no ties, otherwise
+  the normal approximation with tie correction and continuity correction; this module adds
+  the quartiles and effect sizes (rank-biserial r, z/√N) that a paper reports with it.
+  Kruskal–Wallis is ``scipy.stats.kruskal``. DeLong and the vectorised bootstrap are here
+  because scipy has neither.
+- This is the project's one ROC/AUC implementation; ``models.metrics`` (training reports)
+  calls it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 from scipy import special
+from scipy import stats as sps
 
 from corona_ct.pipeline.errors import ConfigError, InputError
 
@@ -123,14 +128,7 @@ def roc_problems(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[str, ...
 
 def midranks(values: npt.ArrayLike) -> FloatVector:
     """1-based ranks of ``values`` with ties given the mean of the ranks they span."""
-    x = np.asarray(values, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    _, first_of_group, counts = np.unique(x[order], return_index=True, return_counts=True)
-    # A tie group occupying sorted positions [s, s + c) gets rank s + (c + 1) / 2.
-    group_rank = first_of_group + (counts + 1) / 2.0
-    ranks = np.empty_like(x)
-    ranks[order] = np.repeat(group_rank, counts)
-    return ranks
+    return np.asarray(sps.rankdata(np.asarray(values, dtype=np.float64), method="average"), np.float64)
 
 
 def roc_curve_points(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[FloatVector, ...]:
@@ -151,6 +149,11 @@ def roc_curve_points(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[Floa
     tpr = np.r_[0.0, tps / n_pos]
     thresholds = np.r_[np.inf, s_sorted[run_ends]]
     return fpr, tpr, thresholds
+
+
+def roc_auc(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> float:
+    """Empirical AUC = P(score_pos > score_neg) + ½ P(tie); both classes required."""
+    return delong_auc_variance(y_true, scores)[0]
 
 
 def _placement_values(y: npt.NDArray[np.bool_], s: FloatVector) -> tuple[FloatVector, FloatVector]:
@@ -313,30 +316,6 @@ def _tie_counts(values: FloatVector) -> npt.NDArray[np.int64]:
     return np.unique(values, return_counts=True)[1]
 
 
-def mann_whitney_null_sf(u: float, n_a: int, n_b: int) -> float:
-    """P(U ≥ u) under H0 without ties: exact distribution of the Mann–Whitney U.
-
-    The counts of arrangements with U = 0..n_a·n_b are the coefficients of the Gaussian
-    binomial coefficient [n_a + n_b choose n_a]_q = Π_{i=1..n_a} (1 − q^{n_b+i}) / (1 − q^i),
-    built one factor at a time (each partial product keeps non-negative coefficients).
-    """
-    small, large = min(n_a, n_b), max(n_a, n_b)
-    size = small * large + 1
-    coeffs = np.zeros(size, dtype=np.float64)
-    coeffs[0] = 1.0
-    for i in range(1, small + 1):
-        shift = large + i
-        if shift < size:
-            coeffs[shift:] -= coeffs[: size - shift].copy()
-        # Dividing by (1 − q^i) is a running sum along each residue class modulo i.
-        padded = np.zeros(-(-size // i) * i)
-        padded[:size] = coeffs
-        coeffs = np.cumsum(padded.reshape(-1, i), axis=0).ravel()[:size]
-    total = math.comb(small + large, small)
-    start = max(0, math.ceil(u - 1e-9))
-    return float(min(1.0, coeffs[start:].sum() / total))
-
-
 def rank_sum_test(
     a: npt.ArrayLike,
     b: npt.ArrayLike,
@@ -346,10 +325,12 @@ def rank_sum_test(
 ) -> dict[str, Any]:
     """Two-sided Wilcoxon rank-sum (Mann–Whitney U) test of group a against group b.
 
-    Returns a dict: n_a, n_b, median_a/b, q1_a/b, q3_a/b, u_statistic (U of a: pairs with
-    a > b plus ½ ties), z (tie-corrected normal score of U_a, no continuity correction),
-    p_value, method ("exact"/"asymptotic"), rank_biserial = (U_a − U_b)/(n_a·n_b)
-    (= 2·AUC − 1, positive when a tends higher) and r = z/√N.
+    The p-value is ``scipy.stats.mannwhitneyu``'s; ``method="auto"`` is exact when one group
+    has ≤ 8 values and there are no ties (the method used is returned). Returns a dict:
+    n_a, n_b, median_a/b, q1_a/b, q3_a/b, u_statistic (U of a: pairs with a > b plus ½
+    ties), z (tie-corrected normal score of U_a, no continuity correction), p_value,
+    method, rank_biserial = (U_a − U_b)/(n_a·n_b) (= 2·AUC − 1, positive when a tends
+    higher) and r = z/√N.
     """
     x = np.asarray(a, dtype=np.float64).ravel()
     y = np.asarray(b, dtype=np.float64).ravel()
@@ -359,31 +340,23 @@ def rank_sum_test(
         raise InputError("the rank-sum test got NaN or infinite values; drop those studies first")
     n_a, n_b = x.size, y.size
     n = n_a + n_b
-    pooled = np.r_[x, y]
-    ranks = midranks(pooled)
-    u_a = float(ranks[:n_a].sum() - n_a * (n_a + 1) / 2.0)
-    u_b = n_a * n_b - u_a
-    ties = _tie_counts(pooled)
+    ties = _tie_counts(np.r_[x, y])
     has_ties = bool(np.any(ties > 1))
-    tie_term = float(np.sum(ties.astype(np.float64) ** 3 - ties))
-    sigma = math.sqrt(n_a * n_b / 12.0 * ((n + 1) - tie_term / (n * (n - 1)))) if n > 1 else 0.0
-    mu = n_a * n_b / 2.0
-    z = (u_a - mu) / sigma if sigma > 0 else 0.0
     if method == "auto":
         method = "asymptotic" if (n_a > 8 and n_b > 8) or has_ties else "exact"
-    u_max = max(u_a, u_b)
-    if method == "exact":
-        if has_ties:
-            raise ConfigError("exact rank-sum p-values assume no ties; use method='asymptotic'")
-        p = min(1.0, 2.0 * mann_whitney_null_sf(u_max, n_a, n_b))
-    elif method == "asymptotic":
-        if sigma > 0:
-            z_upper = (u_max - mu - (0.5 if continuity else 0.0)) / sigma
-            p = float(min(1.0, max(0.0, 2.0 * special.ndtr(-z_upper))))
-        else:  # every value tied: no evidence either way
-            p = 1.0
-    else:
+    if method not in ("exact", "asymptotic"):
         raise ConfigError(f"unknown rank-sum method {method!r}; use 'auto', 'exact' or 'asymptotic'")
+    if method == "exact" and has_ties:
+        raise ConfigError("exact rank-sum p-values assume no ties; use method='asymptotic'")
+    tie_term = float(np.sum(ties.astype(np.float64) ** 3 - ties))
+    sigma = math.sqrt(n_a * n_b / 12.0 * ((n + 1) - tie_term / (n * (n - 1)))) if n > 1 else 0.0
+    if sigma > 0:
+        test = sps.mannwhitneyu(x, y, alternative="two-sided", method=method, use_continuity=continuity)
+        u_a, p = float(test.statistic), float(test.pvalue)
+    else:  # every value tied: U is its mean and there is no evidence either way
+        u_a, p = n_a * n_b / 2.0, 1.0
+    u_b = n_a * n_b - u_a
+    z = (u_a - n_a * n_b / 2.0) / sigma if sigma > 0 else 0.0
     q_a = np.quantile(x, [0.25, 0.5, 0.75])
     q_b = np.quantile(y, [0.25, 0.5, 0.75])
     return {
@@ -397,7 +370,7 @@ def rank_sum_test(
         "q3_b": float(q_b[2]),
         "u_statistic": u_a,
         "z": float(z),
-        "p_value": float(p),
+        "p_value": p,
         "method": method,
         "rank_biserial": (u_a - u_b) / (n_a * n_b),
         "r": float(z / math.sqrt(n)),
@@ -419,24 +392,15 @@ def holm_adjust(p_values: Sequence[float] | npt.ArrayLike) -> FloatVector:
 
 
 def kruskal_wallis(groups: Sequence[npt.ArrayLike]) -> tuple[float, float, int]:
-    """(H, p, degrees of freedom) of the tie-corrected Kruskal–Wallis test."""
+    """(H, p, degrees of freedom) of the tie-corrected Kruskal–Wallis test (``scipy.stats.kruskal``)."""
     samples = [np.asarray(g, dtype=np.float64).ravel() for g in groups]
     if len(samples) < 2 or any(s.size == 0 for s in samples):
         raise InputError("Kruskal–Wallis needs at least two non-empty groups")
-    sizes = np.array([s.size for s in samples], dtype=np.float64)
-    pooled = np.concatenate(samples)
-    n = pooled.size
-    ranks = midranks(pooled)
-    boundaries = np.cumsum(sizes).astype(int)[:-1]
-    rank_sums = np.array([r.sum() for r in np.split(ranks, boundaries)])
-    h = 12.0 / (n * (n + 1)) * np.sum(rank_sums**2 / sizes) - 3.0 * (n + 1)
-    ties = _tie_counts(pooled).astype(np.float64)
-    correction = 1.0 - np.sum(ties**3 - ties) / (n**3 - n)
     dof = len(samples) - 1
-    if correction <= 0:  # all values equal
+    if float(np.ptp(np.concatenate(samples))) == 0.0:  # all values equal: no evidence either way
         return 0.0, 1.0, dof
-    h /= correction
-    return float(h), float(special.chdtrc(dof, h)), dof
+    test = sps.kruskal(*samples)
+    return float(test.statistic), float(test.pvalue), dof
 
 
 @dataclass(frozen=True)

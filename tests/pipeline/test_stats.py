@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -19,7 +18,6 @@ from corona_ct.pipeline.stats import (
     group_comparison,
     holm_adjust,
     kruskal_wallis,
-    mann_whitney_null_sf,
     midranks,
     rank_sum_test,
     roc_analysis,
@@ -192,21 +190,6 @@ def test_rank_sum_without_continuity_equals_scipy_ranksums() -> None:
     )
 
 
-@pytest.mark.parametrize(("n_a", "n_b"), [(1, 4), (3, 3), (4, 5), (2, 7)])
-def test_exact_null_distribution_equals_enumeration(n_a: int, n_b: int) -> None:
-    values = np.arange(n_a + n_b, dtype=float)
-    u_counts: dict[float, int] = {}
-    for chosen in itertools.combinations(range(n_a + n_b), n_a):
-        mask = np.zeros(n_a + n_b, bool)
-        mask[list(chosen)] = True
-        u = float(np.sum(values[mask][:, None] > values[~mask][None, :]))
-        u_counts[u] = u_counts.get(u, 0) + 1
-    total = math.comb(n_a + n_b, n_a)
-    for u in range(n_a * n_b + 1):
-        expected = sum(c for value, c in u_counts.items() if value >= u) / total
-        assert mann_whitney_null_sf(u, n_a, n_b) == pytest.approx(expected, abs=1e-15)
-
-
 def test_kruskal_wallis_equals_scipy() -> None:
     rng = np.random.default_rng(3)
     groups = [np.round(rng.normal(loc=m, size=n), 1) for m, n in ((0, 12), (0.5, 9), (1.2, 15))]
@@ -252,3 +235,10 @@ def test_group_comparison_structure_and_holm() -> None:
 def test_group_comparison_refuses_a_single_study_group() -> None:
     with pytest.raises(InputError, match="'severe' \\(1\\)"):
         group_comparison({"mild": [1.0, 2.0, 3.0], "severe": [5.0]})
+
+
+def test_rank_tests_with_every_value_tied_find_no_evidence() -> None:
+    # scipy returns NaN here; a report needs "no difference", not NaN.
+    result = rank_sum_test(np.ones(4), np.ones(6))
+    assert (result["p_value"], result["z"], result["rank_biserial"]) == (1.0, 0.0, 0.0)
+    assert kruskal_wallis([np.ones(3), np.ones(4), np.ones(2)]) == (0.0, 1.0, 2)
