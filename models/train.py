@@ -59,7 +59,10 @@ RESUMABLE_CHANGES = frozenset({"epochs", "patience", "workers", "device"})
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a classifier training run. Angles in degrees, fractions of the side."""
+    """Everything that defines a classifier training run. Angles in degrees, fractions of the side.
+
+    The defaults are the Gozes et al. recipe (``TrainConfig() == TrainConfig.gozes()``).
+    """
 
     recipe: str = "gozes"
     backbone: str = "resnet50"
@@ -74,10 +77,10 @@ class TrainConfig:
     balance: str = "sampler"  # "sampler" (weighted sampling), "loss" (class weights) or "none"
     rotation_deg: float = 10.0  # rotation drawn uniformly in ±rotation_deg (180 = any angle)
     hflip: bool = True
-    vflip: bool = False
+    vflip: bool = True
     zoom: float = 0.0  # scale drawn in [1 − zoom, 1 + zoom]
     shift: float = 0.0  # translation drawn in ±shift × side, per axis
-    crop_scale: float = 1.0  # random crop keeps an area fraction in [crop_scale, 1] (1 = no crop)
+    crop_scale: float = 0.8  # random crop keeps an area fraction in [crop_scale, 1] (1 = no crop)
     val_fraction: float = 0.2  # patient groups held out for early stopping when no split is given
     seed: int = 0
     workers: int = 0  # DataLoader worker processes
@@ -954,7 +957,7 @@ class SegTrainConfig:
     shift: float = 0.05
     crop_scale: float = 1.0
     hflip: bool = False
-    vflip: bool = False
+    vflip: bool = True
     lesion_probability: float = 0.5  # share of training slices given synthetic GGO/consolidation blobs
     max_lesions: int = 4
     seed: int = 0

@@ -131,7 +131,7 @@ def segment_lungs(
     elif seg_config.method == "unet":
         raise ModelError(
             f"{volume.source}: segment.method is 'unet' but no segmentation weights were given; "
-            "pass --segmenter-weights or set segment.method=classical"
+            "pass --seg-weights or set segment.method=classical"
         )
     else:
         labels = classical_lung_labels(volume.array, volume.units, spacing_mm, seg_config)

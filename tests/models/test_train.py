@@ -120,6 +120,7 @@ def test_checkpoint_round_trips_and_is_refused_for_another_architecture(tmp_path
 
 def test_recipes_and_overrides() -> None:
     gozes = TrainConfig.gozes()
+    assert TrainConfig() == gozes  # the defaults are what recipe="gozes" says they are
     assert (gozes.backbone, gozes.input_size, gozes.optimizer, gozes.lr, gozes.num_outputs) == (
         "resnet50",
         224,
