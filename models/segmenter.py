@@ -23,7 +23,6 @@ from torch import nn
 
 from corona_ct.pipeline.errors import ModelError
 from corona_ct.pipeline.preprocess import resize_batch
-from corona_ct.pipeline.segment import split_sides
 
 SEGMENTER_ARCHITECTURE = "segmenter/unet-vgg16"
 
@@ -54,12 +53,11 @@ def predict_lung_labels(
     device: str = "cpu",
     input_size: int = SEGMENTER_INPUT.input_size,
 ) -> npt.NDArray[np.uint8]:
-    """(z, y, x) windowed slices in [0, 1] → uint8 lung labels (0, 1 right, 2 left).
+    """(z, y, x) windowed slices in [0, 1] → uint8 argmax labels (3-class: 0, 1 right, 2 left;
+    2-class: 0, 1 lung — ``pipeline.segment`` splits those into sides).
 
     Slices go through the network ``batch_size`` at a time, resized to
-    ``input_size`` and their class scores resized back before the argmax. A
-    2-class (lung / background) model's lung is split into sides by
-    :func:`pipeline.segment.split_sides`, as in the classical path. Runs under
+    ``input_size`` and their class scores resized back before the argmax. Runs under
     ``torch.inference_mode`` and, on CUDA, bf16 autocast.
     """
     if windowed.ndim != 3:
@@ -83,13 +81,10 @@ def predict_lung_labels(
             scores = resize_batch(logits.reshape(n * classes, input_size, input_size), image_shape)
             argmax = scores.reshape(n, classes, *image_shape).argmax(dim=1)
             labels[start : start + n] = argmax.to(torch.uint8).cpu().numpy()
-    if _is_binary(model):
-        lungs = labels > 0
-        labels = split_sides(lungs, windowed) if lungs.any() else labels
     return labels
 
 
-def _is_binary(model: nn.Module) -> bool:
+def is_binary_unet(model: nn.Module) -> bool:
     """True for a lung/background U-Net (2 output channels in smp's segmentation head)."""
     head = getattr(model, "segmentation_head", None)
     conv = head[0] if isinstance(head, nn.Sequential) and len(head) else None

@@ -116,12 +116,14 @@ def segment_lungs(
     spacing_mm = volume.geometry.spacing_mm
     if model is not None:
         # torch model code stays out of the classical path
-        from corona_ct.models.segmenter import SEGMENTER_INPUT, predict_lung_labels
+        from corona_ct.models.segmenter import SEGMENTER_INPUT, is_binary_unet, predict_lung_labels
         from corona_ct.pipeline.preprocess import window
 
         windowed = window(volume.array, volume.units, window_config)
         size = input_size or SEGMENTER_INPUT.input_size
         raw = predict_lung_labels(model, windowed, seg_config.batch_size, device, input_size=size)
+        if is_binary_unet(model) and raw.any():  # lung/background U-Net: sides as in the classical path
+            raw = split_sides(raw > 0, windowed)
         rim_px = math.ceil(max(volume.array.shape[1:]) / size)
         low = low_density(volume.array, volume.units, seg_config)
         raw = trim_dense_rim(raw, low, rim_px)

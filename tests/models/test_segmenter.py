@@ -11,12 +11,13 @@ from corona_ct.models.segmenter import (
     SEGMENTER_ARCHITECTURE,
     SEGMENTER_INPUT,
     build_unet,
+    is_binary_unet,
     predict_lung_labels,
 )
 from corona_ct.pipeline.config import SegmentConfig, WindowConfig
 from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Geometry, Volume
 from corona_ct.pipeline.errors import ModelError
-from corona_ct.pipeline.segment import segment_lungs
+from corona_ct.pipeline.segment import segment_lungs, split_sides
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +79,19 @@ def test_predict_lung_labels_shape_dtype_and_labels() -> None:
 
 
 def test_binary_model_is_split_into_sides_like_the_classical_path() -> None:
-    labels = predict_lung_labels(_Binary(), _two_blobs(), batch_size=4, device="cpu", input_size=64)
-    assert (labels[:, 30:66, 15:35] == RIGHT_LUNG).all()
-    assert (labels[:, 30:66, 60:80] == LEFT_LUNG).all()
+    windowed = _two_blobs()
+    labels = predict_lung_labels(_Binary(), windowed, batch_size=4, device="cpu", input_size=64)
+    assert set(np.unique(labels)) == {0, 1} and is_binary_unet(_Binary())
+    sides = split_sides(labels > 0, windowed)
+    assert (sides[:, 30:66, 15:35] == RIGHT_LUNG).all()
+    assert (sides[:, 30:66, 60:80] == LEFT_LUNG).all()
+    # segment_lungs splits a 2-class U-Net's lung into sides (predict_lung_labels does not)
+    hu = np.where(_two_blobs(6, 128) < 0.5, -850.0, 40.0).astype(np.float32)
+    hu[:, :4], hu[:, -4:], hu[:, :, :4], hu[:, :, -4:] = -1000.0, -1000.0, -1000.0, -1000.0  # air outside
+    volume = Volume(hu, "HU", Geometry(hu.shape, (5.0, 2.0, 2.0)), "s", "synthetic")
+    mask = segment_lungs(volume, SegmentConfig(batch_size=2), WindowConfig(), _Binary(), "cpu", 64)
+    assert mask.method == "unet"
+    assert (mask.labels == RIGHT_LUNG).sum() == (mask.labels == LEFT_LUNG).sum() > 0
 
 
 def test_real_unet_runs_through_segment_lungs(unet: nn.Module) -> None:
