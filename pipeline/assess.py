@@ -42,7 +42,8 @@ import numpy as np
 
 from corona_ct.pipeline.config import SegmentConfig
 from corona_ct.pipeline.datamodel import LungMask, Volume
-from corona_ct.pipeline.segment import MIN_LUNG_BODY_FRACTION, body_mask, low_density, outside_air
+from corona_ct.pipeline.segment.classical import MIN_LUNG_BODY_FRACTION
+from corona_ct.pipeline.segment.regions import body_mask, low_density, outside_air
 
 NOT_ASSESSABLE = "not-assessable"
 NO_LUNGS_REASON = "no lungs found"

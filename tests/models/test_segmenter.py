@@ -17,7 +17,8 @@ from corona_ct.models.segmenter import (
 from corona_ct.pipeline.config import SegmentConfig, WindowConfig
 from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Geometry, Volume
 from corona_ct.pipeline.errors import ModelError
-from corona_ct.pipeline.segment import segment_lungs, split_sides
+from corona_ct.pipeline.segment import segment_lungs
+from corona_ct.pipeline.segment.sides import split_sides
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,10 @@ from corona_ct.pipeline.config import SegmentConfig, WindowConfig
 from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Volume
 from corona_ct.pipeline.errors import ModelError
 from corona_ct.pipeline.preprocess import window
-from corona_ct.pipeline.segment import (
-    NO_LUNGS_WARNING,
-    clean_lung_mask,
-    fill_holes_2d,
-    segment_lungs,
-    split_sides,
-)
+from corona_ct.pipeline.segment import NO_LUNGS_WARNING, segment_lungs
+from corona_ct.pipeline.segment.cleanup import clean_lung_mask, keep_plausible_lung, trim_dense_rim
+from corona_ct.pipeline.segment.regions import fill_holes_2d, low_density
+from corona_ct.pipeline.segment.sides import split_sides
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -127,7 +124,6 @@ def test_clean_lung_mask_closes_a_subpleural_bite_and_keeps_sides() -> None:
 
 
 def test_trim_dense_rim_removes_only_dense_edge_pixels() -> None:
-    from corona_ct.pipeline.segment import trim_dense_rim
 
     yy, xx = np.mgrid[:40, :40]
     radius = np.hypot(yy - 20, xx - 20)
@@ -145,7 +141,6 @@ def test_trim_dense_rim_removes_only_dense_edge_pixels() -> None:
 def test_unet_labels_outside_the_chest_wall_or_on_gas_or_fat_are_dropped() -> None:
     """keep_plausible_lung: the pad under the back, stomach gas and fat are not lung; the lungs stay."""
     from corona_ct.pipeline.config import SegmentConfig
-    from corona_ct.pipeline.segment import keep_plausible_lung, low_density
 
     rng = np.random.default_rng(0)
     hu = np.full((6, 96, 96), -1000.0, np.float32)  # air around the body

@@ -1,0 +1,308 @@
+"""Rules every lung mask obeys (U-Net and classical): plausible lung only, holes filled,
+dense tissue against the lung closed in, at most two lungs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+from skimage.morphology import convex_hull_image
+
+from corona_ct.pipeline.config import SegmentConfig
+from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG
+from corona_ct.pipeline.segment.regions import (
+    FACES_3D,
+    INPLANE_4,
+    INPLANE_8,
+    LUNG_MIN_MEDIAN_HU,
+    SECOND_LUNG_MIN_FRACTION,
+    BoolArray,
+    LabelArray,
+    body_mask,
+    fill_holes_2d,
+    outside_air,
+    slice_centroids,
+)
+from corona_ct.pipeline.segment.sides import split_by_midline
+
+#: A lung lies at least this far (mm) inside the body outline (ribs, muscle, fat in between) ...
+CHEST_WALL_MM = 4.0
+#: ... so a 3D component with more than this share of its voxels closer to the outline is not lung.
+MAX_SUPERFICIAL_SHARE = 0.3
+#: A region of the U-Net mask whose median is above this (HU) is fat or soft tissue, not lung.
+LUNG_MAX_MEDIAN_HU = -400.0
+#: A bite of the convex hull is a mediastinal concavity, not a lesion, when it comes this close
+#: (mm) to the other lung.
+MEDIASTINUM_GUARD_MM = 20.0
+#: Longest run of dense tissue (mm along z) between lung above and below that is closed into the lung.
+Z_BRIDGE_MM = 30.0
+#: Volumes with fewer slices use 2D convex-hull bites instead of z-bridging.
+MIN_SLICES_FOR_Z_BRIDGING = 3
+#: Slice step (mm) used to keep distance transforms in-plane.
+_FAR_MM = 1.0e6
+
+
+def trim_dense_rim(labels: np.ndarray, low: BoolArray, rim_px: int) -> LabelArray:
+    """Drop dense (not low-density) pixels within ``rim_px`` of the edge of a U-Net mask, per slice.
+
+    A network run at a coarser grid than the image blurs the lung edge outwards by about
+    one input pixel (``rim_px`` image pixels), taking chest wall and mediastinum with it;
+    that soft tissue would count as consolidation. Only the rim is trimmed, so dense
+    lesions inside the lung stay (a subpleural lesion loses at most the rim's width).
+    """
+    lungs = labels > 0
+    if rim_px < 1 or not lungs.any():
+        return np.asarray(labels, dtype=np.uint8)
+    in_plane = np.zeros((1, 3, 3), dtype=bool)
+    in_plane[0] = ndimage.generate_binary_structure(2, 1)
+    core = ndimage.binary_erosion(lungs, structure=in_plane, iterations=rim_px)
+    trimmed = np.where(lungs & ~core & ~low, 0, labels)
+    return trimmed.astype(np.uint8)
+
+
+def keep_plausible_lung(
+    labels: np.ndarray,
+    array: np.ndarray,
+    units: str,
+    spacing_mm: tuple[float, float, float],
+    low: BoolArray,
+) -> LabelArray:
+    """U-Net labels kept only where lung can be: inside the chest wall, not gas, lung-sized.
+
+    ``low`` is :func:`low_density` of ``array`` (the caller has it already).
+
+    A network sees texture, not anatomy: on scanners it was not trained on it also labels air
+    under the table and above the shoulders, the foam pad under the back, stomach and bowel
+    gas, the trachea and the oesophagus. Dropped here: pixels outside the body
+    (:func:`body_mask`); 3D components lying largely within ``CHEST_WALL_MM`` of the body's
+    outline (pads, skin folds: a lung always has a chest wall around it); in-plane components
+    that are pure gas (median below ``LUNG_MIN_MEDIAN_HU``, HU only); and, per side, 3D
+    components smaller than ``SECOND_LUNG_MIN_FRACTION`` of that side's largest. HU only: 3D
+    components with a median above ``LUNG_MAX_MEDIAN_HU`` (subcutaneous fat, bowel wall).
+    """
+    labels = np.asarray(labels, dtype=np.uint8)
+    lungs = labels > 0
+    if not lungs.any():
+        return labels
+    # The body without what lies against it: a foam pad or table cavity between back and table is
+    # low-density and enclosed, so the broad body (dense tissue and enclosed air) takes it in.
+    # The dense outline alone excludes it, unless a crop opens the chest wall (then the broad one).
+    body = body_mask(~low)
+    broad_body = body_mask(~outside_air(low))
+    if np.count_nonzero(lungs & body) < 0.8 * np.count_nonzero(lungs & broad_body):
+        body = broad_body
+    lungs &= body
+    wall_px = max(1, math.ceil(CHEST_WALL_MM / min(spacing_mm[1:])))
+    inner = ndimage.binary_erosion(body, structure=INPLANE_4, iterations=wall_px)
+    components, count = ndimage.label(lungs, structure=FACES_3D)
+    if count:
+        index = np.arange(1, count + 1)
+        inner_share = np.asarray(ndimage.mean(inner, components, index))
+        superficial = np.zeros(count + 1, dtype=bool)
+        superficial[1:] = inner_share < 1.0 - MAX_SUPERFICIAL_SHARE
+        if units == "HU":  # fat and soft tissue are not lung, whatever their texture
+            medians = np.asarray(ndimage.median(array, components, index))
+            superficial[1:] |= medians > LUNG_MAX_MEDIAN_HU
+        lungs &= ~superficial[components]
+    if units == "HU" and lungs.any():
+        components, count = ndimage.label(lungs, structure=INPLANE_8)
+        medians = np.asarray(ndimage.median(array, components, np.arange(1, count + 1)))
+        gas = np.zeros(count + 1, dtype=bool)
+        gas[1:] = medians < LUNG_MIN_MEDIAN_HU
+        lungs &= ~gas[components]
+    kept = np.zeros(labels.shape, dtype=np.uint8)
+    for side in (RIGHT_LUNG, LEFT_LUNG):
+        components, count = ndimage.label(lungs & (labels == side), structure=FACES_3D)
+        if count == 0:
+            continue
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        keep = sizes >= SECOND_LUNG_MIN_FRACTION * sizes.max()
+        keep[0] = False
+        kept[keep[components]] = side
+    return kept
+
+
+def _inplane_distance_mm(mask: BoolArray, spacing_yx_mm: tuple[float, float]) -> np.ndarray:
+    """Per slice: distance (mm) from each pixel to the nearest ``mask`` pixel of the same slice.
+
+    One 3D Euclidean distance transform whose slice step is so large that the
+    nearest pixel is always found in-plane (slices without any ``mask`` pixel get
+    a distance ≥ ``_FAR_MM``). Linear time, unlike a dilation with a large disk.
+    """
+    return np.asarray(
+        ndimage.distance_transform_edt(~mask, sampling=(_FAR_MM, spacing_yx_mm[0], spacing_yx_mm[1]))
+    )
+
+
+def _closing_2d(mask: BoolArray, radius_mm: float, spacing_yx_mm: tuple[float, float]) -> BoolArray:
+    """Binary closing per slice with a disk of ``radius_mm``, computed with distance transforms.
+
+    Padded so that the image border does not erode the result.
+    """
+    pad_y = int(np.ceil(radius_mm / spacing_yx_mm[0])) + 1
+    pad_x = int(np.ceil(radius_mm / spacing_yx_mm[1])) + 1
+    padded = np.pad(mask, ((0, 0), (pad_y, pad_y), (pad_x, pad_x)))
+    dilated = _inplane_distance_mm(padded, spacing_yx_mm) <= radius_mm
+    closed = _inplane_distance_mm(~dilated, spacing_yx_mm) > radius_mm
+    return closed[:, pad_y:-pad_y, pad_x:-pad_x]
+
+
+def _hull_bites(
+    side: BoolArray,
+    other: BoolArray,
+    spacing_yx_mm: tuple[float, float],
+    mediastinum_rc: tuple[float, float] | None = None,
+) -> BoolArray:
+    """Concavities of one lung's per-slice convex hull that face away from the mediastinum.
+
+    Dense subpleural lesions leave bites in the aerated lung against the chest
+    wall; the chest wall is convex, so the hull closes them without reaching into
+    it. Rejected: bites whose centre lies on the other lung's side of this lung's
+    centre (the medial concavity: heart, hilum), bites within
+    :data:`MEDIASTINUM_GUARD_MM` of the other lung, and enclosed holes that never
+    reach the hull's edge (a diaphragm dome ringed by the lung base). On slices
+    without the other lung the mediastinum is taken at ``mediastinum_rc`` (row,
+    column; default the image centre).
+    """
+    hull = np.zeros(side.shape, dtype=bool)
+    for z in np.flatnonzero(side.any(axis=(1, 2))):  # per slice: skimage's hull is 2D
+        hull[z] = convex_hull_image(side[z])
+    bites = hull & ~side
+    if not bites.any():
+        return bites
+    labels, count = ndimage.label(bites, structure=INPLANE_4)
+    index = np.arange(1, count + 1)
+    n_slices, height, width = side.shape
+    rows = np.broadcast_to(np.arange(height, dtype=np.float64)[None, :, None], side.shape)
+    cols = np.broadcast_to(np.arange(width, dtype=np.float64)[None, None, :], side.shape)
+    planes = np.broadcast_to(np.arange(n_slices)[:, None, None], side.shape)
+    bite_z = np.asarray(ndimage.minimum(planes, labels, index)).astype(int)
+    bite_row = np.asarray(ndimage.mean(rows, labels, index))
+    bite_col = np.asarray(ndimage.mean(cols, labels, index))
+    _, side_row, side_col = slice_centroids(side)
+    _, other_row, other_col = slice_centroids(other)
+    centre_row, centre_col = mediastinum_rc or ((height - 1) / 2.0, (width - 1) / 2.0)
+    other_row = np.where(np.isfinite(other_row), other_row, centre_row)
+    other_col = np.where(np.isfinite(other_col), other_col, centre_col)
+    towards_other = (bite_row - side_row[bite_z]) * (other_row[bite_z] - side_row[bite_z]) * spacing_yx_mm[
+        0
+    ] ** 2 + (bite_col - side_col[bite_z]) * (other_col[bite_z] - side_col[bite_z]) * spacing_yx_mm[1] ** 2
+    rejected = np.ones(count + 1, dtype=bool)
+    rejected[1:] = towards_other > 0
+    hull_edge = hull & ~ndimage.binary_erosion(hull, structure=INPLANE_4)
+    touches_edge = np.zeros(count + 1, dtype=bool)
+    touches_edge[labels[hull_edge]] = True
+    rejected |= ~touches_edge
+    if other.any():
+        near_other = _inplane_distance_mm(other, spacing_yx_mm) <= MEDIASTINUM_GUARD_MM
+        rejected[labels[near_other]] = True
+    rejected[0] = True
+    return ~rejected[labels]
+
+
+def _z_bridged(side: BoolArray, max_gap_mm: float, slice_mm: float, both_sides: bool = True) -> BoolArray:
+    """Pixels with this lung within ``max_gap_mm`` above and below (``both_sides=False``: above or below).
+
+    A closing along z, one (row, column) at a time: a dense lesion against the
+    chest wall is a blob, so the aerated lung surrounds it above and below; the
+    liver and spleen domes have lung only above them and stay out.
+    """
+    slice_index = np.arange(side.shape[0], dtype=np.float64)[:, None, None]
+    last_at_or_below = np.maximum.accumulate(np.where(side, slice_index, -np.inf), axis=0)
+    next_at_or_above = np.minimum.accumulate(np.where(side, slice_index, np.inf)[::-1], axis=0)[::-1]
+    max_gap = max_gap_mm / slice_mm
+    below_near = (slice_index - last_at_or_below) <= max_gap
+    above_near = (next_at_or_above - slice_index) <= max_gap
+    return below_near & above_near if both_sides else below_near | above_near
+
+
+def clean_lung_mask(
+    labels: np.ndarray,
+    spacing_mm: tuple[float, float, float],
+    config: SegmentConfig,
+    intensity: np.ndarray | None = None,
+) -> LabelArray:
+    """Shared last step of both segmenters, per side (1 right, 2 left).
+
+    Drops components below ``min_lung_volume_ml`` (keeping each side's largest),
+    fills holes per slice and closes with a disk of ``closing_radius_mm``. Dense
+    lesions too wide for that closing (subpleural consolidation) are added back
+    along z on volumes (:func:`_z_bridged`, gaps up to ``Z_BRIDGE_MM``) and, on
+    single slice images, as convex-hull bites against the chest wall
+    (:func:`_hull_bites`). Overlaps go to
+    the side whose original label the voxel had, else to the nearer lung's side.
+    ``intensity`` is accepted for symmetry with the U-Net path and not needed here.
+    """
+    del intensity
+    labels = np.asarray(labels, dtype=np.uint8)
+    spacing_yx = (float(spacing_mm[1]), float(spacing_mm[2]))
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    sides = {}
+    for value in (RIGHT_LUNG, LEFT_LUNG):
+        side = _largest_and_large(labels == value, voxel_ml, config.min_lung_volume_ml)
+        sides[value] = side
+    cleaned = {}
+    pad_mm = config.closing_radius_mm + MEDIASTINUM_GUARD_MM
+    for value, other_value in ((RIGHT_LUNG, LEFT_LUNG), (LEFT_LUNG, RIGHT_LUNG)):
+        side = sides[value]
+        cleaned[value] = np.zeros(labels.shape, dtype=bool)
+        if not side.any():
+            continue
+        # work inside the side's bounding box (plus the reach of the morphology): far less to transform
+        window_yx = _padded_box(side, pad_mm, spacing_yx)
+        side_crop, other_crop = (
+            side[:, window_yx[0], window_yx[1]],
+            sides[other_value][:, window_yx[0], window_yx[1]],
+        )
+        centre_rc = (
+            (labels.shape[1] - 1) / 2.0 - window_yx[0].start,
+            (labels.shape[2] - 1) / 2.0 - window_yx[1].start,
+        )
+        if side.shape[0] >= MIN_SLICES_FOR_Z_BRIDGING:
+            # No 2D hole filling on volumes: the lung base rings the diaphragm dome in-plane.
+            closed = _closing_2d(side_crop, config.closing_radius_mm, spacing_yx)
+            near_in_z = _z_bridged(closed, Z_BRIDGE_MM, float(spacing_mm[0]), both_sides=False)
+            bites = _hull_bites(closed, other_crop, spacing_yx, centre_rc) & near_in_z
+            result = closed | _z_bridged(closed, Z_BRIDGE_MM, float(spacing_mm[0])) | bites
+        else:
+            closed = fill_holes_2d(
+                _closing_2d(fill_holes_2d(side_crop), config.closing_radius_mm, spacing_yx)
+            )
+            result = closed | _hull_bites(closed, other_crop, spacing_yx, centre_rc)
+        cleaned[value][:, window_yx[0], window_yx[1]] = result
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    both = cleaned[RIGHT_LUNG] & cleaned[LEFT_LUNG]
+    out[cleaned[RIGHT_LUNG]] = RIGHT_LUNG
+    out[cleaned[LEFT_LUNG]] = LEFT_LUNG
+    if both.any():
+        original = np.where(sides[RIGHT_LUNG], RIGHT_LUNG, np.where(sides[LEFT_LUNG], LEFT_LUNG, 0))
+        nearest = split_by_midline(both, None, reference=original.astype(np.uint8))
+        out[both] = np.where(original[both] > 0, original[both], nearest[both])
+    return out
+
+
+def _padded_box(mask: BoolArray, pad_mm: float, spacing_yx_mm: tuple[float, float]) -> tuple[slice, slice]:
+    """Row and column slices of the in-plane bounding box of ``mask``, padded by ``pad_mm``, clipped."""
+    rows = np.flatnonzero(mask.any(axis=(0, 2)))
+    cols = np.flatnonzero(mask.any(axis=(0, 1)))
+    pad_y = int(np.ceil(pad_mm / spacing_yx_mm[0]))
+    pad_x = int(np.ceil(pad_mm / spacing_yx_mm[1]))
+    return (
+        slice(max(0, rows[0] - pad_y), min(mask.shape[1], rows[-1] + 1 + pad_y)),
+        slice(max(0, cols[0] - pad_x), min(mask.shape[2], cols[-1] + 1 + pad_x)),
+    )
+
+
+def _largest_and_large(mask: BoolArray, voxel_ml: float, min_volume_ml: float) -> BoolArray:
+    """The largest 3D component plus any other of at least ``min_volume_ml``."""
+    labels, count = ndimage.label(mask, structure=FACES_3D)
+    if count <= 1:
+        return mask
+    volumes_ml = np.bincount(labels.ravel()) * voxel_ml
+    volumes_ml[0] = 0.0
+    keep = volumes_ml >= min_volume_ml
+    keep[int(np.argmax(volumes_ml))] = True
+    keep[0] = False
+    return keep[labels]
