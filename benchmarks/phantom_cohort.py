@@ -37,7 +37,8 @@ def main() -> None:
     from scipy.stats import pearsonr
     from sklearn.metrics import roc_auc_score
 
-    from corona_ct.data.phantom import make_phantom, write_dicom_series
+    from corona_ct.data.phantom import make_phantom
+    from corona_ct.data.writers import write_dicom_series
     from corona_ct.pipeline.config import PipelineConfig
     from corona_ct.pipeline.run import load_models, run_batch
 

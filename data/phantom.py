@@ -1,4 +1,4 @@
-"""Seeded synthetic chest CT phantom with known lungs and lesions, and writers for it.
+"""Seeded synthetic chest CT phantom with known lungs and lesions (writers: :mod:`data.writers`).
 
 The phantom is the project's main test asset: every array is integer Hounsfield
 units (int16), so DICOM, NIfTI and TIFF round trips are exact, and every truth
@@ -24,17 +24,14 @@ import math
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from corona_ct.pipeline.atomic import atomic_path
 from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Geometry, Volume
 from corona_ct.pipeline.errors import ConfigError
-from corona_ct.pipeline.ingest.nifti import write_nifti as write_nifti_array
 
 LesionKind = Literal["ggo", "consolidation"]
 
@@ -667,189 +664,3 @@ def make_phantom(
             {name: float(np.count_nonzero(labels == code)) * voxel_mm3 for name, code in sides.items()}
         ),
     )
-
-
-# ----------------------------------------------------------------------------- writers
-
-
-def _ds(value: float) -> str:
-    """A decimal string (DS) of at most 16 characters, as precise as DICOM allows."""
-    from pydicom.valuerep import format_number_as_ds
-
-    return str(format_number_as_ds(float(value)))
-
-
-def _stored_values(hu: IntArray, intercept: float, slope: float) -> tuple[np.ndarray, int, int]:
-    """Stored pixel values for ``HU = stored × slope + intercept``, exact, with (PixelRepresentation, BitsStored)."""
-    if slope == 0:
-        raise ConfigError("rescale_slope must not be 0")
-    stored = np.rint((hu.astype(np.float64) - intercept) / slope)
-    if not np.array_equal(stored * slope + intercept, hu.astype(np.float64)):
-        raise ConfigError(
-            f"HU values are not exactly representable with RescaleSlope {slope} and RescaleIntercept {intercept}"
-        )
-    low, high = float(stored.min()), float(stored.max())
-    if low >= 0 and high <= 65535:
-        bits_stored = 12 if high <= 4095 else 16
-        return stored.astype("<u2"), 0, bits_stored
-    if low >= -32768 and high <= 32767:
-        return stored.astype("<i2"), 1, 16
-    raise ConfigError(
-        f"stored values [{low:.0f}, {high:.0f}] do not fit 16 bits; change the rescale intercept"
-    )
-
-
-def write_dicom_series(
-    phantom: Phantom,
-    folder: Path,
-    *,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    patient_name: str = "PHANTOM^DEMO",
-    patient_id: str = "PHANTOM-0",
-    rescale_intercept: float = -1024.0,
-    rescale_slope: float = 1.0,
-    shuffle_names: bool = False,
-    seed: int = 0,
-) -> list[Path]:
-    """Write the phantom as one CT Image Storage series (Explicit VR Little Endian), one file per slice.
-
-    Stored value = (HU − intercept) / slope, exactly; PixelRepresentation and
-    BitsStored follow the stored range. UIDs derive deterministically from
-    ``seed`` unless given. ``shuffle_names`` gives file names unrelated to slice
-    order (readers must sort by position). Returns the paths in slice order.
-    """
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    entropy = ["corona-ct phantom", str(seed), str(phantom.seed)]
-    study_uid = study_uid or generate_uid(entropy_srcs=[*entropy, "study"])
-    series_uid = series_uid or generate_uid(entropy_srcs=[*entropy, study_uid, "series"])
-    frame_uid = generate_uid(entropy_srcs=[*entropy, study_uid, "frame of reference"])
-    stored, pixel_representation, bits_stored = _stored_values(phantom.hu, rescale_intercept, rescale_slope)
-
-    geometry = phantom.geometry
-    n_slices, rows, columns = geometry.shape
-    row_direction, column_direction = geometry.axes_lps[2], geometry.axes_lps[1]
-    normal = np.asarray(geometry.axes_lps[0])
-    numbers = np.arange(1, n_slices + 1)
-    if shuffle_names:
-        numbers = np.random.default_rng(seed).permutation(numbers)
-
-    affine_lps = geometry.affine_lps()
-    paths = []
-    for index in range(n_slices):
-        position = affine_lps @ np.array([index, 0.0, 0.0, 1.0])
-        sop_uid = generate_uid(entropy_srcs=[*entropy, series_uid, str(index)])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        path = folder / f"IM{int(numbers[index]):05d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20200401"
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-        ds.StudyID = "1"
-        ds.AccessionNumber = ""
-        ds.ReferringPhysicianName = ""
-        ds.Modality = "CT"
-        ds.Manufacturer = "corona-ct phantom"
-        ds.SeriesNumber = 1
-        ds.AcquisitionNumber = 1
-        ds.InstanceNumber = index + 1
-        ds.BodyPartExamined = "CHEST"
-        ds.PatientPosition = "HFS"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.KVP = "120"
-        ds.ConvolutionKernel = "STANDARD"
-        ds.ImagePositionPatient = [_ds(p) for p in position[:3]]
-        ds.ImageOrientationPatient = [_ds(c) for c in (*row_direction, *column_direction)]
-        ds.PixelSpacing = [_ds(geometry.spacing_mm[1]), _ds(geometry.spacing_mm[2])]
-        ds.SliceThickness = _ds(geometry.spacing_mm[0])
-        ds.SpacingBetweenSlices = _ds(geometry.spacing_mm[0])
-        ds.SliceLocation = _ds(float(np.dot(position[:3], normal)))
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = rows, columns
-        ds.BitsAllocated = 16
-        ds.BitsStored = bits_stored
-        ds.HighBit = bits_stored - 1
-        ds.PixelRepresentation = pixel_representation
-        ds.RescaleIntercept = _ds(rescale_intercept)
-        ds.RescaleSlope = _ds(rescale_slope)
-        ds.RescaleType = "HU"
-        ds.WindowCenter = "-600"
-        ds.WindowWidth = "1500"
-        ds.PixelData = np.ascontiguousarray(stored[index]).tobytes()
-        with atomic_path(path) as temporary:
-            ds.save_as(temporary, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-def write_nifti(phantom: Phantom, path: Path) -> Path:
-    """Write the phantom's int16 HU as NIfTI with the RAS affine ``geometry.affine_ras()`` (array as x, y, z)."""
-    return write_nifti_array(Path(path), phantom.hu, phantom.to_volume(), dtype=np.int16)
-
-
-def write_tiff_slices(
-    phantom: Phantom, folder: Path, hu_offset: float = -1024.0, name_prefix: str = "P001_patient1_SR_1_"
-) -> list[Path]:
-    """COVID-CTset style 16-bit TIFF slices (raw = HU − ``hu_offset``, uint16), ``..._IM00001.tif`` upwards."""
-    import tifffile
-
-    raw = phantom.hu.astype(np.float64) - hu_offset
-    if raw.min() < 0 or raw.max() > 65535 or not np.array_equal(raw, np.rint(raw)):
-        raise ConfigError(f"HU − {hu_offset} does not fit unsigned 16-bit integers; change hu_offset")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, raw_slice in enumerate(raw.astype(np.uint16)):
-        path = folder / f"{name_prefix}IM{index + 1:05d}.tif"
-        with atomic_path(path) as temporary:
-            tifffile.imwrite(temporary, raw_slice, photometric="minisblack")
-        paths.append(path)
-    return paths
-
-
-def window_to_uint8(hu: np.ndarray, window: tuple[float, float]) -> npt.NDArray[np.uint8]:
-    """HU mapped linearly from ``window`` = (low, high) to 0..255, clipped and rounded."""
-    low, high = window
-    if high <= low:
-        raise ConfigError(f"window {window} must be (low, high) with high > low")
-    scaled = np.clip((hu.astype(np.float64) - low) / (high - low), 0.0, 1.0)
-    return np.rint(scaled * 255.0).astype(np.uint8)
-
-
-def write_png_slices(
-    phantom: Phantom,
-    folder: Path,
-    window: tuple[float, float] = (-1000.0, 0.0),
-    name_prefix: str = "phantom_slice_",
-) -> list[Path]:
-    """8-bit grey PNG slices windowed to ``window`` HU, named ``<prefix><n>.png`` with n = 1, 2, ... (unpadded)."""
-    from PIL import Image
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, grey in enumerate(window_to_uint8(phantom.hu, window)):
-        path = folder / f"{name_prefix}{index + 1}.png"
-        with atomic_path(path) as temporary:
-            Image.fromarray(grey).save(temporary, format="PNG")
-        paths.append(path)
-    return paths

@@ -814,7 +814,8 @@ def _write_overlay(path: Path, grey: np.ndarray, cam: np.ndarray) -> None:
 
 def run_demo(output: Path, config: PipelineConfig, *, cls_weights: Path | None = None) -> int:
     """Write two phantom studies (with and without lesions) as DICOM and run the pipeline on them."""
-    from corona_ct.data.phantom import make_phantom, write_dicom_series
+    from corona_ct.data.phantom import make_phantom
+    from corona_ct.data.writers import write_dicom_series
 
     inputs = output / "inputs"
     phantoms = {

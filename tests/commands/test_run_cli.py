@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from corona_ct.data.phantom import make_phantom, write_dicom_series, write_png_slices
+from corona_ct.data.phantom import make_phantom
+from corona_ct.data.writers import write_dicom_series, write_png_slices
 from corona_ct.pipeline.cli import main
 
 FAST = ["--set", "roi.input_size=64", "--device", "cpu"]

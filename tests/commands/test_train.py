@@ -102,7 +102,7 @@ def test_data_options_are_checked(slice_manifest: Path, tmp_path: Path) -> None:
 
 
 def test_train_seg_with_classical_pseudo_labels_on_unlabeled_ct(tmp_path: Path) -> None:
-    from corona_ct.data.phantom import write_nifti
+    from corona_ct.data.writers import write_nifti
 
     study = write_nifti(make_phantom(seed=3, shape=(10, 64, 64), lesions="mixed"), tmp_path / "ct.nii.gz")
     args = _parser().parse_args(
@@ -124,7 +124,7 @@ def test_train_seg_from_a_mask_manifest_and_run_with_the_unet(tmp_path: Path) ->
     """NIfTI volume + NIfTI mask and PNG slice + PNG mask → U-Net checkpoint → `run --seg-weights`."""
     import nibabel as nib
 
-    from corona_ct.data.phantom import write_nifti, write_png_slices
+    from corona_ct.data.writers import write_nifti, write_png_slices
     from corona_ct.pipeline.cli import main
 
     phantom = make_phantom(seed=4, shape=(8, 64, 64), spacing_mm=(5.0, 4.0, 4.0), lesions="mixed")

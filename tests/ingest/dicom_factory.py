@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from corona_ct.data.writers import ct_image_dataset
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -57,49 +59,38 @@ def ct_slice(
     signed: bool = True,
     sop_class: str = CT_STORAGE,
 ) -> Dataset:
-    """One single-frame CT image holding ``stored`` (rows, columns) as native little-endian pixels."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
-    sop_uid = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.ImageType = list(image_type)
-    ds.Modality = modality
-    ds.Manufacturer = "Factory"
-    ds.ManufacturerModelName = "Synthetic-1"
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = "19500101"
-    ds.AccessionNumber = "ACC123456"
-    ds.StudyInstanceUID = study_uid
-    ds.StudyDate, ds.StudyTime, ds.StudyID = "20200301", "120000", "1"
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = instance_number
-    ds.FrameOfReferenceUID = study_uid + ".9"
-    ds.ImagePositionPatient = [float(v) for v in position]
-    ds.ImageOrientationPatient = [float(v) for v in orientation]
-    ds.PixelSpacing = list(pixel_spacing)
-    ds.SliceThickness = thickness
-    ds.KVP = 120
-    ds.ConvolutionKernel = "B30f"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = stored.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 1 if signed else 0
-    if slope is not None:
-        ds.RescaleSlope = slope
-    if intercept is not None:
-        ds.RescaleIntercept = intercept
-    ds.PixelData = np.asarray(stored).astype("<i2" if signed else "<u2").tobytes()
-    return ds
+    """One single-frame CT image (``data.writers.ct_image_dataset``) with identifying headers
+    a de-identification test can look for."""
+    return ct_image_dataset(
+        np.asarray(stored),
+        position_mm=position,
+        orientation=orientation,
+        pixel_spacing_mm=pixel_spacing,
+        thickness_mm=thickness,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        instance_number=instance_number,
+        bits_stored=bits_stored,
+        signed=signed,
+        slope=slope,
+        intercept=intercept,
+        sop_class=sop_class,
+        attributes={
+            "Modality": modality,
+            "ImageType": list(image_type),
+            "Manufacturer": "Factory",
+            "ManufacturerModelName": "Synthetic-1",
+            "PatientName": patient_name,
+            "PatientID": patient_id,
+            "PatientBirthDate": "19500101",
+            "AccessionNumber": "ACC123456",
+            "StudyDate": "20200301",
+            "StudyTime": "120000",
+            "StudyID": "1",
+            "KVP": 120,
+            "ConvolutionKernel": "B30f",
+        },
+    )
 
 
 def slice_positions(

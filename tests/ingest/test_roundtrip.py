@@ -9,9 +9,8 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from corona_ct.data.phantom import (
-    Phantom,
-    make_phantom,
+from corona_ct.data.phantom import Phantom, make_phantom
+from corona_ct.data.writers import (
     window_to_uint8,
     write_dicom_series,
     write_nifti,

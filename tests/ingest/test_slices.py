@@ -10,7 +10,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from corona_ct.data.phantom import make_phantom, write_dicom_series
+from corona_ct.data.phantom import make_phantom
+from corona_ct.data.writers import write_dicom_series
 from corona_ct.pipeline.config import IngestConfig
 from corona_ct.pipeline.errors import (
     AmbiguousInputError,

@@ -13,7 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from corona_ct.data.phantom import make_phantom, write_dicom_series, write_nifti
+from corona_ct.data.phantom import make_phantom
+from corona_ct.data.writers import write_dicom_series, write_nifti
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.errors import ModelError
 from corona_ct.pipeline.preprocess import lung_bounding_box
