@@ -76,8 +76,10 @@ class ClassifyConfig:
 class CamConfig:
     """Multi-scale Grad-CAM."""
 
-    layers: tuple[str, ...] = ("layer2", "layer3")  # 28×28 and 14×14 for a 224 input
-    fusion: str = "product"
+    layers: tuple[
+        str, ...
+    ] = ()  # hooked modules; () = the backbone's own (ResNet-50: layer2 28×28, layer3 14×14 at 224 px)
+    fusion: str = "product"  # "product" (Gozes et al.: regions every scale marks) or "mean"
     activation_threshold: float = 0.6  # cmap > this counts towards the Corona score
 
 

@@ -71,6 +71,20 @@ UNTRAINED_NOTICE = (
 )
 
 
+def _check_cam_layers(classifier: LoadedModel, layers: Sequence[str]) -> None:
+    """Refuse ``cam.layers`` that the classifier does not have, naming the ones it has."""
+    if not layers or classifier.spec is None:
+        return
+    names = {name for name, _ in classifier.module.named_modules()}
+    missing = [layer for layer in layers if layer not in names]
+    if missing:
+        raise ModelError(
+            f"cam.layers names {', '.join(missing)}, which the {classifier.spec.name} classifier does not "
+            f"have; its Grad-CAM layers are {', '.join(classifier.spec.cam_layers)} "
+            "(leave cam.layers empty to use them)"
+        )
+
+
 @dataclass(frozen=True)
 class Models:
     """The networks a run uses, loaded once per batch."""
@@ -159,6 +173,7 @@ def load_models(
 
         torch.manual_seed(config.runtime.seed)  # untrained runs are at least reproducible
     classifier = load_classifier(cls_path, device=device, backbone=config.classify.backbone)
+    _check_cam_layers(classifier, config.cam.layers)
 
     method = config.segment.method
     if method not in {"auto", "unet", "classical"}:
@@ -302,6 +317,7 @@ def analyze_study(
         warnings.append("no lungs found: no slice was classified and no score was computed")
 
     batch = config.classify.batch_size
+    cam_layers = config.cam.layers or spec.cam_layers
     for start in range(0, len(eval_index), batch):
         chunk = eval_index[start : start + batch]
         with _stage("classify+gradcam", study_id, timings):
@@ -314,6 +330,8 @@ def analyze_study(
                 device=device,
                 amp=config.runtime.amp,
                 explain=True,
+                layers=cam_layers,
+                fusion=config.cam.fusion,
             )
         with _stage("paste-back", study_id, timings):
             fused = torch.as_tensor(np.asarray(out.fused))
@@ -328,7 +346,7 @@ def analyze_study(
             progress(len(chunk))
 
     scores = SliceScores(probs=probs, evaluated=evaluated)
-    cams = CamStack(maps=cam_volume, layers=tuple(spec.cam_layers), fusion=config.cam.fusion)
+    cams = CamStack(maps=cam_volume, layers=tuple(cam_layers), fusion=config.cam.fusion)
     with _stage("severity", study_id, timings):
         measures = severity(volume, lung_mask, cams, scores, config)
         case_p = case_probability(probs[evaluated], config.classify) if len(eval_index) else 0.0
