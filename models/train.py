@@ -47,6 +47,7 @@ from corona_ct.pipeline import __version__
 from corona_ct.pipeline.atomic import atomic_path, write_text
 from corona_ct.pipeline.device import resolve_device
 from corona_ct.pipeline.errors import ConfigError, ModelError
+from corona_ct.pipeline.progress import epoch_line, progress_log
 
 log = logging.getLogger(__name__)
 
@@ -678,11 +679,11 @@ def train_classifier(
         }  # fmt: skip
         _save_last_state(output, trainable, optimizer, meta)
         write_history(history, output, title=f"{config.backbone} ({config.recipe})")
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
+        progress_log.info(epoch_line(epoch, config.epochs, row, time.perf_counter() - started))
         if on_epoch is not None:
             on_epoch(row)
         if stopped_early:
-            log.info("early stop: validation AUC did not improve for %d epochs", config.patience)
+            progress_log.info("early stop: validation AUC did not improve for %d epochs", config.patience)
             break
 
     if heads is not None:
@@ -787,6 +788,10 @@ def cross_validate(
             )
             rows.append(row)
             curves.setdefault(backbone, []).append((fpr, tpr))
+            progress_log.info(
+                "fold %d/%d %s: test AUC %.3f, test acc %.3f, %.1f s",
+                fold, n_folds, backbone, test_report["auc"], test_report["accuracy"], result.seconds,
+            )  # fmt: skip
             del result
         write_cv_report(rows, curves, output, class_names, config)
     return rows
@@ -1177,7 +1182,7 @@ def train_segmenter(
         }  # fmt: skip
         _save_last_state(output, model, optimizer, meta)
         write_history(history, output, title="lung U-Net (VGG16 encoder)")
-        log.info("epoch %d: %s", epoch, row)
+        progress_log.info(epoch_line(epoch, config.epochs, row, time.perf_counter() - started))
         if on_epoch is not None:
             on_epoch(row)
         if stopped_early:

@@ -15,7 +15,10 @@ import sys
 from collections.abc import Sequence
 
 from corona_ct.pipeline import __version__
+from corona_ct.pipeline.commands.options import thread_limit_from_argv
 from corona_ct.pipeline.errors import CoronaCTError
+from corona_ct.pipeline.progress import log_progress_to_stderr
+from corona_ct.pipeline.threads import set_thread_env
 
 COMMAND_MODULES = (
     "corona_ct.pipeline.commands.inspect",
@@ -42,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    threads = thread_limit_from_argv(sys.argv[1:] if argv is None else argv)
+    if threads is not None:
+        set_thread_env(threads)  # before the parser's imports load numpy and its BLAS
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -51,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    log_progress_to_stderr()  # one line per study (without a terminal) and per epoch
     try:
         return int(args.handler(args))
     except CoronaCTError as error:
@@ -68,3 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,6 +36,7 @@ from corona_ct.pipeline.datamodel import (
     Volume,
 )
 from corona_ct.pipeline.errors import CoronaCTError, ModelError, StageError
+from corona_ct.pipeline.progress import bars_wanted, progress_log, study_line
 
 if TYPE_CHECKING:
     from corona_ct.models.checkpoint import LoadedModel
@@ -576,8 +577,8 @@ def run_batch(
     write_summary(summary_path, outcome.rows)
     resume_key = (config.hash(), models_key(models)) if resume else None
 
-    disable = None if show_progress is None else not show_progress  # None: bars only on a terminal
-    for item in tqdm(items, desc="studies", unit="study", disable=disable):
+    disable = not bars_wanted(show_progress)  # bars on a terminal; else one log line per study
+    for number, item in enumerate(tqdm(items, desc="studies", unit="study", disable=disable), start=1):
         source = _display_source(item)
         if not all_series and _resumed(output / item.study_id, resume_key, outcome):
             write_summary(summary_path, outcome.rows)
@@ -598,7 +599,9 @@ def run_batch(
                 continue
             try:
                 outcome.rows.append(
-                    _analyze_and_write(volume, source, output, models, config, timings, disable)
+                    _analyze_and_write(
+                        volume, source, output, models, config, timings, disable, f"{number}/{len(items)}"
+                    )
                 )
             except CoronaCTError as error:
                 _record_failure(outcome, volume.study_id, source, error)
@@ -628,9 +631,13 @@ def _analyze_and_write(
     models: Models,
     config: PipelineConfig,
     ingest_timings: dict[str, float],
-    disable_progress: bool | None,
+    disable_progress: bool,
+    position: str = "",
 ) -> dict[str, object]:
-    """Analyse one loaded series and write its outputs; returns its summary row."""
+    """Analyse one loaded series and write its outputs; returns its summary row.
+
+    Without progress bars it logs one line: ``study 3/12 P002: ok, p=0.91, score 34.2 cm3, 61.3 s``.
+    """
     from tqdm import tqdm
 
     from corona_ct.pipeline.report import write_study_outputs
@@ -644,7 +651,12 @@ def _analyze_and_write(
     values = summary_values(study_id, source, result, threshold=config.classify.positive_threshold)
     with _stage("report", study_id, result.timings_s):
         write_study_outputs(output / study_id, result, models, config, values)
-    log.info("%s: %s (%.1f s)", study_id, result.status, sum(result.timings_s.values()))
+    if disable_progress:
+        score = result.severity.corona_score_cm3 if result.severity is not None else None
+        seconds = sum(result.timings_s.values())
+        progress_log.info(
+            study_line(position, study_id, result.status, result.case_probability, score, seconds)
+        )
     return summary_cells(values)
 
 

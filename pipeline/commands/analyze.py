@@ -34,6 +34,12 @@ import numpy.typing as npt
 
 from corona_ct.pipeline import __version__
 from corona_ct.pipeline.atomic import atomic_path, write_text
+from corona_ct.pipeline.commands.options import (
+    add_device_option,
+    add_output_option,
+    add_threads_option,
+    apply_compute_options,
+)
 from corona_ct.pipeline.errors import ConfigError, InputError
 from corona_ct.pipeline.run import STATUS_NOT_ASSESSABLE, STATUS_OK, SUMMARY_COLUMNS
 
@@ -94,7 +100,8 @@ def _add_results_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="OUT",
         help="one or more output folders of `corona-ct run` (each holding summary.csv)",
     )
-    parser.add_argument("--output", type=Path, required=True, metavar="DIR", help="folder for the outputs")
+    add_output_option(parser, "folder for the outputs")
+    add_threads_option(parser)
     parser.add_argument(
         "--prefix-ids",
         action="store_true",
@@ -195,8 +202,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_results_arguments(cluster)
     cluster.add_argument("--k", default="auto", help="number of clusters, or 'auto' for the elbow knee")
     cluster.add_argument("--k-max", type=int, default=10, help="largest k of the elbow curve (default 10)")
-    cluster.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    cluster.add_argument("--seed", type=int, default=0)
+    add_device_option(cluster)
+    cluster.add_argument("--seed", type=int, default=0, help="k-means++ seed (default 0)")
     cluster.add_argument("--restarts", type=int, default=5, help="k-means++ restarts per k (default 5)")
     cluster.add_argument(
         "--max-iter", type=int, default=300, help="Lloyd iterations per restart (default 300)"
@@ -602,6 +609,7 @@ def _finish(reasons: Sequence[str], args: argparse.Namespace) -> int:
 def handle_roc(args: argparse.Namespace) -> int:
     from corona_ct.pipeline.stats import MIN_CASES_PER_CLASS, delong_test, roc_analysis
 
+    apply_compute_options(args)
     cohort = _load_cohort(args)
     scores = _check_scores(cohort, args.scores)
     if args.bootstrap < 0:
@@ -790,6 +798,7 @@ def _roc_markdown(
 def handle_wilcoxon(args: argparse.Namespace) -> int:
     from corona_ct.pipeline.stats import group_comparison
 
+    apply_compute_options(args)
     cohort = _load_cohort(args)
     scores = _check_scores(cohort, args.scores)
     groups = _read_mapping(args.groups, "group", "groups file")
@@ -1105,7 +1114,7 @@ def handle_cluster(args: argparse.Namespace) -> int:
     for name in ("k_max", "restarts", "max_iter", "key_slices"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    device = resolve_device(args.device)
+    device = resolve_device(apply_compute_options(args))
     cohort = _load_cohort(args)
     table = load_slices(cohort, positive_only=args.positive_only, threshold=args.threshold)
     n_slices = len(table.study_id)

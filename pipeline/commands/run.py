@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from corona_ct.pipeline.commands.options import add_compute_options, apply_compute_options, set_option_help
+
 
 def _common(parser: argparse.ArgumentParser, *, weights: bool = True) -> None:
-    parser.add_argument("--output", "-o", type=Path, required=True, help="output folder (created)")
+    add_compute_options(parser, "output folder (created)")
     parser.add_argument("--config", type=Path, help="JSON config file (see docs/usage.md)")
     parser.add_argument(
         "--set",
@@ -17,9 +19,8 @@ def _common(parser: argparse.ArgumentParser, *, weights: bool = True) -> None:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override one config value, e.g. --set cam.activation_threshold=0.5 (repeatable)",
+        help=set_option_help(),
     )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device (default: auto)")
     if weights:
         parser.add_argument(
             "--cls-weights", type=Path, help="classifier checkpoint (.safetensors with .json card)"
@@ -48,7 +49,11 @@ def register(subparsers: Any) -> None:
     series.add_argument(
         "--all-series", action="store_true", help="analyse every usable series of each study, one row each"
     )
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars: one log line per study instead (the default without a terminal)",
+    )
     run.set_defaults(handler=_run)
 
     explain = subparsers.add_parser(
@@ -56,7 +61,9 @@ def register(subparsers: Any) -> None:
         help="classify single 2D slices and write their fused Grad-CAM maps",
         description="Slice probability and fused multi-scale Grad-CAM for PNG/JPEG/TIFF/DICOM slices.",
     )
-    explain.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    explain.add_argument(
+        "images", nargs="+", type=Path, metavar="IMAGE", help="slice image: PNG, JPEG, TIFF or DICOM file"
+    )
     _common(explain)
     explain.add_argument(
         "--roi",
@@ -70,19 +77,23 @@ def register(subparsers: Any) -> None:
         "demo",
         help="write two phantom CT studies as DICOM and run the whole pipeline on them",
     )
-    demo.add_argument("--output", "-o", type=Path, default=Path("demo_out"), help="output folder")
-    demo.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    add_compute_options(demo, "output folder", output_default=Path("demo_out"))
     demo.add_argument("--cls-weights", type=Path, help="classifier checkpoint to use instead of the default")
     demo.set_defaults(handler=_demo)
 
 
 def _config(args: argparse.Namespace) -> Any:
+    """The pipeline config of ``--config`` and ``--set``; threads limited and the device checked first."""
     from corona_ct.pipeline.config import load_config
+    from corona_ct.pipeline.device import resolve_device
 
+    apply_compute_options(args)
     overrides = list(getattr(args, "overrides", []))
     if getattr(args, "device", None):
         overrides.append(f"runtime.device={args.device}")
-    return load_config(getattr(args, "config", None), overrides)
+    config = load_config(getattr(args, "config", None), overrides)
+    resolve_device(config.runtime.device)  # a config file's device, checked before any model loads
+    return config
 
 
 def _print_rows(rows: list[dict[str, object]]) -> None:

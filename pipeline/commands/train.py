@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from corona_ct.pipeline.commands.options import add_compute_options, apply_compute_options
 from corona_ct.pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,25 +49,33 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("training (override the recipe)")
-    train.add_argument("--recipe", choices=("gozes", "covid-ctset"), default="gozes")
-    train.add_argument("--input-size", type=int)
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--lr", type=float)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--weight-decay", type=float)
-    train.add_argument("--optimizer", choices=("adam", "nadam"))
+    train.add_argument(
+        "--recipe", choices=("gozes", "covid-ctset"), default="gozes",
+        help="base settings: gozes (Gozes et al. 2020, the default) or covid-ctset (Rahimzadeh et al.); "
+        "docs/training.md lists their values",
+    )  # fmt: skip
+    train.add_argument("--input-size", type=int, help="network input side, px")
+    train.add_argument("--epochs", type=int, help="maximum number of epochs")
+    train.add_argument("--lr", type=float, help="learning rate")
+    train.add_argument("--batch-size", type=int, help="slices per batch")
+    train.add_argument("--weight-decay", type=float, help="L2 weight decay")
+    train.add_argument("--optimizer", choices=("adam", "nadam"), help="optimizer")
     train.add_argument("--num-outputs", type=int, choices=(1, 2), help="1: sigmoid/BCE, 2: softmax/CE")
     train.add_argument("--patience", type=int, help="early-stopping patience on validation AUC (0: off)")
-    train.add_argument("--balance", choices=("sampler", "loss", "none"))
+    train.add_argument(
+        "--balance", choices=("sampler", "loss", "none"),
+        help="class balance: weighted sampling, weighted loss, or none",
+    )  # fmt: skip
     train.add_argument("--val-fraction", type=float, help="patient groups held out for validation")
-    train.add_argument("--rotation-deg", type=float)
-    train.add_argument("--zoom", type=float)
-    train.add_argument("--shift", type=float)
-    train.add_argument("--crop-scale", type=float)
+    train.add_argument("--rotation-deg", type=float, help="augmentation: largest rotation, degrees")
+    train.add_argument("--zoom", type=float, help="augmentation: largest zoom, fraction (0.1: ±10 %%)")
+    train.add_argument("--shift", type=float, help="augmentation: largest shift, fraction of the side")
+    train.add_argument(
+        "--crop-scale", type=float, help="augmentation: smallest random-crop area, fraction of the image"
+    )
     train.add_argument("--lstm-hidden", type=int, help="resnet152_lstm: LSTM units (study: 2048)")
-    train.add_argument("--seed", type=int)
+    train.add_argument("--seed", type=int, help="random seed (weights, splits, augmentation)")
     train.add_argument("--workers", type=int, help="DataLoader worker processes")
-    train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--no-amp", action="store_true", help="no bf16 autocast/channels_last on CUDA")
     train.add_argument(
         "--resume", action="store_true", help="continue from the last finished epoch in --output"
@@ -81,15 +90,15 @@ def register(subparsers: Any) -> None:
         "--backbone",
         help="resnet50 (default), resnet152, vgg16, vgg19, inception_v3, xception, resnet152_lstm",
     )
-    cls.add_argument("--output", type=Path, required=True, help="run folder (checkpoint, card, curves)")
+    add_compute_options(cls, "run folder (checkpoint, card, curves)")
     cls.set_defaults(handler=run_train_classifier)
 
     cv = subparsers.add_parser("cv", help="patient-grouped stratified K-fold comparison of backbones")
     _add_data_options(cv)
     _add_training_options(cv)
     cv.add_argument("--backbones", default="resnet50", help="comma-separated backbone names")
-    cv.add_argument("--folds", type=int, default=5)
-    cv.add_argument("--output", type=Path, required=True)
+    cv.add_argument("--folds", type=int, default=5, help="number of patient-grouped folds (default 5)")
+    add_compute_options(cv, "folder for the per-fold runs, per_fold.csv, summary.md and plots")
     cv.set_defaults(handler=run_cross_validation, val_fraction_default=0.0)
 
     seg = subparsers.add_parser("train-seg", help="train the lung U-Net (VGG16 encoder)")
@@ -104,12 +113,22 @@ def register(subparsers: Any) -> None:
         "--pseudo-labels", choices=("classical",), help="label --unlabeled CT with this segmenter"
     )
     seg.add_argument("--classes", type=int, choices=(2, 3), default=3, help="3: bg/right/left; 2: bg/lung")
-    seg.add_argument("--input-size", type=int, default=256)
-    seg.add_argument("--epochs", type=int, default=30)
-    seg.add_argument("--lr", type=float, default=1e-4)
-    seg.add_argument("--batch-size", type=int, default=8)
-    seg.add_argument("--patience", type=int, default=5)
-    seg.add_argument("--val-fraction", type=float, default=0.2)
+    seg.add_argument("--input-size", type=int, default=256, help="network input side, px (default 256)")
+    seg.add_argument("--epochs", type=int, default=30, help="maximum number of epochs (default 30)")
+    seg.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    seg.add_argument("--batch-size", type=int, default=8, help="slices per batch (default 8)")
+    seg.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="early-stopping patience on validation Dice (0: off; default 5)",
+    )
+    seg.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of volumes held out for validation (default 0.2)",
+    )
     seg.add_argument(
         "--val-group", action="append", default=[], metavar="GROUP",
         help="hold out this group (manifest group column) for validation; repeatable (default: random groups)",
@@ -117,12 +136,11 @@ def register(subparsers: Any) -> None:
     seg.add_argument(
         "--lesion-probability", type=float, default=0.5, help="share of slices given synthetic lesions"
     )
-    seg.add_argument("--seed", type=int, default=0)
-    seg.add_argument("--workers", type=int, default=0)
-    seg.add_argument("--device", default="auto")
-    seg.add_argument("--no-amp", action="store_true")
+    seg.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    seg.add_argument("--workers", type=int, default=0, help="data loading worker processes (default 0)")
+    seg.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     seg.add_argument("--config", type=Path, help="pipeline config JSON (window, segmentation)")
-    seg.add_argument("--output", type=Path, required=True)
+    add_compute_options(seg, "run folder (checkpoint, card, curves)")
     seg.add_argument(
         "--resume", action="store_true", help="continue from the last finished epoch in --output"
     )
@@ -181,6 +199,7 @@ def _card_extra(manifest: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train_classifier(args: argparse.Namespace) -> int:
+    apply_compute_options(args)
     import numpy as np
 
     from corona_ct.data.folds import group_train_val_split, groups_overlap
@@ -224,7 +243,6 @@ def run_train_classifier(args: argparse.Namespace) -> int:
         window_hu=window_hu,
         card_extra=_card_extra(manifest, args),
         resume=args.resume,
-        on_epoch=lambda row: print("  " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True),
     )
     print(f"best epoch {result.best_epoch}: {json.dumps(result.best_metrics)}")
     if test_idx.size:
@@ -239,6 +257,7 @@ def run_train_classifier(args: argparse.Namespace) -> int:
 
 
 def run_cross_validation(args: argparse.Namespace) -> int:
+    apply_compute_options(args)
     from corona_ct.models.train import cross_validate
 
     config = _train_config(args)
@@ -257,6 +276,7 @@ def run_cross_validation(args: argparse.Namespace) -> int:
 
 
 def run_train_segmenter(args: argparse.Namespace) -> int:
+    device = apply_compute_options(args)
     from corona_ct.data.datasets import load_segmentation_data
     from corona_ct.models.train import SegTrainConfig, train_segmenter
     from corona_ct.pipeline.config import load_config
@@ -271,7 +291,7 @@ def run_train_segmenter(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, patience=args.patience, val_fraction=args.val_fraction,
         val_groups=tuple(args.val_group),
         lesion_probability=args.lesion_probability, seed=args.seed, workers=args.workers,
-        device=args.device, amp=not args.no_amp,
+        device=device, amp=not args.no_amp,
     )  # fmt: skip
     slices, groups = load_segmentation_data(
         args.data, args.unlabeled, config.input_size, pipeline_config, binary=config.num_classes == 2
@@ -281,7 +301,6 @@ def run_train_segmenter(args: argparse.Namespace) -> int:
         slices, groups, config, args.output,
         window_hu=(pipeline_config.window.hu_min, pipeline_config.window.hu_max),
         card_extra={"pseudo_labels": args.pseudo_labels or "none"}, resume=args.resume,
-        on_epoch=lambda row: print("  " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True),
     )  # fmt: skip
     print(f"best epoch {result.best_epoch}: validation Dice {result.best_metrics}")
     print(f"checkpoint: {result.checkpoint}")
