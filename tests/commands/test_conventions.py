@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from corona_ct.data.phantom import make_phantom, write_dicom_series
+from corona_ct.data.phantom import make_phantom
+from corona_ct.data.writers import write_dicom_series
 from corona_ct.pipeline.cli import build_parser, main
 from corona_ct.pipeline.commands.options import DEVICE_HELP, THREADS_HELP, apply_compute_options
 from corona_ct.pipeline.config import PipelineConfig
@@ -193,7 +194,7 @@ def test_without_a_terminal_run_logs_one_line_per_study_and_draws_no_bars(
 
 @pytest.mark.slow
 def test_training_logs_one_line_per_epoch(tmp_path: Path) -> None:
-    from corona_ct.data.phantom import write_nifti
+    from corona_ct.data.writers import write_nifti
 
     study = write_nifti(make_phantom(seed=3, shape=(10, 48, 48), lesions="mixed"), tmp_path / "ct.nii.gz")
     done = _cli(
@@ -221,7 +222,7 @@ SHADOWS = {
 def test_the_package_works_from_a_folder_with_its_own_models_data_and_pipeline(
     tmp_path: Path, tiny_classifier: Path
 ) -> None:
-    from corona_ct.data.phantom import write_nifti
+    from corona_ct.data.writers import write_nifti
 
     for name, text in SHADOWS.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from corona_ct.data.phantom import make_phantom, write_nifti, write_png_slices
+from corona_ct.data.phantom import make_phantom
+from corona_ct.data.writers import write_nifti, write_png_slices
 from corona_ct.pipeline.api import analyse_study, build_config, explain_images, prepare_models, run_batch
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.errors import AmbiguousInputError, ConfigError
