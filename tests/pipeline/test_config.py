@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from corona_ct.models.classifier import backbone_spec
 from corona_ct.pipeline.config import PipelineConfig, load_config, parse_overrides
 from corona_ct.pipeline.errors import ConfigError
 
@@ -10,7 +11,8 @@ def test_defaults_are_the_papers_values() -> None:
     config = PipelineConfig()
     assert (config.window.hu_min, config.window.hu_max) == (-1000.0, 0.0)
     assert config.roi.input_size == 0  # the backbone's native size: 224 for ResNet-50
-    assert config.cam.layers == ("layer2", "layer3")
+    assert config.cam.layers == ()  # the backbone's own Grad-CAM layers:
+    assert backbone_spec(config.classify.backbone).cam_layers == ("layer2", "layer3")  # 28×28 and 14×14
     assert config.cam.activation_threshold == 0.6
     assert config.classify.positive_threshold == 0.5
     assert config.classify.backbone == "resnet50"
