@@ -181,6 +181,9 @@ def _card_extra(manifest: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train_classifier(args: argparse.Namespace) -> int:
+    from corona_ct.pipeline.preflight import check_output_folder
+
+    check_output_folder(args.output)  # before any data or model is loaded
     import numpy as np
 
     from corona_ct.data.folds import group_train_val_split, groups_overlap
@@ -239,6 +242,9 @@ def run_train_classifier(args: argparse.Namespace) -> int:
 
 
 def run_cross_validation(args: argparse.Namespace) -> int:
+    from corona_ct.pipeline.preflight import check_output_folder
+
+    check_output_folder(args.output)  # before any data or model is loaded
     from corona_ct.models.train import cross_validate
 
     config = _train_config(args)
@@ -257,6 +263,9 @@ def run_cross_validation(args: argparse.Namespace) -> int:
 
 
 def run_train_segmenter(args: argparse.Namespace) -> int:
+    from corona_ct.pipeline.preflight import check_output_folder
+
+    check_output_folder(args.output)  # before any data or model is loaded
     from corona_ct.data.datasets import load_segmentation_data
     from corona_ct.models.train import SegTrainConfig, train_segmenter
     from corona_ct.pipeline.config import load_config
