@@ -262,6 +262,7 @@ def test_an_older_output_folder_without_marker_is_recognised(tmp_path: Path) -> 
 # ----------------------------------------------------------------------------- signals, packages, caches
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_run_like_ctrl_c_and_keeps_finished_results(tmp_path: Path) -> None:
     inputs = tmp_path / "in"
     for seed in range(4):
