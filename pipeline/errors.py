@@ -36,8 +36,20 @@ class AmbiguousInputError(InputError):
     """The input holds several studies or patients where exactly one was asked for."""
 
 
+class InsufficientMemoryError(InputError):
+    """A study or image needs more memory than the machine has available (refused before reading)."""
+
+
 class ConfigError(CoronaCTError):
     """A configuration value or command-line option is invalid."""
+
+
+class OutputError(CoronaCTError):
+    """The output folder cannot be written: not a folder, read-only, or the disk is full."""
+
+
+class MissingDependencyError(CoronaCTError):
+    """A third-party package the command needs is not installed."""
 
 
 class ModelError(CoronaCTError):

@@ -35,7 +35,7 @@ from corona_ct.pipeline.datamodel import (
     StudyFailure,
     Volume,
 )
-from corona_ct.pipeline.errors import CoronaCTError, ModelError, StageError
+from corona_ct.pipeline.errors import CoronaCTError, ModelError, OutputError, StageError
 from corona_ct.pipeline.progress import bars_wanted, progress_log, study_line
 
 if TYPE_CHECKING:
@@ -239,8 +239,8 @@ def _stage(name: str, study_id: str, timings: dict[str, float]) -> Iterator[None
     start = time.perf_counter()
     try:
         yield
-    except StageError:
-        raise
+    except (StageError, OutputError, ModuleNotFoundError):
+        raise  # a full disk or a missing package is no fault of the study: it stops the batch
     except CoronaCTError as error:
         raise StageError(name, study_id, str(error)) from error
     except Exception as error:

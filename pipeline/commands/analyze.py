@@ -41,7 +41,6 @@ from corona_ct.pipeline.commands.options import (
     apply_compute_options,
 )
 from corona_ct.pipeline.errors import ConfigError, InputError
-from corona_ct.pipeline.run import STATUS_NOT_ASSESSABLE, STATUS_OK, SUMMARY_COLUMNS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -52,9 +51,15 @@ log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "summary.csv"
 FEATURES_NAME = "features.npz"
-NUMERIC_COLUMNS = tuple(
-    c for c in SUMMARY_COLUMNS if c not in {"study_id", "status", "source", "reason", "error"}
-)
+
+
+def numeric_columns() -> tuple[str, ...]:
+    """summary.csv's numeric columns (imported when needed: pipeline.run loads torch, the CLI starts without it)."""
+    from corona_ct.pipeline.run import SUMMARY_COLUMNS
+
+    return tuple(c for c in SUMMARY_COLUMNS if c not in {"study_id", "status", "source", "reason", "error"})
+
+
 #: Why not-assessable studies are left out, and how to keep them.
 NOT_ASSESSABLE_NOTE = (
     "not assessable in `corona-ct run`: no plausible lungs, no call made; --include-not-assessable keeps them"
@@ -239,7 +244,7 @@ class Cohort:
     included_not_assessable: list[str] = field(default_factory=list)  # kept by --include-not-assessable
 
     def numeric_columns(self) -> list[str]:
-        return [c for c in self.columns if c in NUMERIC_COLUMNS]
+        return [c for c in self.columns if c in numeric_columns()]
 
 
 def _to_float(text: str | None) -> float:
@@ -277,6 +282,8 @@ def load_cohort(
     Not-assessable studies go to ``Cohort.not_assessable`` (left out), or with
     ``include_not_assessable`` among the studies like successful ones.
     """
+    from corona_ct.pipeline.run import STATUS_NOT_ASSESSABLE, STATUS_OK
+
     cohort = Cohort(studies={}, failed={}, folder_of={}, raw_id={})
     folder_names: dict[str, Path] = {}
     for given in results:
@@ -314,7 +321,7 @@ def load_cohort(
             if status == STATUS_NOT_ASSESSABLE and not include_not_assessable:
                 cohort.not_assessable[study_id] = row.get("reason", "") or status
             elif status in (STATUS_OK, STATUS_NOT_ASSESSABLE):
-                cohort.studies[study_id] = {c: _to_float(row.get(c)) for c in NUMERIC_COLUMNS} | {
+                cohort.studies[study_id] = {c: _to_float(row.get(c)) for c in numeric_columns()} | {
                     "study_id": study_id
                 }
                 if status == STATUS_NOT_ASSESSABLE:
@@ -607,6 +614,9 @@ def _finish(reasons: Sequence[str], args: argparse.Namespace) -> int:
 
 
 def handle_roc(args: argparse.Namespace) -> int:
+    from corona_ct.pipeline.preflight import check_output_folder
+
+    check_output_folder(args.output)  # before any data or model is loaded
     from corona_ct.pipeline.stats import MIN_CASES_PER_CLASS, delong_test, roc_analysis
 
     apply_compute_options(args)
@@ -796,6 +806,9 @@ def _roc_markdown(
 
 
 def handle_wilcoxon(args: argparse.Namespace) -> int:
+    from corona_ct.pipeline.preflight import check_output_folder
+
+    check_output_folder(args.output)  # before any data or model is loaded
     from corona_ct.pipeline.stats import group_comparison
 
     apply_compute_options(args)
@@ -1097,6 +1110,9 @@ def _parse_k(text: str, n_slices: int) -> int | None:
 
 
 def handle_cluster(args: argparse.Namespace) -> int:
+    from corona_ct.pipeline.preflight import check_output_folder
+
+    check_output_folder(args.output)  # before any data or model is loaded
     import torch
 
     from corona_ct.pipeline.cluster import (

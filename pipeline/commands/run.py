@@ -120,10 +120,15 @@ def _print_rows(rows: list[dict[str, object]]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from corona_ct.pipeline.run import load_models, run_batch
+    from corona_ct.pipeline import preflight
 
     config = _config(args)
+    preflight.check_volume_inputs(args.inputs)
+    preflight.check_output_folder(args.output)
+    from corona_ct.pipeline.run import load_models, run_batch  # torch: after the quick checks
+
     models = load_models(config, args.cls_weights, args.seg_weights, allow_untrained=args.allow_untrained)
+    preflight.prepare_output_folder(args.output, "run")
     if models.untrained:
         print(
             "WARNING: running with UNTRAINED classifier weights; the numbers are meaningless.",
@@ -150,10 +155,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from corona_ct.pipeline.run import explain_images, load_models
+    from corona_ct.pipeline import preflight
 
     config = _config(args)
+    preflight.check_image_inputs(args.images)
+    preflight.check_output_folder(args.output)
+    from corona_ct.pipeline.run import explain_images, load_models  # torch: after the quick checks
+
     models = load_models(config, args.cls_weights, args.seg_weights, allow_untrained=args.allow_untrained)
+    preflight.prepare_output_folder(args.output, "explain")
     rows, failures = explain_images(args.images, args.output, config, models, roi=args.roi)
     for row in rows:
         print(f"{row['file']}: p = {row['probability']} (roi: {row['roi']})")
@@ -164,7 +174,10 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from corona_ct.pipeline.run import run_demo
+    from corona_ct.pipeline import preflight
 
     config = _config(args)
+    preflight.check_output_folder(args.output)
+    from corona_ct.pipeline.run import run_demo  # torch: after the quick checks
+
     return run_demo(args.output, config, cls_weights=args.cls_weights)

@@ -199,6 +199,9 @@ def _card_extra(manifest: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train_classifier(args: argparse.Namespace) -> int:
+    from corona_ct.pipeline.preflight import check_output_folder
+
+    check_output_folder(args.output)  # before any data or model is loaded
     apply_compute_options(args)
     import numpy as np
 
@@ -257,6 +260,9 @@ def run_train_classifier(args: argparse.Namespace) -> int:
 
 
 def run_cross_validation(args: argparse.Namespace) -> int:
+    from corona_ct.pipeline.preflight import check_output_folder
+
+    check_output_folder(args.output)  # before any data or model is loaded
     apply_compute_options(args)
     from corona_ct.models.train import cross_validate
 
@@ -276,6 +282,9 @@ def run_cross_validation(args: argparse.Namespace) -> int:
 
 
 def run_train_segmenter(args: argparse.Namespace) -> int:
+    from corona_ct.pipeline.preflight import check_output_folder
+
+    check_output_folder(args.output)  # before any data or model is loaded
     device = apply_compute_options(args)
     from corona_ct.data.datasets import load_segmentation_data
     from corona_ct.models.train import SegTrainConfig, train_segmenter

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -43,11 +43,15 @@ from corona_ct.pipeline.ingest.dicom import (
 )
 
 __all__ = [
+    "OUTPUT_MARKER",
     "SeriesInfo",
     "StudyInput",
     "choose_series",
     "discover",
     "find_series",
+    "first_image_file",
+    "input_path_problem",
+    "is_output_folder",
     "load_all_series",
     "load_input",
     "load_study",
@@ -61,6 +65,10 @@ _TIFF_SUFFIXES = {".tif", ".tiff"}
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 # Files that are certainly not DICOM; skipped without trying to parse them.
 _NEVER_DICOM = {".txt", ".md", ".csv", ".json", ".xml", ".html", ".pdf", ".zip", ".gz", ".py", ".log", ".ini"}
+_ARCHIVES = {".zip": "ZIP", ".tar": "tar", ".tgz": "tar", ".gz": "gzip", ".bz2": "bzip2", ".xz": "xz",
+             ".7z": "7-Zip", ".rar": "RAR"}  # fmt: skip
+#: Hidden file that marks a folder as written by corona-ct; discovery never reads such a folder as input.
+OUTPUT_MARKER = ".corona-ct-output"
 #: Series selection rule, in order of precedence (see docs/ingest.md).
 SELECTION_RULE = ("axial", "ORIGINAL/PRIMARY", "most slices", "thinnest slices")
 
@@ -90,13 +98,88 @@ def _nifti_stem(path: Path) -> str:
     return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
 
 
-def _walk(folder: Path) -> list[Path]:
-    """Every non-hidden file below ``folder``, sorted, symlinked folders not followed."""
-    found: list[Path] = []
+def is_output_folder(folder: Path) -> bool:
+    """True for a folder corona-ct wrote: it holds ``OUTPUT_MARKER``, or (older runs) summary.csv
+    beside study folders with a report.json."""
+    if (folder / OUTPUT_MARKER).is_file():
+        return True
+    if not (folder / "summary.csv").is_file():
+        return False
+    try:
+        return any((child / "report.json").is_file() for child in folder.iterdir() if child.is_dir())
+    except OSError:
+        return False
+
+
+def _skip_output_folder(folder: Path, report: bool) -> bool:
+    """True when ``folder`` is a corona-ct output folder; with ``report`` one log line says so."""
+    if not is_output_folder(folder):
+        return False
+    if report:
+        log.warning(
+            "%s: skipped, it is an output folder of corona-ct (results are never read as input)", folder
+        )
+    return True
+
+
+def _iter_files(folder: Path, report: bool = True) -> Iterator[Path]:
+    """Every non-hidden file below ``folder``, sorted, symlinked folders and output folders not followed."""
     for current, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(current) / f for f in sorted(files) if not f.startswith("."))
-    return found
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and not _skip_output_folder(Path(current) / d, report)
+        )
+        yield from (Path(current) / f for f in sorted(files) if not f.startswith("."))
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every file discovery considers below ``folder`` (output folders skipped with one log line each)."""
+    return list(_iter_files(folder))
+
+
+def _archive_kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith((".nii.gz", ".nii")):
+        return None
+    return _ARCHIVES.get(path.suffix.lower())
+
+
+def input_path_problem(path: Path) -> InputError | None:
+    """What makes ``path`` unusable as a study input on its own, judged from the path alone, or None.
+
+    A missing path, an archive, a single slice image, or a corona-ct output folder.
+    """
+    if not path.exists():
+        return NoImageDataError(f"{path}: no such file or folder; check the path")
+    if path.is_dir():
+        if is_output_folder(path):
+            return NoImageDataError(
+                f"{path}: an output folder of corona-ct (results, not CT input); pass the folder with the CT data"
+            )
+        return None
+    kind = _archive_kind(path)
+    if kind is not None:
+        return UnsupportedInputError(
+            f"{path}: a {kind} archive; corona-ct does not read archives: unpack it and pass the unpacked folder"
+        )
+    if path.suffix.lower() in _TIFF_SUFFIXES | _IMAGE_SUFFIXES:
+        return UnsupportedInputError(
+            f"{path}: a single slice image is not a CT volume; pass the folder that holds all slices"
+        )
+    return None
+
+
+def first_image_file(folder: Path) -> Path | None:
+    """The first file below ``folder`` that discovery would use (NIfTI, slice image or DICOM), else None.
+
+    Stops at the first hit, so it is quick on large folders; ``discover`` gives the detailed reasons.
+    """
+    for path in _iter_files(folder, report=False):  # discovery itself reports skipped output folders
+        suffix = path.suffix.lower()
+        if _is_nifti(path) or suffix in _TIFF_SUFFIXES | _IMAGE_SUFFIXES:
+            return path
+        if suffix not in _NEVER_DICOM and not isinstance(scan_file(path), str):
+            return path
+    return None
 
 
 def _summarise_skipped(skipped: dict[str, list[Path]], root: Path) -> list[str]:
@@ -188,16 +271,13 @@ def _discover_folder(folder: Path, config: IngestConfig) -> list[StudyInput]:
 
 
 def _discover_path(path: Path, config: IngestConfig) -> list[StudyInput]:
-    if not path.exists():
-        raise NoImageDataError(f"{path}: no such file or folder; check the path")
+    problem = input_path_problem(path)
+    if problem is not None:
+        raise problem
     if path.is_dir():
         return _discover_folder(path, config)
     if _is_nifti(path):
         return [StudyInput("nifti", derive_study_id(_nifti_stem(path), str(path)), path)]
-    if path.suffix.lower() in _TIFF_SUFFIXES | _IMAGE_SUFFIXES:
-        raise UnsupportedInputError(
-            f"{path}: a single slice image is not a CT volume; pass the folder that holds all slices"
-        )
     result = scan_file(path)
     if isinstance(result, str):
         raise NoImageDataError(f"{path}: {result}; pass a CT series folder, a DICOM file or a NIfTI file")

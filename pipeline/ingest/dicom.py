@@ -18,13 +18,16 @@ padding (see docs/ingest.md).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import itertools
 import logging
+import re
 import struct
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -45,6 +48,7 @@ from corona_ct.pipeline.errors import (
     UnsupportedInputError,
 )
 from corona_ct.pipeline.ingest.deid import clean_text
+from corona_ct.pipeline.memory import require_memory, volume_bytes_needed
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +174,8 @@ class SliceHeader:
     patient_name: str = field(default="", repr=False)
     birth_date: str = field(default="", repr=False)
     accession: str = field(default="", repr=False)
+    #: What pydicom logged while reading this header (e.g. invalid UID values), summarised per series.
+    pydicom_messages: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def is_localizer(self) -> bool:
@@ -337,12 +343,61 @@ def _read_header(fp: BinaryIO) -> Any:
         return pydicom.dcmread(fp, stop_before_pixels=True, force=True)
 
 
+class _CollectRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _pydicom_log_captured() -> Iterator[list[str]]:
+    """Collect what pydicom logs (instead of one stderr line per file); yields the messages' list."""
+    logger = logging.getLogger("pydicom")
+    handler = _CollectRecords()
+    saved_handlers, saved_propagate = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [handler], False
+    try:
+        yield handler.messages
+    finally:
+        logger.handlers, logger.propagate = saved_handlers, saved_propagate
+
+
+def summarise_pydicom_messages(headers: Sequence[SliceHeader]) -> list[str]:
+    """One line per distinct pydicom message in a series, with how many files gave it.
+
+    Quoted values are replaced by ``(value)`` (they group the files, and a header value may
+    identify the patient); pydicom's link to the standard is dropped.
+    """
+    files_by_message: dict[str, set[Path]] = {}
+    for header in headers:
+        for message in header.pydicom_messages:
+            text = message.split(" Please see", 1)[0].rstrip(". ")
+            key = " ".join(re.sub(r"'[^']*'", "(value)", text).split())[:160]
+            files_by_message.setdefault(key, set()).add(header.path)
+    return [
+        f"{len(files)} of {len(headers)} files: {key} (pydicom header warning, shown once per series; "
+        "the images are read normally)"
+        for key, files in sorted(files_by_message.items())
+    ]
+
+
 def scan_file(path: Path) -> SliceHeader | str:
-    """Read one file's header; return it, or the reason the file is skipped."""
-    with warnings.catch_warnings():
+    """Read one file's header; return it, or the reason the file is skipped.
+
+    pydicom's log messages (e.g. COVID-CT-MD's UIDs are not valid DICOM UIDs) are kept
+    in ``SliceHeader.pydicom_messages`` for one summary line per series, not printed per file.
+    """
+    with warnings.catch_warnings(), _pydicom_log_captured() as messages:
         # Wrong character sets and invalid VR values only affect text that is cleaned anyway.
         warnings.simplefilter("ignore")
-        return _scan_file(path)
+        result = _scan_file(path)
+    if messages and not isinstance(result, str):
+        result = dataclasses.replace(result, pydicom_messages=tuple(dict.fromkeys(messages)))
+    return result
 
 
 def _scan_file(path: Path) -> SliceHeader | str:
@@ -743,6 +798,8 @@ def describe_series(
 ) -> SeriesInfo:
     """Summarise one series for listing and choosing; problems become ``problem``, never exceptions."""
     first = headers[0]
+    for line in summarise_pydicom_messages(headers):
+        log.warning("series %s: %s", series_label(first.series_uid), line)
     modality = Counter(h.modality for h in headers).most_common(1)[0][0]
     image_types = Counter(h.image_type for h in headers if not h.is_localizer) or Counter(
         h.image_type for h in headers
@@ -817,7 +874,8 @@ def decode_stored_values(header: SliceHeader, root: Path | None = None) -> npt.N
     name = display_path(header.path, root)
     expected = header.rows * header.columns
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pydicom_log_captured():
+            # pydicom's header warnings were summarised once per series when it was described.
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(header.path, force=True)
             if "PixelData" not in ds:
@@ -962,6 +1020,12 @@ def read_series(
     """
     plan = plan_series(info.headers, config, root)
     label = series_label(info.uid)
+    rows, columns = plan.slices[0].rows, plan.slices[0].columns
+    require_memory(
+        volume_bytes_needed(len(plan.slices) * rows * columns),
+        f"series {label} ({source})",
+        f"{len(plan.slices)} slices of {columns}×{rows} pixels",
+    )
     warn = list(plan.warnings) + list(extra_warnings)
     hu = np.empty((len(plan.slices), plan.slices[0].rows, plan.slices[0].columns), dtype=np.float32)
     stored_by_slice: dict[int, npt.NDArray[np.int64]] = {}

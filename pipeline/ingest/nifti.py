@@ -22,6 +22,7 @@ from corona_ct.pipeline.atomic import atomic_path
 from corona_ct.pipeline.config import IngestConfig
 from corona_ct.pipeline.datamodel import Geometry, SourceOrder, Volume
 from corona_ct.pipeline.errors import ConfigError, GeometryError, InputError, UnsupportedInputError
+from corona_ct.pipeline.memory import require_memory, volume_bytes_needed
 
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -117,6 +118,11 @@ def read_nifti(path: Path, config: IngestConfig, study_id: str) -> Volume:
             f"max_pixels_per_slice {config.max_pixels_per_slice}); raise them in the config if intended"
         )
 
+    require_memory(
+        volume_bytes_needed(int(np.prod(shape, dtype=np.int64))),
+        str(path),
+        f"{'×'.join(map(str, shape))} voxels",
+    )
     try:
         source = np.asarray(image.dataobj).reshape(shape)
     except _READ_ERRORS as error:

@@ -26,6 +26,7 @@ from corona_ct.pipeline.errors import (
     NoImageDataError,
     UnsupportedInputError,
 )
+from corona_ct.pipeline.memory import require_memory, slice_bytes_needed, volume_bytes_needed
 
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
@@ -91,6 +92,7 @@ def _check_sizes(files: Sequence[Path], shapes: Sequence[tuple[int, ...]], folde
 
 
 def _check_counts(folder: Path, n_slices: int, rows: int, columns: int, config: IngestConfig) -> None:
+    """Slice count and size within the ingest limits, and the volume fits in the available memory."""
     if n_slices < config.min_slices:
         raise UnsupportedInputError(
             f"{folder}: {n_slices} slice image(s); a single slice is not a CT volume "
@@ -101,6 +103,16 @@ def _check_counts(folder: Path, n_slices: int, rows: int, columns: int, config: 
             f"{folder}: {n_slices} slices of {columns}×{rows} exceed the ingest limits "
             f"(max_slices {config.max_slices}, max_pixels_per_slice {config.max_pixels_per_slice})"
         )
+    require_memory(
+        volume_bytes_needed(n_slices * rows * columns),
+        str(folder),
+        f"{n_slices} slices of {columns}×{rows} pixels",
+    )
+
+
+def _admit_slice(path: Path, rows: int, columns: int) -> None:
+    """Refuse one 2D image for ``explain`` that would not fit in the available memory (header only)."""
+    require_memory(slice_bytes_needed(rows * columns), str(path), f"{columns}×{rows} pixels")
 
 
 def _stack(
@@ -257,6 +269,7 @@ def _read_dicom_slice(path: Path) -> npt.NDArray[np.float32]:
         raise UnsupportedInputError(f"{path}: modality {modality}, not CT; Hounsfield units need a CT image")
     if "PixelData" not in dataset:
         raise UnsupportedInputError(f"{path}: DICOM file without pixel data (no image)")
+    _admit_slice(path, int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0))
     if int(dataset.get("NumberOfFrames", 1) or 1) > 1 or int(dataset.get("SamplesPerPixel", 1) or 1) != 1:
         raise UnsupportedInputError(
             f"{path}: multi-frame or colour DICOM; the slice reader needs one grey CT slice"
@@ -288,9 +301,12 @@ def read_slice_image(path: Path, config: IngestConfig) -> tuple[npt.NDArray[np.f
         raise InputError(f"{path}: file not found")
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
+        _admit_slice(path, *_image_shape(path))
         return _grey_unit(path), "window"
     if suffix in TIFF_SUFFIXES:
         shape, dtype = _tiff_header(path)
+        if len(shape) >= 2:
+            _admit_slice(path, shape[0], shape[1])
         if dtype == np.uint8 and len(shape) in (2, 3):
             return _grey_unit(path), "window"
         _check_tiff_16bit(path, shape, dtype)
