@@ -44,6 +44,14 @@ class ModelError(CoronaCTError):
     """Model weights are missing, corrupt, or do not match the requested architecture."""
 
 
+class OutputError(CoronaCTError):
+    """An output cannot be written (disk full, permissions) or the output folder is not usable as asked."""
+
+
+class OutputInUseError(OutputError):
+    """Another corona-ct run holds the output folder's lock."""
+
+
 class StageError(CoronaCTError):
     """A pipeline stage failed on one study; wraps the original exception."""
 
