@@ -39,8 +39,9 @@ def main() -> None:
 
     from corona_ct.data.phantom import make_phantom
     from corona_ct.data.writers import write_dicom_series
+    from corona_ct.pipeline.batch import run_batch
     from corona_ct.pipeline.config import PipelineConfig
-    from corona_ct.pipeline.run import load_models, run_batch
+    from corona_ct.pipeline.run import load_models
 
     n_normal = max(1, args.n // 4)
     volumes_ml = np.concatenate([np.zeros(n_normal), np.linspace(10.0, args.max_ml, args.n - n_normal)])
@@ -60,7 +61,9 @@ def main() -> None:
     config = PipelineConfig().replace({"runtime.device": args.device})
     models = load_models(config, args.cls_weights, allow_untrained=args.allow_untrained)
     results = args.output / "results"
-    run_batch(sorted(inputs.iterdir()), results, config, models, resume=args.resume)
+    run_batch(
+        sorted(inputs.iterdir()), results, config, models, resume=args.resume, overwrite=not args.resume
+    )
 
     with (results / "summary.csv").open() as handle:
         rows = {row["study_id"]: row for row in csv.DictReader(handle) if row["status"] == "ok"}

@@ -31,7 +31,7 @@ from corona_ct.pipeline.errors import ConfigError
 from corona_ct.pipeline.run import Models, StudyResult, load_models
 
 if TYPE_CHECKING:
-    from corona_ct.pipeline.run import BatchOutcome
+    from corona_ct.pipeline.batch import BatchOutcome
 
 __all__ = [
     "ExplainedImages",
@@ -154,9 +154,10 @@ def analyse_study(
         A not-assessable study (no plausible lungs) has ``severity`` and
         ``case_probability`` None and says why in ``not_assessable_reason``.
     """
+    from corona_ct.pipeline.batch import _display_source
     from corona_ct.pipeline.ingest import discover, load_input, load_study
     from corona_ct.pipeline.report import write_study_outputs
-    from corona_ct.pipeline.run import _display_source, analyze_study, summary_values
+    from corona_ct.pipeline.run import analyze_study, summary_values
 
     pipeline_config = _setup(config, device, threads, settings)
     resolve_device(pipeline_config.runtime.device)
@@ -193,9 +194,12 @@ def run_batch(
     seg_weights: PathLike | None = None,
     allow_untrained: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
     series: str | None = None,
     all_series: bool = False,
     show_progress: bool | None = None,
+    study_naming: str = "deidentified",
+    ids_file: PathLike | None = None,
     threads: int | None = None,
     **settings: Any,
 ) -> BatchOutcome:
@@ -203,15 +207,19 @@ def run_batch(
 
     Writes ``output/summary.csv`` (one row per study, rewritten after each) and
     ``output/<study_id>/`` per study. A study that fails is recorded (status ``failed``, a
-    one-line error) and the batch goes on; ``resume`` skips studies already complete for
-    this config and these weights. ``show_progress``: bars (True), log lines (False), or
+    one-line error) and the batch goes on. An ``output`` holding an earlier run's results
+    needs ``resume`` (reuse studies whose completion record matches this config, these
+    weights and these inputs) or ``overwrite`` (recompute them); without either it raises
+    :class:`~corona_ct.pipeline.errors.ConfigError`. ``study_naming``: ``"deidentified"`` or
+    ``"folder"`` (as ``--study-id``); ``ids_file``: where to write ``study_id,input,...``
+    (as ``--ids-file``). ``show_progress``: bars (True), log lines (False), or
     bars only when stderr is a terminal (None). Other arguments as :func:`analyse_study`.
 
     Returns:
         The :class:`BatchOutcome`: ``rows`` (the summary.csv rows), ``failures``,
         ``skipped`` (resumed study ids), ``not_assessable`` rows and ``exit_code``.
     """
-    from corona_ct.pipeline.run import run_batch as run_studies  # moves to pipeline.batch
+    from corona_ct.pipeline.batch import run_batch as run_studies
 
     pipeline_config = _setup(config, device, threads, settings)
     models = prepare_models(
@@ -223,9 +231,12 @@ def run_batch(
         pipeline_config,
         models,
         resume=resume,
+        overwrite=overwrite,
         series_uid=series,
         all_series=all_series,
         show_progress=show_progress,
+        study_naming=study_naming,  # type: ignore[arg-type]  # checked by run_batch
+        ids_file=None if ids_file is None else Path(ids_file),
     )
 
 

@@ -45,7 +45,7 @@ class ConfigError(CoronaCTError):
 
 
 class OutputError(CoronaCTError):
-    """The output folder cannot be written: not a folder, read-only, or the disk is full."""
+    """An output cannot be written (not a folder, read-only, disk full) or the output folder is not usable as asked."""
 
 
 class MissingDependencyError(CoronaCTError):
@@ -54,6 +54,10 @@ class MissingDependencyError(CoronaCTError):
 
 class ModelError(CoronaCTError):
     """Model weights are missing, corrupt, or do not match the requested architecture."""
+
+
+class OutputInUseError(OutputError):
+    """Another corona-ct run holds the output folder's lock."""
 
 
 class StageError(CoronaCTError):

@@ -1,8 +1,9 @@
 """Per-study outputs: report.json, a self-contained report.html, NIfTI masks/maps, features.npz.
 
-Every file is written atomically; report.json is written last and lists the
-other files, so a study counts as complete (for ``--resume``) only when all
-of them exist. A not-assessable study (no plausible lungs, see
+Every file is written atomically, report.json last; it lists the other files. The
+batch (:mod:`pipeline.batch`) then writes ``.complete.json`` with every file's checksum,
+which is what ``--resume`` checks. The same result gives the same bytes, except the
+``created`` time and ``timings_s`` in the reports. A not-assessable study (no plausible lungs, see
 :mod:`pipeline.assess`) gets only its lung mask and the two reports: nothing was
 classified, so there is no heat map and there are no features. Nothing here
 reads or writes patient identity.
@@ -23,6 +24,7 @@ import html
 import io
 import json
 import math
+import zipfile
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,18 +95,23 @@ def write_features(path: Path, result: StudyResult) -> None:
     """features.npz: per evaluated slice, pooled layer4 features and their Grad-CAM weights."""
     feats = result.features
     z_mm = result.volume.geometry.slice_positions_mm()[feats.slice_index]
-    with atomic_path(path) as tmp, tmp.open("wb") as handle:
-        np.savez_compressed(
-            handle,
-            study_id=np.array(result.volume.study_id),
-            slice_index=feats.slice_index,
-            z_mm=z_mm.astype(np.float64),
-            probability=result.scores.probs[feats.slice_index].astype(np.float32),
-            features=feats.features,
-            weights=feats.weights,
-            thumbnails=result.thumbnails,
-            cams=result.cam_thumbnails,
-        )
+    arrays = {
+        "study_id": np.array(result.volume.study_id),
+        "slice_index": feats.slice_index,
+        "z_mm": z_mm.astype(np.float64),
+        "probability": result.scores.probs[feats.slice_index].astype(np.float32),
+        "features": feats.features,
+        "weights": feats.weights,
+        "thumbnails": result.thumbnails,
+        "cams": result.cam_thumbnails,
+    }
+    # np.savez_compressed's layout, but with a fixed member time: the same result gives the same bytes
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, array in arrays.items():
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            member.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(member, "w", force_zip64=True) as handle:
+                np.lib.format.write_array(handle, np.asanyarray(array), allow_pickle=False)
 
 
 def json_safe(value: Any) -> Any:

@@ -1,8 +1,9 @@
 """The study runner: the only place where the stages are wired together.
 
 ``analyze_study`` takes one loaded ``Volume`` and loaded models and returns a
-``StudyResult``; ``run_batch`` discovers studies under the inputs, isolates
-failures per study, writes every output atomically and can resume.
+``StudyResult``; ``summary_values`` turns it into one summary.csv row; single 2D
+slices go through ``explain_images``. Batches of studies (discovery, ids, locking,
+resume, summary.csv) live in :mod:`pipeline.batch`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import io
 import json
 import logging
 import math
-import re
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,16 +31,13 @@ from corona_ct.pipeline.datamodel import (
     Severity,
     SliceFeatures,
     SliceScores,
-    StudyFailure,
     Volume,
 )
 from corona_ct.pipeline.errors import CoronaCTError, ModelError, OutputError, StageError
-from corona_ct.pipeline.progress import bars_wanted, progress_log, study_line
 
 if TYPE_CHECKING:
     from corona_ct.models.checkpoint import LoadedModel
     from corona_ct.models.classifier import BackboneSpec
-    from corona_ct.pipeline.ingest import StudyInput
 
 log = logging.getLogger(__name__)
 
@@ -406,26 +402,7 @@ def _thumbnail(images: object) -> np.ndarray:
     return (small[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
-# --------------------------------------------------------------------------- batch
-
-
-@dataclass
-class BatchOutcome:
-    """What a batch run did; ``rows`` mirror summary.csv."""
-
-    rows: list[dict[str, object]] = field(default_factory=list)
-    failures: list[StudyFailure] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-
-    @property
-    def not_assessable(self) -> list[dict[str, object]]:
-        """Rows of the studies without plausible lungs (resumed ones included)."""
-        return [row for row in self.rows if row.get("status") == STATUS_NOT_ASSESSABLE]
-
-    @property
-    def exit_code(self) -> int:
-        """1 when a study failed; a not-assessable study is an answer, not a failure."""
-        return 1 if self.failures else 0
+# --------------------------------------------------------------------------- summary rows
 
 
 def summary_values(
@@ -514,214 +491,10 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def write_summary(path: Path, rows: Sequence[dict[str, object]]) -> None:
-    """summary.csv, atomically, one row per study sorted by study id."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in sorted(rows, key=lambda r: str(r["study_id"])):
-        writer.writerow({k: row.get(k, "") for k in SUMMARY_COLUMNS})
-    write_text(path, buffer.getvalue())
-
-
-def completed_report(study_dir: Path, config_hash: str, models_key: str) -> dict[str, object] | None:
-    """The study's report.json if it is complete for this config and these models, else None."""
-    path = study_dir / "report.json"
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if report.get("config_hash") != config_hash or report.get("models_key") != models_key:
-        return None
-    if any(not (study_dir / name).is_file() for name in report.get("files", [])):
-        return None
-    return report
-
-
 def models_key(models: Models) -> str:
     """Identity of the loaded weights, for resume checks."""
     desc = models.describe()
     return json.dumps([d and d.get("sha256") for d in desc.values()], sort_keys=True)
-
-
-def run_batch(
-    inputs: Sequence[str | Path],
-    output: Path,
-    config: PipelineConfig,
-    models: Models,
-    *,
-    resume: bool = False,
-    series_uid: str | None = None,
-    all_series: bool = False,
-    show_progress: bool | None = None,
-) -> BatchOutcome:
-    """Analyse every study found under ``inputs``; write per-study outputs and summary.csv.
-
-    Failures are isolated per study (status=failed, one-line error); a study without
-    plausible lungs gets status=not-assessable and a ``reason``; finished
-    studies are never rewritten or lost; summary.csv is rewritten atomically
-    after every study. With ``all_series`` every usable series of a study is
-    analysed as its own row (study id suffixed with the short series UID).
-    """
-    from tqdm import tqdm
-
-    from corona_ct.pipeline.ingest import load_all_series, load_input
-
-    output.mkdir(parents=True, exist_ok=True)
-    outcome = BatchOutcome()
-    items, discovery_failures = _discover_each(inputs, config)
-    for failure in discovery_failures:
-        outcome.failures.append(failure)
-        outcome.rows.append(summary_row(failure.study_id, failure.source, error=failure.message))
-    summary_path = output / "summary.csv"
-    write_summary(summary_path, outcome.rows)
-    resume_key = (config.hash(), models_key(models)) if resume else None
-
-    disable = not bars_wanted(show_progress)  # bars on a terminal; else one log line per study
-    for number, item in enumerate(tqdm(items, desc="studies", unit="study", disable=disable), start=1):
-        source = _display_source(item)
-        if not all_series and _resumed(output / item.study_id, resume_key, outcome):
-            write_summary(summary_path, outcome.rows)
-            continue
-        timings: dict[str, float] = {}
-        try:
-            with _stage("ingest", item.study_id, timings):
-                volumes = (
-                    load_all_series(item, config.ingest)
-                    if all_series
-                    else [load_input(item, config.ingest, series_uid=series_uid)]
-                )
-        except CoronaCTError as error:
-            _record_failure(outcome, item.study_id, source, error)
-            volumes = []
-        for volume in volumes:
-            if all_series and _resumed(output / volume.study_id, resume_key, outcome):
-                continue
-            try:
-                outcome.rows.append(
-                    _analyze_and_write(
-                        volume, source, output, models, config, timings, disable, f"{number}/{len(items)}"
-                    )
-                )
-            except CoronaCTError as error:
-                _record_failure(outcome, volume.study_id, source, error)
-        write_summary(summary_path, outcome.rows)
-    return outcome
-
-
-def _resumed(study_dir: Path, resume_key: tuple[str, str] | None, outcome: BatchOutcome) -> bool:
-    """With --resume: reuse a complete report's summary row instead of recomputing."""
-    if resume_key is None:
-        return False
-    report = completed_report(study_dir, *resume_key)
-    if report is None:
-        return False
-    summary = report.get("summary")
-    if not isinstance(summary, dict):
-        return False  # a report from an older layout: recompute
-    outcome.rows.append(summary_cells(summary))
-    outcome.skipped.append(study_dir.name)
-    return True
-
-
-def _analyze_and_write(
-    volume: Volume,
-    source: str,
-    output: Path,
-    models: Models,
-    config: PipelineConfig,
-    ingest_timings: dict[str, float],
-    disable_progress: bool,
-    position: str = "",
-) -> dict[str, object]:
-    """Analyse one loaded series and write its outputs; returns its summary row.
-
-    Without progress bars it logs one line: ``study 3/12 P002: ok, p=0.91, score 34.2 cm3, 61.3 s``.
-    """
-    from tqdm import tqdm
-
-    from corona_ct.pipeline.report import write_study_outputs
-
-    study_id = volume.study_id
-    with tqdm(
-        total=volume.n_slices, desc=study_id, unit="slice", leave=False, disable=disable_progress
-    ) as bar:
-        result = analyze_study(volume, models, config, progress=bar.update)
-    result.timings_s.update(ingest_timings)
-    values = summary_values(study_id, source, result, threshold=config.classify.positive_threshold)
-    with _stage("report", study_id, result.timings_s):
-        write_study_outputs(output / study_id, result, models, config, values)
-    if disable_progress:
-        score = result.severity.corona_score_cm3 if result.severity is not None else None
-        seconds = sum(result.timings_s.values())
-        progress_log.info(
-            study_line(position, study_id, result.status, result.case_probability, score, seconds)
-        )
-    return summary_cells(values)
-
-
-def _record_failure(outcome: BatchOutcome, study_id: str, source: str, error: CoronaCTError) -> None:
-    stage = getattr(error, "stage", "run")
-    message = _one_line(str(error))
-    outcome.failures.append(StudyFailure(study_id, source, stage, type(error).__name__, message))
-    outcome.rows.append(summary_row(study_id, source, error=message))
-    log.warning("%s: failed: %s", study_id, message)
-
-
-def _discover_each(
-    inputs: Sequence[str | Path], config: PipelineConfig
-) -> tuple[list[StudyInput], list[StudyFailure]]:
-    """Discover studies input by input, so that one unreadable input does not stop the others."""
-    from corona_ct.pipeline.ingest import discover
-    from corona_ct.pipeline.ingest.deid import clean_text, hashed_id
-
-    items: list[StudyInput] = []
-    failures: list[StudyFailure] = []
-    seen: set[str] = set()
-    for path in inputs:
-        try:
-            found = discover([path], config.ingest)
-        except CoronaCTError as error:
-            study_id = hashed_id(str(Path(path).resolve()), prefix="input")
-            failures.append(
-                StudyFailure(
-                    study_id,
-                    clean_text(Path(path).name),
-                    "discover",
-                    type(error).__name__,
-                    _one_line(str(error)),
-                )
-            )
-            continue
-        for item in found:
-            if item.study_id in seen:  # the same study given twice, or two inputs with one name
-                item = _with_unique_id(item, seen)
-            seen.add(item.study_id)
-            items.append(item)
-    return items, failures
-
-
-def _with_unique_id(item: StudyInput, seen: set[str]) -> StudyInput:
-    import dataclasses
-
-    n = 2
-    while f"{item.study_id}-{n}" in seen:
-        n += 1
-    return dataclasses.replace(item, study_id=f"{item.study_id}-{n}")
-
-
-def _display_source(item: StudyInput) -> str:
-    """The input's kind and file or folder name, cleaned; never a header string.
-
-    A DICOM folder's name is shown only when the study id was derived from it, i.e.
-    when it was judged free of patient identifiers; otherwise it is withheld.
-    """
-    from corona_ct.pipeline.ingest.deid import clean_text
-
-    kind, name, study_id = item.kind, Path(item.source).name, item.study_id
-    if kind == "dicom" and study_id != name and not re.fullmatch(re.escape(name) + r"-\d+", study_id):
-        return "dicom:(folder name withheld)"
-    return f"{kind}:{clean_text(name, 80)}"
 
 
 def _one_line(text: str) -> str:
@@ -810,14 +583,6 @@ def explain_images(
     return rows, failures
 
 
-def _num(value: object, digits: int) -> str:
-    """A summary cell as a fixed-precision number ("—" when empty)."""
-    try:
-        return f"{float(str(value)):.{digits}f}"
-    except ValueError:
-        return "—"
-
-
 def _unique_stem(stem: str, used: set[str]) -> str:
     candidate, n = stem, 2
     while candidate in used:
@@ -837,49 +602,3 @@ def _write_overlay(path: Path, grey: np.ndarray, cam: np.ndarray) -> None:
     blended = (rgb * (1 - alpha) + heat * alpha).clip(0, 1)
     with atomic_path(path) as tmp:
         Image.fromarray((blended * 255).round().astype(np.uint8)).save(tmp, format="PNG")
-
-
-# --------------------------------------------------------------------------- demo
-
-
-def run_demo(output: Path, config: PipelineConfig, *, cls_weights: Path | None = None) -> int:
-    """Write two phantom studies (with and without lesions) as DICOM and run the pipeline on them."""
-    from corona_ct.data.phantom import make_phantom
-    from corona_ct.data.writers import write_dicom_series
-
-    inputs = output / "inputs"
-    phantoms = {
-        "phantom-lesions": make_phantom(seed=1, lesions="mixed"),
-        "phantom-normal": make_phantom(seed=2, lesions="none"),
-    }
-    for number, (name, phantom) in enumerate(phantoms.items(), start=1):
-        # patient strings that the folder names do not contain, so the ids stay readable
-        write_dicom_series(
-            phantom, inputs / name, patient_name=f"Anonymous^{number}", patient_id=f"DEMO-{number}"
-        )
-    print(f"wrote {len(phantoms)} phantom DICOM studies under {inputs}")
-    models = load_models(config, cls_weights, allow_untrained=True)
-    if models.untrained:
-        print(
-            "NOTE: no trained classifier weights are installed (models/weights/ is empty), so the demo runs with "
-            "UNTRAINED random weights: probabilities and Corona scores below are meaningless; lung volumes and "
-            "HU measures are real.",
-            file=sys.stderr,
-        )
-    outcome = run_batch([inputs / name for name in phantoms], output / "results", config, models)
-    print(
-        f"{'study':<16} {'status':<14} {'p(case)':>8} {'score cm3':>10} {'lesions cm3 (true)':>18} "
-        f"{'lung cm3':>9} {'lung cm3 (true)':>15} {'GGO %':>6} {'consol. %':>9}"
-    )
-    for row in outcome.rows:
-        truth = phantoms.get(str(row["study_id"]))
-        true_lesion = truth.lesion_volume_ml if truth is not None else math.nan
-        true_lung = truth.lung_volume_ml if truth is not None else math.nan
-        print(
-            f"{row['study_id']!s:<16} {row['status']!s:<14} {_num(row['case_probability'], 3):>8} "
-            f"{_num(row['corona_score_cm3'], 1):>10} {true_lesion:>18.1f} {_num(row['lung_volume_cm3'], 1):>9} "
-            f"{true_lung:>15.1f} {_num(row['ggo_percent'], 2):>6} {_num(row['consolidation_percent'], 2):>9} "
-            f"{row['error'] or row['reason']}"
-        )
-    print(f"reports: {output / 'results'}/<study>/report.html; summary: {output / 'results' / 'summary.csv'}")
-    return outcome.exit_code

@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -129,6 +129,17 @@ def _add_results_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_ids_file_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ids-file",
+        type=Path,
+        metavar="FILE",
+        help="the ids file of `corona-ct run --ids-file` (study_id,input,...): the labels/groups file may then "
+        "name each study by its study_id, its input path, or a folder or file name on that path that only "
+        "one study has",
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``analyze`` (with ``roc`` and ``wilcoxon``) and ``cluster``."""
     analyze = subparsers.add_parser(
@@ -149,8 +160,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--labels",
         type=Path,
         required=True,
-        help="CSV with columns study_id,label; label 0/1 or names (covid/normal, positive/negative, ...)",
+        help="CSV with columns study_id,label (or input,label with --ids-file); label 0/1 or names "
+        "(covid/normal, positive/negative, ...)",
     )
+    _add_ids_file_argument(roc)
     roc.add_argument(
         "--score",
         action="append",
@@ -180,7 +193,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Compare a score between groups from a groups file (study_id,group).",
     )
     _add_results_arguments(wilcoxon)
-    wilcoxon.add_argument("--groups", type=Path, required=True, help="CSV with columns study_id,group")
+    wilcoxon.add_argument(
+        "--groups",
+        type=Path,
+        required=True,
+        help="CSV with columns study_id,group (or input,group with --ids-file)",
+    )
+    _add_ids_file_argument(wilcoxon)
     wilcoxon.add_argument(
         "--score",
         action="append",
@@ -367,6 +386,16 @@ def _studies(n: int) -> str:
     return f"{n} stud{'y' if n == 1 else 'ies'}"
 
 
+def _ids_file(args: argparse.Namespace) -> Path | None:
+    ids_file: Path | None = getattr(args, "ids_file", None)
+    if ids_file is not None and args.prefix_ids:
+        raise ConfigError(
+            "--ids-file maps to the study ids that run wrote, --prefix-ids renames them: use one of the two "
+            "(or key the labels by '<OUT folder name>/<study_id>' without --ids-file)"
+        )
+    return ids_file
+
+
 def _check_scores(cohort: Cohort, scores: Sequence[str] | None) -> list[str]:
     chosen = list(dict.fromkeys(scores or [DEFAULT_SCORE]))
     available = cohort.numeric_columns()
@@ -378,13 +407,30 @@ def _check_scores(cohort: Cohort, scores: Sequence[str] | None) -> list[str]:
     return chosen
 
 
-def _read_mapping(path: Path, value_column: str, what: str) -> dict[str, str]:
-    rows = _read_csv(path, ("study_id", value_column), what)
+#: Key columns accepted in labels/groups files, in order of preference.
+KEY_COLUMNS = ("study_id", "input", "name")
+
+
+def _read_mapping(path: Path, value_column: str, what: str, ids_file: Path | None = None) -> dict[str, str]:
+    """study_id → value from a labels/groups CSV; with ``ids_file`` keys may also be input paths or names."""
+    rows = _read_csv(path, (value_column,), what)
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        header = [h.strip() for h in next(csv.reader(handle), [])]
+    key_column = next((c for c in KEY_COLUMNS if c in header), None)
+    if key_column is None or (key_column != "study_id" and ids_file is None):
+        raise InputError(
+            f"{path}: {what} lacks a study_id column (found: {', '.join(header) or 'no header'}); key it by "
+            "study_id, or by input (path or folder name) together with --ids-file"
+        )
+    aliases = read_ids_aliases(ids_file) if ids_file is not None else None
     mapping: dict[str, str] = {}
     for row in rows:
-        study_id, value = row["study_id"], row[value_column]
-        if not study_id:
+        key, value = row[key_column], row[value_column]
+        if not key:
             continue
+        study_id = (
+            key if aliases is None or ids_file is None else resolve_study_key(key, aliases, path, ids_file)
+        )
         if study_id in mapping and mapping[study_id] != value:
             raise InputError(
                 f"{path}: study {study_id!r} has two different {value_column}s "
@@ -394,6 +440,44 @@ def _read_mapping(path: Path, value_column: str, what: str) -> dict[str, str]:
     if not mapping:
         raise InputError(f"{path}: empty cohort: {what} lists no studies")
     return mapping
+
+
+def read_ids_aliases(ids_file: Path) -> dict[str, set[str]]:
+    """Every name a study can be given by → the study ids it may mean, from `run --ids-file`'s CSV.
+
+    A study is known by its study_id, its input path (as written and resolved) and every
+    folder or file name on that path (a NIfTI file also without its suffix).
+    """
+    aliases: dict[str, set[str]] = {}
+    for row in _read_csv(ids_file, ("study_id", "input"), "ids file"):
+        study_id, source = row["study_id"], row["input"]
+        if not study_id:
+            continue
+        path = PurePath(source)
+        keys = {study_id, source, row.get("name", ""), *path.parts[1:]}
+        for suffix in (".nii.gz", ".nii"):
+            if path.name.endswith(suffix):
+                keys.add(path.name[: -len(suffix)])
+        for key in keys - {""}:
+            aliases.setdefault(key, set()).add(study_id)
+    if not aliases:
+        raise InputError(f"{ids_file}: the ids file lists no studies")
+    return aliases
+
+
+def resolve_study_key(key: str, aliases: Mapping[str, set[str]], source: Path, ids_file: Path) -> str:
+    """The study id a labels key means: a study_id, an input path or a name only one study's path has."""
+    candidates = aliases.get(key)
+    if candidates is None and ("/" in key or "\\" in key):
+        candidates = aliases.get(str(Path(key).expanduser().resolve()))
+    if not candidates:
+        return key  # not in the ids file: kept as a study id (reported as unmatched if it is none)
+    if len(candidates) > 1:
+        raise InputError(
+            f"{source}: {key!r} names several studies in {ids_file} ({', '.join(sorted(candidates))}); "
+            "key those rows by study_id or by the full input path"
+        )
+    return next(iter(candidates))
 
 
 def _normalise_label(value: str) -> str:
@@ -625,7 +709,9 @@ def handle_roc(args: argparse.Namespace) -> int:
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be a number of resamples ≥ 1, got {args.bootstrap}")
     labels = map_labels(
-        _read_mapping(args.labels, "label", "labels file"), positive=args.positive, source=args.labels
+        _read_mapping(args.labels, "label", "labels file", _ids_file(args)),
+        positive=args.positive,
+        source=args.labels,
     )
     matched = match_studies(cohort, labels, scores)
     _warn_excluded(matched, args.labels.name)
@@ -814,7 +900,7 @@ def handle_wilcoxon(args: argparse.Namespace) -> int:
     apply_compute_options(args)
     cohort = _load_cohort(args)
     scores = _check_scores(cohort, args.scores)
-    groups = _read_mapping(args.groups, "group", "groups file")
+    groups = _read_mapping(args.groups, "group", "groups file", _ids_file(args))
     matched = match_studies(cohort, groups, scores)
     _warn_excluded(matched, args.groups.name)
     if not matched.study_ids:

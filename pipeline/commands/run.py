@@ -38,12 +38,51 @@ def register(subparsers: Any) -> None:
         "run",
         help="analyse every CT study found under the inputs; write reports and summary.csv",
         description="Detect, localise and quantify COVID-19 pneumonia in every study under INPUT.",
+        epilog="An output folder that holds results of an earlier run (summary.csv, finished study folders) "
+        "is refused (exit 2) unless you pass --resume (keep them: finished studies whose checksums, config, "
+        "model weights and input still match are reused; summary.csv rows are merged by study id) or "
+        "--overwrite (recompute; summary.csv is replaced by this run's studies once the batch has finished). "
+        "One run at a time per output folder: a second one stops and names the pid holding OUT/.corona-ct.lock.",
     )
     run.add_argument(
         "inputs", nargs="+", type=Path, metavar="INPUT", help="study folder, folder of studies, NIfTI"
     )
     _common(run)
-    run.add_argument("--resume", action="store_true", help="skip studies already complete for this config")
+    earlier = run.add_mutually_exclusive_group()
+    earlier.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue in an output folder with earlier results: reuse every study whose completion record "
+        "(output checksums, config, model weights, input) still matches, recompute the others, keep earlier "
+        "summary.csv rows (merged by study id)",
+    )
+    earlier.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="recompute every study into an output folder with earlier results; summary.csv then lists this "
+        "run's studies only (the previous one stays until this batch has finished)",
+    )
+    run.add_argument(
+        "--study-id",
+        dest="study_naming",
+        choices=("deidentified", "folder"),
+        default="deidentified",
+        help="deidentified (default): the folder or file name when it holds no patient name, id, birth date or "
+        "accession number, else a hash; folder: the folder (or NIfTI) name as given. Two different inputs "
+        "with one name get name, name-2, ...",
+    )
+    run.add_argument(
+        "--ids-file",
+        type=Path,
+        metavar="FILE",
+        help="write study_id,input,name,kind as CSV to FILE (kept up to date across runs) so that labels can be "
+        "joined; it links ids to input paths, so keep it private: it is refused inside --output",
+    )
+    run.add_argument(
+        "--ids-file-in-output",
+        action="store_true",
+        help="allow --ids-file inside the output folder (then the output folder links ids to paths)",
+    )
     series = run.add_mutually_exclusive_group()
     series.add_argument("--series", metavar="UID", help="analyse this series (full or unique short UID)")
     series.add_argument(
@@ -125,31 +164,48 @@ def _run(args: argparse.Namespace) -> int:
     config = _config(args)
     preflight.check_volume_inputs(args.inputs)
     preflight.check_output_folder(args.output)
-    from corona_ct.pipeline.run import load_models, run_batch  # torch: after the quick checks
+    # torch loads with these: after the quick checks
+    from corona_ct.pipeline.batch import check_ids_file, check_output, output_lock, run_batch
+    from corona_ct.pipeline.run import load_models
 
-    models = load_models(config, args.cls_weights, args.seg_weights, allow_untrained=args.allow_untrained)
-    preflight.prepare_output_folder(args.output, "run")
-    if models.untrained:
-        print(
-            "WARNING: running with UNTRAINED classifier weights; the numbers are meaningless.",
-            file=sys.stderr,
+    if args.ids_file is not None:
+        check_ids_file(args.ids_file, args.output, inside_output_ok=args.ids_file_in_output)
+    with output_lock(args.output):  # before the models load, so that a busy or used folder is named at once
+        check_output(args.output, resume=args.resume, overwrite=args.overwrite)
+        models = load_models(config, args.cls_weights, args.seg_weights, allow_untrained=args.allow_untrained)
+        preflight.prepare_output_folder(args.output, "run")
+        if models.untrained:
+            print(
+                "WARNING: running with UNTRAINED classifier weights; the numbers are meaningless.",
+                file=sys.stderr,
+            )
+        if args.ids_file is not None:
+            print(
+                f"WARNING: {args.ids_file} links study ids to input paths (which may name patients); keep it "
+                "with your private records and do not share it with the outputs.",
+                file=sys.stderr,
+            )
+        outcome = run_batch(
+            args.inputs,
+            args.output,
+            config,
+            models,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            series_uid=args.series,
+            all_series=args.all_series,
+            show_progress=False if args.no_progress else None,
+            study_naming=args.study_naming,
+            ids_file=args.ids_file,
+            ids_file_in_output=args.ids_file_in_output,
         )
-    outcome = run_batch(
-        args.inputs,
-        args.output,
-        config,
-        models,
-        resume=args.resume,
-        series_uid=args.series,
-        all_series=args.all_series,
-        show_progress=False if args.no_progress else None,
-    )
     _print_rows(outcome.rows)
     not_assessable = len(outcome.not_assessable)
     done = len(outcome.rows) - len(outcome.failures) - not_assessable
+    kept = f", {len(outcome.kept)} earlier rows kept" if outcome.kept else ""
     print(
         f"{done} ok, {len(outcome.failures)} failed, {not_assessable} not assessable, "
-        f"{len(outcome.skipped)} resumed; summary: {args.output / 'summary.csv'}"
+        f"{len(outcome.skipped)} resumed{kept}; summary: {args.output / 'summary.csv'}"
     )
     return outcome.exit_code  # not-assessable studies are answers, not failures: exit 0
 
@@ -178,6 +234,6 @@ def _demo(args: argparse.Namespace) -> int:
 
     config = _config(args)
     preflight.check_output_folder(args.output)
-    from corona_ct.pipeline.run import run_demo  # torch: after the quick checks
+    from corona_ct.pipeline.batch import run_demo  # torch: after the quick checks
 
     return run_demo(args.output, config, cls_weights=args.cls_weights)

@@ -15,10 +15,11 @@ import pytest
 
 from corona_ct.data.phantom import make_phantom
 from corona_ct.data.writers import write_dicom_series, write_nifti
+from corona_ct.pipeline.batch import run_batch
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.errors import ModelError
 from corona_ct.pipeline.preprocess import lung_bounding_box
-from corona_ct.pipeline.run import SUMMARY_COLUMNS, analyze_study, load_models, run_batch
+from corona_ct.pipeline.run import SUMMARY_COLUMNS, analyze_study, load_models
 from corona_ct.pipeline.severity import corona_score
 
 PATIENT_STRINGS = ("PHANTOM^DEMO", "PHANTOM-0", "Secret^Patient", "PID-998877", "ACC-4455")
@@ -210,12 +211,12 @@ def test_resume_skips_complete_studies_and_reruns_on_config_change(batch, models
 
 
 def test_an_interrupted_batch_keeps_finished_studies(tmp_path, phantom, models, config, monkeypatch) -> None:
-    import corona_ct.pipeline.run as run_module
+    import corona_ct.pipeline.batch as batch_module
 
     inputs = tmp_path / "in"
     write_nifti(phantom, inputs / "a.nii.gz")
     write_nifti(phantom, inputs / "b.nii.gz")
-    real = run_module.analyze_study
+    real = batch_module.analyze_study
     calls = {"n": 0}
 
     def interrupt_second(*args, **kwargs):
@@ -224,7 +225,7 @@ def test_an_interrupted_batch_keeps_finished_studies(tmp_path, phantom, models, 
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "analyze_study", interrupt_second)
+    monkeypatch.setattr(batch_module, "analyze_study", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         run_batch(
             [inputs / "a.nii.gz", inputs / "b.nii.gz"], tmp_path / "out", config, models, show_progress=False

@@ -10,8 +10,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from corona_ct.pipeline.batch import run_batch
 from corona_ct.pipeline.config import PipelineConfig
-from corona_ct.pipeline.run import load_models, run_batch
+from corona_ct.pipeline.run import load_models
 
 pytestmark = pytest.mark.realdata
 
