@@ -53,10 +53,13 @@ def register(subparsers: Any) -> None:
 
     explain = subparsers.add_parser(
         "explain",
-        help="classify single 2D slices and write their fused Grad-CAM maps",
-        description="Slice probability and fused multi-scale Grad-CAM for PNG/JPEG/TIFF/DICOM slices.",
+        help="classify single 2D slices (files or folders of them) and write their fused Grad-CAM maps",
+        description=(
+            "Slice probability and fused multi-scale Grad-CAM for PNG/JPEG/BMP/TIFF/DICOM slices. A folder "
+            "stands for every slice image below it (recursively, sorted); a folder of masks is refused."
+        ),
     )
-    explain.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    explain.add_argument("images", nargs="+", metavar="IMAGE", help="slice image file or folder of them")
     _common(explain)
     explain.add_argument(
         "--roi",
@@ -109,9 +112,11 @@ def _print_rows(rows: list[dict[str, object]]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from corona_ct.pipeline.ingest import refuse_slice_sets
     from corona_ct.pipeline.run import load_models, run_batch
 
     config = _config(args)
+    refuse_slice_sets(args.inputs, config.ingest)  # a slice set is for explain: say so before loading models
     models = load_models(config, args.cls_weights, args.seg_weights, allow_untrained=args.allow_untrained)
     if models.untrained:
         print(
@@ -139,13 +144,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    from corona_ct.pipeline.ingest import collect_slice_images
     from corona_ct.pipeline.run import explain_images, load_models
 
     config = _config(args)
+    images = collect_slice_images(args.images)  # folders expanded, mask folders refused, before any model
     models = load_models(config, args.cls_weights, args.seg_weights, allow_untrained=args.allow_untrained)
-    rows, failures = explain_images(args.images, args.output, config, models, roi=args.roi)
+    rows, failures = explain_images(images, args.output, config, models, roi=args.roi)
     for row in rows:
-        print(f"{row['file']}: p = {row['probability']} (roi: {row['roi']})")
+        print(f"{row['input']}: p = {row['probability']} (roi: {row['roi']})")
     for failure in failures:
         print(f"failed: {failure}", file=sys.stderr)
     print(f"{len(rows)} explained, {len(failures)} failed; {args.output / 'predictions.csv'}")
