@@ -40,8 +40,9 @@ import numpy as np
 import numpy.typing as npt
 
 from corona_ct.pipeline.errors import ConfigError, InputError, NoImageDataError
+from corona_ct.pipeline.ingest.slices import SLICE_FILE_SUFFIXES
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"})
+IMAGE_SUFFIXES = SLICE_FILE_SUFFIXES  # the project's one registry of slice-file suffixes
 SPLITS = ("train", "val", "test")
 
 GROUP_RULES: dict[str, str] = {

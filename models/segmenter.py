@@ -71,9 +71,8 @@ def predict_lung_labels(
     labels = np.zeros(windowed.shape, dtype=np.uint8)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
         for start in range(0, windowed.shape[0], batch_size):
-            batch = torch.from_numpy(
-                np.ascontiguousarray(windowed[start : start + batch_size], dtype=np.float32)
-            )
+            # a copy: the caller's array may be read-only (memory-mapped), which torch warns about
+            batch = torch.from_numpy(np.array(windowed[start : start + batch_size], dtype=np.float32))
             batch = resize_batch(batch.to(torch_device), (input_size, input_size))
             logits = model(batch[:, None]).float()
             n, classes = logits.shape[:2]

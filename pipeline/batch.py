@@ -298,9 +298,9 @@ def input_identity(item: StudyInput) -> InputIdentity:
     if item.kind == "nifti":
         key = _digest({"kind": "nifti", "sha256": _sha256_file(item.source)})
         return InputIdentity("nifti", key, key)
-    from corona_ct.pipeline.ingest import _IMAGE_SUFFIXES, _TIFF_SUFFIXES
+    from corona_ct.pipeline.ingest.slices import IMAGE_SUFFIXES, TIFF_SUFFIXES
 
-    suffixes = _TIFF_SUFFIXES if item.kind == "tiff" else _IMAGE_SUFFIXES
+    suffixes = TIFF_SUFFIXES if item.kind == "tiff" else IMAGE_SUFFIXES
     images = sorted(
         p
         for p in item.source.iterdir()
@@ -315,9 +315,9 @@ def input_identity(item: StudyInput) -> InputIdentity:
 
 def _folder_name(item: StudyInput) -> str:
     """The input's own name: the study folder, or a NIfTI file without its suffix."""
-    from corona_ct.pipeline.ingest import _nifti_stem
+    from corona_ct.pipeline.ingest import nifti_stem
 
-    return _nifti_stem(item.source) if item.kind == "nifti" else item.source.name
+    return nifti_stem(item.source) if item.kind == "nifti" else item.source.name
 
 
 def folder_study_id(item: StudyInput) -> str:

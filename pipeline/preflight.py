@@ -78,20 +78,17 @@ def _no_data_error(folder: Path) -> InputError:
 
 
 def check_image_inputs(paths: Sequence[str | Path]) -> None:
-    """Refuse ``explain`` inputs that are missing, folders or archives, before the models load."""
+    """Refuse ``explain`` inputs that are missing, archives or output folders, before the models load."""
     if not paths:
-        raise NoImageDataError("no image given; pass PNG/JPEG/TIFF/DICOM slice files")
+        raise NoImageDataError("no image given; pass PNG/JPEG/BMP/TIFF/DICOM slice files or folders of them")
     for raw in paths:
         path = Path(raw)
         if not path.exists():
-            raise NoImageDataError(f"{path}: no such file; check the path")
-        if path.is_dir():
-            raise UnsupportedInputError(
-                f"{path}: a folder; explain takes slice image files (e.g. {path}/*.png), "
-                "the run command takes folders of slices"
-            )
+            raise NoImageDataError(f"{path}: no such file or folder; check the path")
         problem = input_path_problem(path)
-        if isinstance(problem, UnsupportedInputError) and "archive" in str(problem):
+        if problem is not None and (
+            path.is_dir() or "archive" in str(problem)
+        ):  # a slice file is explain's input
             raise problem
 
 

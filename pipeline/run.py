@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from corona_ct.pipeline.errors import CoronaCTError, ModelError, OutputError, St
 if TYPE_CHECKING:
     from corona_ct.models.checkpoint import LoadedModel
     from corona_ct.models.classifier import BackboneSpec
+    from corona_ct.pipeline.ingest import SliceImage
 
 log = logging.getLogger(__name__)
 
@@ -517,78 +519,137 @@ def slice_lung_mask(
     return labels > 0
 
 
+#: predictions.csv columns: the input path as given, its file name, ok/failed, the slice probability,
+#: the crop used, the map and overlay file names (in the output folder), and why a slice failed.
+PREDICTION_COLUMNS = ("input", "file", "status", "probability", "roi", "cam", "overlay", "error")
+
+
 def explain_images(
-    paths: Sequence[Path],
+    inputs: Sequence[str | Path | SliceImage],
     output: Path,
     config: PipelineConfig,
     models: Models,
     *,
     roi: str = "lung",
 ) -> tuple[list[dict[str, object]], list[str]]:
-    """Classify single 2D slices; write predictions.csv, ``<name>_cam.npy`` and ``<name>_overlay.png``.
+    """Classify single 2D slices; write predictions.csv, ``<stem>_cam.npy`` and ``<stem>_overlay.png``.
 
+    ``inputs``: image files and folders (expanded by :func:`collect_slice_images`:
+    recursively, sorted, a mask folder refused) or already collected ``SliceImage``s.
     Each slice goes through the same preprocessing as a study: window, lung box
     crop (``roi="lung"``, lungs by :func:`slice_lung_mask`; the whole image when no
-    lung is found or ``roi="none"``),
-    resize, classifier and fused Grad-CAM, map pasted back at the image's size.
+    lung is found or ``roi="none"``), resize, classifier and fused Grad-CAM, map
+    pasted back at the image's size. A blank, binary (mask) or tiny image, or any
+    error, fails that image only: its row says why and the others go on.
+    ``predictions.csv`` (``PREDICTION_COLUMNS``) is rewritten after every image, with
+    the input path unmodified; output stems are unique (see :func:`output_stems`).
+    Returns (rows of the explained images, "input: reason" per failed image).
     """
     from corona_ct.pipeline.classify import classify_slices
     from corona_ct.pipeline.device import resolve_device
-    from corona_ct.pipeline.ingest.deid import clean_text
-    from corona_ct.pipeline.ingest.slices import read_slice_image
+    from corona_ct.pipeline.errors import UnsupportedInputError
+    from corona_ct.pipeline.ingest import SliceImage, collect_slice_images
+    from corona_ct.pipeline.ingest.slices import read_slice_image, slice_image_problem
     from corona_ct.pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
 
+    images: list[SliceImage] = []
+    for item in inputs:
+        images.extend([item] if isinstance(item, SliceImage) else collect_slice_images([item]))
     output.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.runtime.device)
     spec = models.spec
     rows: list[dict[str, object]] = []
+    table: list[dict[str, object]] = []
     failures: list[str] = []
-    used_names: set[str] = set()
-    for path in paths:
-        name = clean_text(Path(path).name, 80)
+    for image_input, stem in zip(images, output_stems(images)):
+        row: dict[str, object] = dict.fromkeys(PREDICTION_COLUMNS, "")
+        row.update(input=image_input.input, file=image_input.path.name)
         try:
-            image, units = read_slice_image(Path(path), config.ingest)
+            image, units = read_slice_image(image_input.path, config.ingest)
+            problem = slice_image_problem(image, units)
+            if problem:
+                raise UnsupportedInputError(problem)
             windowed = window(image[None].astype(np.float32), units, config.window)
             box, roi_used = None, "image"
             if roi == "lung":
-                box = lung_bounding_box(slice_lung_mask(image, units, config, models, name), config.roi)
+                lungs = slice_lung_mask(image, units, config, models, image_input.input)
+                box = lung_bounding_box(lungs, config.roi)
                 roi_used = "lung" if box is not None else "image (no lung found)"
-            inputs = to_model_input(windowed, box, models.input_size(config))
+            batch = to_model_input(windowed, box, models.input_size(config))
             out = classify_slices(
                 models.classifier,
                 spec,
-                inputs,
+                batch,
                 batch_size=1,
                 device=device,
                 amp=config.runtime.amp,
                 explain=True,
+                layers=config.cam.layers or spec.cam_layers,
+                fusion=config.cam.fusion,
             )
             cam = paste_back(np.asarray(out.fused), box, image.shape)[0].astype(np.float32)
-        except CoronaCTError as error:
-            failures.append(f"{name}: {_one_line(str(error))}")
-            continue
-        stem = _unique_stem(Path(name).stem, used_names)
-        with atomic_path(output / f"{stem}_cam.npy") as tmp, tmp.open("wb") as handle:
-            np.save(handle, cam)
-        _write_overlay(output / f"{stem}_overlay.png", windowed[0], cam)
-        probability = float(np.asarray(out.probabilities)[0])
-        rows.append(
-            {"file": name, "probability": f"{probability:.6f}", "roi": roi_used, "cam": f"{stem}_cam.npy"}
-        )
+            with atomic_path(output / f"{stem}_cam.npy") as tmp, tmp.open("wb") as handle:
+                np.save(handle, cam)
+            _write_overlay(output / f"{stem}_overlay.png", windowed[0], cam)
+        except OutputError:  # the output cannot be written: no later image can be either
+            raise
+        except Exception as error:  # one image's failure, whatever it is, never stops the others
+            reason = " ".join(str(error).split())
+            reason = reason.removeprefix(f"{image_input.path}: ").removeprefix(f"{image_input.input}: ")
+            if not isinstance(error, CoronaCTError):
+                reason = f"{type(error).__name__}: {reason}"
+            row.update(status="failed", error=reason)
+            failures.append(f"{image_input.input}: {reason}")
+        else:
+            probability = float(np.asarray(out.probabilities)[0])
+            row.update(
+                status="ok",
+                probability=f"{probability:.6f}",
+                roi=roi_used,
+                cam=f"{stem}_cam.npy",
+                overlay=f"{stem}_overlay.png",
+            )
+            rows.append(row)
+        table.append(row)
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["file", "probability", "roi", "cam"], lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(table)
         write_text(output / "predictions.csv", buffer.getvalue())
     return rows, failures
 
 
-def _unique_stem(stem: str, used: set[str]) -> str:
-    candidate, n = stem, 2
-    while candidate in used:
-        candidate, n = f"{stem}-{n}", n + 1
-    used.add(candidate)
-    return candidate
+def output_stems(images: Sequence[SliceImage]) -> list[str]:
+    """Unique, file-system-safe output name stems, one per image, independent of the run order.
+
+    The image's path below the given folder (from the folder's name on; a file given
+    itself: its name) without suffix, folders joined by ``__``, characters other than
+    letters, digits, ``.``, ``_`` and ``-`` replaced by ``_``. Stems that still clash
+    (same-named files from different folders, names that differ only in replaced
+    characters or case) get ``-`` and 10 hex digits of a hash of the input path.
+    """
+    from corona_ct.pipeline.ingest.deid import hashed_id
+
+    def plain(image: SliceImage) -> str:
+        relative = Path(image.relative)
+        parts = [*relative.parent.parts, relative.stem if relative.suffix else relative.name]
+        flattened = re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(parts)).strip("._")
+        return flattened[:96] or "image"
+
+    plain_stems = [plain(image) for image in images]
+    counts: dict[str, int] = {}
+    for stem in plain_stems:
+        counts[stem.lower()] = counts.get(stem.lower(), 0) + 1
+    stems: list[str] = []
+    used: set[str] = set()
+    for image, stem in zip(images, plain_stems):
+        candidate = hashed_id(image.input, prefix=stem) if counts[stem.lower()] > 1 else stem
+        unique, n = candidate, 2
+        while unique.lower() in used:  # the same file given twice
+            unique, n = f"{candidate}-{n}", n + 1
+        used.add(unique.lower())
+        stems.append(unique)
+    return stems
 
 
 def _write_overlay(path: Path, grey: np.ndarray, cam: np.ndarray) -> None:

@@ -1,6 +1,7 @@
 """``corona-ct inspect PATH...``: list the studies and series found, and which series would be analysed.
 
-Reads headers only (no pixel data), so it is quick and safe on large folders.
+Reads headers only (pixel data only of slice images: one per slice-image folder, every one where they
+look like masks), so it is quick and safe on large folders.
 Exit code 0 when every study has a series to analyse; otherwise the tables are
 printed first and the first problem is raised (one line, exit code 2).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from corona_ct.pipeline.errors import ConfigError, InputError
+from corona_ct.pipeline.errors import ConfigError, InputError, UnsupportedInputError
 
 if TYPE_CHECKING:
     from corona_ct.pipeline.ingest import SeriesInfo, StudyInput
@@ -24,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "List every study and series found under PATH (DICOM folders searched recursively, NIfTI files, "
             "TIFF/PNG/JPEG slice folders) with modality, image type, slices, thickness, spacing, orientation, "
             "transfer syntax and warnings, and say which series the pipeline would choose and why. "
-            "Reads headers only."
+            "Slice-image folders that are no CT volume (independent 2D images: use explain; masks) are named. "
+            "Reads headers only (and the pixels of one image per slice-image folder, all where they look like masks)."
         ),
     )
     parser.add_argument(
@@ -89,6 +91,9 @@ def _study_block(
     from corona_ct.pipeline.ingest.dicom import series_label
 
     lines = [f"study {item.study_id}  ({item.kind})  {item.source}"]
+    if item.problem:  # a slice set (for explain) or a mask folder, not a volume
+        lines.append(f"  cannot be analysed: {item.problem}")
+        return lines, UnsupportedInputError(item.problem)
     if item.kind != "dicom":
         reader = "NIfTI reader" if item.kind == "nifti" else "slice-folder reader"
         lines.append(f"  one volume, read by the {reader} (no series to choose)")

@@ -97,11 +97,17 @@ def register(subparsers: Any) -> None:
 
     explain = subparsers.add_parser(
         "explain",
-        help="classify single 2D slices and write their fused Grad-CAM maps",
-        description="Slice probability and fused multi-scale Grad-CAM for PNG/JPEG/TIFF/DICOM slices.",
+        help="classify single 2D slices (files or folders of them) and write their fused Grad-CAM maps",
+        description=(
+            "Slice probability and fused multi-scale Grad-CAM for PNG/JPEG/BMP/TIFF/DICOM slices. A folder "
+            "stands for every slice image below it (recursively, sorted); a folder of masks is refused."
+        ),
     )
     explain.add_argument(
-        "images", nargs="+", type=Path, metavar="IMAGE", help="slice image: PNG, JPEG, TIFF or DICOM file"
+        "images",
+        nargs="+",  # no type=Path: each path is kept as given (./a/1.png stays ./a/1.png in predictions.csv)
+        metavar="IMAGE",
+        help="slice image file (PNG, JPEG, BMP, TIFF, DICOM) or folder of them",
     )
     _common(explain)
     explain.add_argument(
@@ -164,6 +170,9 @@ def _run(args: argparse.Namespace) -> int:
     config = _config(args)
     preflight.check_volume_inputs(args.inputs)
     preflight.check_output_folder(args.output)
+    from corona_ct.pipeline.ingest import refuse_slice_sets
+
+    refuse_slice_sets(args.inputs, config.ingest)  # a slice set is for explain: say so before loading models
     # torch loads with these: after the quick checks
     from corona_ct.pipeline.batch import check_ids_file, check_output, output_lock, run_batch
     from corona_ct.pipeline.run import load_models
@@ -212,17 +221,19 @@ def _run(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     from corona_ct.pipeline import preflight
+    from corona_ct.pipeline.ingest import collect_slice_images
 
     config = _config(args)
     preflight.check_image_inputs(args.images)
     preflight.check_output_folder(args.output)
+    images = collect_slice_images(args.images)  # folders expanded, mask folders refused, before any model
     from corona_ct.pipeline.run import explain_images, load_models  # torch: after the quick checks
 
     models = load_models(config, args.cls_weights, args.seg_weights, allow_untrained=args.allow_untrained)
     preflight.prepare_output_folder(args.output, "explain")
-    rows, failures = explain_images(args.images, args.output, config, models, roi=args.roi)
+    rows, failures = explain_images(images, args.output, config, models, roi=args.roi)
     for row in rows:
-        print(f"{row['file']}: p = {row['probability']} (roi: {row['roi']})")
+        print(f"{row['input']}: p = {row['probability']} (roi: {row['roi']})")
     for failure in failures:
         print(f"failed: {failure}", file=sys.stderr)
     print(f"{len(rows)} explained, {len(failures)} failed; {args.output / 'predictions.csv'}")

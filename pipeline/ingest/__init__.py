@@ -5,6 +5,9 @@ a NIfTI file, a folder of TIFF or PNG/JPEG slices, or one (PatientID,
 StudyInstanceUID) of DICOM files found anywhere below a folder.
 ``choose_series`` picks the series to analyse by a documented rule,
 ``load_input`` reads it, ``load_study(path)`` does all three for one study.
+A slice-image folder that is no CT volume (a set of independent 2D images, or
+masks) is found but carries its ``problem``; ``refuse_slice_sets`` raises it
+before models are loaded, ``collect_slice_images`` lists images for ``explain``.
 
 Example::
 
@@ -14,8 +17,10 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,12 +46,22 @@ from corona_ct.pipeline.ingest.dicom import (
     scan_file,
     series_label,
 )
+from corona_ct.pipeline.ingest.slices import (
+    IMAGE_SUFFIXES,
+    SLICE_FILE_SUFFIXES,
+    TIFF_SUFFIXES,
+    SliceFolderCheck,
+    check_slice_folder,
+    mask_evidence,
+)
 
 __all__ = [
     "OUTPUT_MARKER",
     "SeriesInfo",
+    "SliceImage",
     "StudyInput",
     "choose_series",
+    "collect_slice_images",
     "discover",
     "find_series",
     "first_image_file",
@@ -55,14 +70,13 @@ __all__ = [
     "load_all_series",
     "load_input",
     "load_study",
+    "refuse_slice_sets",
 ]
 
 log = logging.getLogger(__name__)
 
 InputKind = Literal["dicom", "nifti", "tiff", "images"]
 
-_TIFF_SUFFIXES = {".tif", ".tiff"}
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 # Files that are certainly not DICOM; skipped without trying to parse them.
 _NEVER_DICOM = {".txt", ".md", ".csv", ".json", ".xml", ".html", ".pdf", ".zip", ".gz", ".py", ".log", ".ini"}
 _ARCHIVES = {".zip": "ZIP", ".tar": "tar", ".tgz": "tar", ".gz": "gzip", ".bz2": "bzip2", ".xz": "xz",
@@ -78,7 +92,9 @@ class StudyInput:
     """One study found by ``discover``: what it is, where, and (DICOM) its series.
 
     ``study_id`` is de-identified and unique within one ``discover`` result;
-    ``notes`` say which files were skipped and why.
+    ``notes`` say which files were skipped and why. ``problem`` (slice-image
+    folders only) says why the folder is no CT volume: a set of independent
+    2D images or a folder of masks; ``load_input`` raises it.
     """
 
     kind: InputKind
@@ -86,6 +102,7 @@ class StudyInput:
     source: Path
     series: tuple[SeriesInfo, ...] = ()
     notes: tuple[str, ...] = ()
+    problem: str | None = None
 
 
 def _is_nifti(path: Path) -> bool:
@@ -93,7 +110,7 @@ def _is_nifti(path: Path) -> bool:
     return name.endswith((".nii", ".nii.gz"))
 
 
-def _nifti_stem(path: Path) -> str:
+def nifti_stem(path: Path) -> str:
     name = path.name
     return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
 
@@ -131,9 +148,9 @@ def _iter_files(folder: Path, report: bool = True) -> Iterator[Path]:
         yield from (Path(current) / f for f in sorted(files) if not f.startswith("."))
 
 
-def _walk(folder: Path) -> list[Path]:
-    """Every file discovery considers below ``folder`` (output folders skipped with one log line each)."""
-    return list(_iter_files(folder))
+def _walk(folder: Path, report: bool = True) -> list[Path]:
+    """Every file discovery considers below ``folder`` (output folders skipped, with one log line each if ``report``)."""
+    return list(_iter_files(folder, report))
 
 
 def _archive_kind(path: Path) -> str | None:
@@ -161,9 +178,10 @@ def input_path_problem(path: Path) -> InputError | None:
         return UnsupportedInputError(
             f"{path}: a {kind} archive; corona-ct does not read archives: unpack it and pass the unpacked folder"
         )
-    if path.suffix.lower() in _TIFF_SUFFIXES | _IMAGE_SUFFIXES:
+    if _slice_kind(path) is not None:
         return UnsupportedInputError(
-            f"{path}: a single slice image is not a CT volume; pass the folder that holds all slices"
+            f"{path}: a single slice image is not a CT volume; pass the folder that holds all slices, "
+            f"or run `corona-ct explain {path}` for this slice alone"
         )
     return None
 
@@ -175,7 +193,7 @@ def first_image_file(folder: Path) -> Path | None:
     """
     for path in _iter_files(folder, report=False):  # discovery itself reports skipped output folders
         suffix = path.suffix.lower()
-        if _is_nifti(path) or suffix in _TIFF_SUFFIXES | _IMAGE_SUFFIXES:
+        if _is_nifti(path) or _slice_kind(path) is not None:
             return path
         if suffix not in _NEVER_DICOM and not isinstance(scan_file(path), str):
             return path
@@ -232,20 +250,37 @@ def _dicom_studies(
     return studies
 
 
+def _slice_kind(path: Path) -> Literal["tiff", "images"] | None:
+    suffix = path.suffix.lower()
+    return "tiff" if suffix in TIFF_SUFFIXES else "images" if suffix in IMAGE_SUFFIXES else None
+
+
+def _slice_study(folder: Path, kind: Literal["tiff", "images"], config: IngestConfig) -> StudyInput:
+    """A slice-image folder as a study; a slice set or mask folder carries its ``problem``."""
+    check = check_slice_folder(folder, kind, config)
+    note = check.evidence if check.verdict == "volume" else None
+    return StudyInput(
+        kind,
+        derive_study_id(folder.name, str(folder)),
+        folder,
+        notes=(note,) if note else (),
+        problem=check.problem,
+    )
+
+
 def _discover_folder(folder: Path, config: IngestConfig) -> list[StudyInput]:
     files = _walk(folder)
     found: list[StudyInput] = []
-    slice_folders: dict[tuple[Path, InputKind], int] = defaultdict(int)
+    slice_folders: set[tuple[Path, Literal["tiff", "images"]]] = set()
     skipped: dict[str, list[Path]] = defaultdict(list)
     headers: list[SliceHeader] = []
     for path in files:
         suffix = path.suffix.lower()
+        slice_kind = _slice_kind(path)
         if _is_nifti(path):
-            found.append(StudyInput("nifti", derive_study_id(_nifti_stem(path), str(path)), path))
-        elif suffix in _TIFF_SUFFIXES:
-            slice_folders[(path.parent, "tiff")] += 1
-        elif suffix in _IMAGE_SUFFIXES:
-            slice_folders[(path.parent, "images")] += 1
+            found.append(StudyInput("nifti", derive_study_id(nifti_stem(path), str(path)), path))
+        elif slice_kind is not None:
+            slice_folders.add((path.parent, slice_kind))
         elif suffix in _NEVER_DICOM:
             skipped["not image data"].append(path)
         else:
@@ -254,8 +289,7 @@ def _discover_folder(folder: Path, config: IngestConfig) -> list[StudyInput]:
                 skipped[result].append(path)
             else:
                 headers.append(result)
-    for (slice_folder, kind), _count in sorted(slice_folders.items()):
-        found.append(StudyInput(kind, derive_study_id(slice_folder.name, str(slice_folder)), slice_folder))
+    found.extend(_slice_study(slice_folder, kind, config) for slice_folder, kind in sorted(slice_folders))
     notes = _summarise_skipped(skipped, folder)
     if headers:
         found.extend(_dicom_studies(headers, folder, notes, config))
@@ -277,7 +311,12 @@ def _discover_path(path: Path, config: IngestConfig) -> list[StudyInput]:
     if path.is_dir():
         return _discover_folder(path, config)
     if _is_nifti(path):
-        return [StudyInput("nifti", derive_study_id(_nifti_stem(path), str(path)), path)]
+        return [StudyInput("nifti", derive_study_id(nifti_stem(path), str(path)), path)]
+    if _slice_kind(path) is not None:
+        raise UnsupportedInputError(
+            f"{path}: a single slice image is not a CT volume; pass the folder that holds all slices, "
+            f"or run `corona-ct explain {path}` for this slice alone"
+        )
     result = scan_file(path)
     if isinstance(result, str):
         raise NoImageDataError(f"{path}: {result}; pass a CT series folder, a DICOM file or a NIfTI file")
@@ -291,9 +330,7 @@ def _unique_ids(studies: list[StudyInput]) -> list[StudyInput]:
         count = seen.get(study.study_id, 0) + 1
         seen[study.study_id] = count
         if count > 1:
-            study = StudyInput(
-                study.kind, f"{study.study_id}-{count}", study.source, study.series, study.notes
-            )
+            study = dataclasses.replace(study, study_id=f"{study.study_id}-{count}")
         unique.append(study)
     return unique
 
@@ -418,6 +455,8 @@ def _load_series(
 def load_input(item: StudyInput, config: IngestConfig | None = None, series_uid: str | None = None) -> Volume:
     """Read one discovered study as a ``Volume`` (DICOM: the chosen series)."""
     config = config or IngestConfig()
+    if item.problem:
+        raise UnsupportedInputError(item.problem)
     if item.kind == "nifti":
         from corona_ct.pipeline.ingest.nifti import read_nifti
 
@@ -495,3 +534,124 @@ def load_study(path: str | Path, config: IngestConfig | None = None, series_uid:
             "choose a series with --series UID, or run the batch command over all of them"
         )
     return load_input(studies[0], config, series_uid)
+
+
+# ----------------------------------------------------------------------------- slice sets
+
+
+def _rejected_slice_folders(path: Path, config: IngestConfig) -> tuple[list[SliceFolderCheck], bool]:
+    """Slice-image folders under ``path`` that are no CT volume, and whether anything else might be one."""
+    if not path.is_dir():
+        return [], not (path.is_file() and _slice_kind(path) is not None)
+    rejected: list[SliceFolderCheck] = []
+    folders: set[tuple[Path, Literal["tiff", "images"]]] = set()
+    other_candidates = False
+    for file in _walk(path, report=False):  # discovery reports skipped output folders
+        kind = _slice_kind(file)
+        if kind is not None:
+            folders.add((file.parent, kind))
+        elif file.suffix.lower() not in _NEVER_DICOM:
+            other_candidates = True  # NIfTI or possibly DICOM: discover decides
+    if other_candidates:
+        return rejected, True  # run goes on; discover and load_input judge each folder
+    for folder, kind in sorted(folders):
+        check = check_slice_folder(folder, kind, config)
+        if check.problem:
+            rejected.append(check)
+        else:
+            other_candidates = True
+    return rejected, other_candidates
+
+
+def refuse_slice_sets(paths: Sequence[str | Path], config: IngestConfig | None = None) -> None:
+    """Raise ``UnsupportedInputError`` when the inputs hold only slice sets, masks or single slice images.
+
+    Cheap (file names, image headers and one image per folder, no DICOM parsing), so ``run``
+    calls it before loading models. Inputs that hold anything else pass; ``load_input`` then
+    fails just the slice-set folders, each with the same message.
+    """
+    config = config or IngestConfig()
+    problems: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file() and _slice_kind(path) is not None:
+            problems.append(
+                f"{path}: a single slice image is not a CT volume; run `corona-ct explain {path}` for it"
+            )
+            continue
+        rejected, other_candidates = _rejected_slice_folders(path, config)
+        if other_candidates or not rejected:
+            return
+        problems.extend(str(check.problem) for check in rejected)
+    if problems:
+        more = f" (and {len(problems) - 1} more input(s) like it)" if len(problems) > 1 else ""
+        raise UnsupportedInputError(problems[0] + more)
+
+
+@dataclass(frozen=True)
+class SliceImage:
+    """One 2D image for ``explain``.
+
+    ``input`` is the path as the user gave it (for a file found in a given folder: that
+    folder as given joined with the file's path below it); ``relative`` is the file's
+    path below the given folder, starting with that folder's name (a file given itself:
+    its name), used for unique output names.
+    """
+
+    input: str
+    path: Path
+    relative: str
+
+
+def _natural_key(relative: Path) -> tuple[tuple[tuple[int, int | str], ...], ...]:
+    """Sort key comparing the numbers in names as numbers (``2.png`` before ``10.png``)."""
+    return tuple(
+        tuple((0, int(part)) if part.isdigit() else (1, part.lower()) for part in re.split(r"(\d+)", name))
+        for name in relative.parts
+    )
+
+
+def collect_slice_images(inputs: Sequence[str | Path]) -> list[SliceImage]:
+    """The images ``explain`` classifies: files as given, folders expanded, in input order.
+
+    A folder contributes every visible file below it (recursively, hidden and symlinked
+    folders skipped) with a slice-file suffix (``SLICE_FILE_SUFFIXES``), sorted by path
+    with numbers compared as numbers; other files are ignored. A file given itself is
+    taken whatever its suffix (DICOM files often have none) and checked when read.
+    Raises ``NoImageDataError`` for a folder without slice files and
+    ``UnsupportedInputError`` for a folder of masks (every image binary).
+    """
+    images: list[SliceImage] = []
+    for raw in inputs:
+        given = str(raw)
+        path = Path(given)
+        if not path.is_dir():
+            images.append(SliceImage(given, path, path.name))
+            continue
+        members = sorted(
+            (file.relative_to(path) for file in _walk(path) if file.suffix.lower() in SLICE_FILE_SUFFIXES),
+            key=_natural_key,
+        )
+        if not members:
+            raise NoImageDataError(
+                f"{path}: no slice images ({', '.join(sorted(SLICE_FILE_SUFFIXES))}) in or below this folder; "
+                "pass image files or a folder that holds them (a DICOM series is analysed with `corona-ct run`)"
+            )
+        by_folder: dict[Path, list[Path]] = defaultdict(list)
+        for relative in members:
+            if _slice_kind(relative) is not None:
+                by_folder[path / relative.parent].append(path / relative)
+        for folder, files in sorted(by_folder.items()):
+            evidence = mask_evidence(files)
+            if evidence:
+                kind = "TIFF" if _slice_kind(files[0]) == "tiff" else "PNG/JPEG"
+                raise UnsupportedInputError(
+                    str(SliceFolderCheck(folder, kind, len(files), "masks", evidence).problem)
+                )
+        name = path.resolve().name if path.name in ("", ".", "..") else path.name
+        prefix = given if given.endswith(("/", os.sep)) else given + os.sep  # the folder exactly as given
+        images.extend(
+            SliceImage(prefix + str(relative), path / relative, str(Path(name, relative)))
+            for relative in members
+        )
+    return images

@@ -106,7 +106,10 @@ def test_explain_reports_an_unreadable_image_and_goes_on(tmp_path: Path, phantom
     )
     assert code == 1
     assert "broken.png" in capsys.readouterr().err
-    assert (tmp_path / "x" / "predictions.csv").read_text().count("\n") == 2  # header + the good one
+    with (tmp_path / "x" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["input"], r["status"]) for r in rows] == [(str(bad), "failed"), (str(files[3]), "ok")]
+    assert "not a readable" in rows[0]["error"] and rows[0]["probability"] == rows[0]["cam"] == ""
 
 
 @pytest.mark.slow
