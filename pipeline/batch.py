@@ -236,14 +236,19 @@ def check_output(output: Path, *, resume: bool, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def _writing(output: Path) -> Iterator[None]:
-    """Turn an operating-system write failure (disk full, read-only, permissions) into an OutputError."""
+    """Turn an operating-system write failure (disk full, read-only, permissions) into an OutputError.
+
+    Both forms (a raw OSError, or the writers' OutputError) end with how to go on: ``--resume``.
+    """
+    keep = f"then rerun with --resume (studies finished in {output} are kept)"
     try:
         yield
+    except OutputError as error:
+        raise OutputError(f"{error}; {keep}") from error
     except OSError as error:
         where = error.filename or output
         raise OutputError(
-            f"cannot write {where}: {error.strerror or error}; free space or fix the folder's permissions, "
-            f"then rerun with --resume (studies finished in {output} are kept)"
+            f"cannot write {where}: {error.strerror or error}; free space or fix the folder's permissions, {keep}"
         ) from error
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_WEIGHTS_DIR = REPO_ROOT / "models" / "weights"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SESSION_THREADS = 2  # torch threads of the test process (CI has 2 cores)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -22,7 +25,7 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(SESSION_THREADS)
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +33,31 @@ def _shipped_weights_when_marked(request: pytest.FixtureRequest, monkeypatch: py
     """Tests marked ``shipped_weights`` see the default weights (they test the files that ship)."""
     if request.node.get_closest_marker("shipped_weights") is not None:
         monkeypatch.setattr("corona_ct.models.weights.WEIGHTS_DIR", SHIPPED_WEIGHTS_DIR)
+
+
+@pytest.fixture(autouse=True)
+def _thread_limits_restored() -> Iterator[None]:
+    """Undo ``--threads`` of an in-process CLI call: its limits would change later tests' floats.
+
+    ``set_threads`` sets the thread variables (inherited by child processes), torch's pool and
+    the loaded BLAS/OpenMP pools; each test starts from this session's 2 threads.
+    """
+    from corona_ct.pipeline.threads import THREAD_ENV_VARS
+
+    saved_env = {name: os.environ.get(name) for name in THREAD_ENV_VARS}
+    yield
+    for name, value in saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    import torch
+
+    if torch.get_num_threads() != SESSION_THREADS:
+        torch.set_num_threads(SESSION_THREADS)
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=SESSION_THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -133,4 +133,4 @@ def test_the_readme_snippet_runs_as_is(tmp_path: Path) -> None:
     assert status == "ok" and 0.0 <= float(probability) <= 1.0 and float(score) >= 0.0
     assert second == "1 studies, 0 failed"
     assert (tmp_path / "out" / "phantom" / "report.html").is_file()
-    assert (tmp_path / "out" / "summary.csv").is_file()
+    assert (tmp_path / "batch" / "summary.csv").is_file()

@@ -34,6 +34,8 @@ from corona_ct.data.phantom import make_phantom
 from corona_ct.data.writers import write_dicom_series, write_nifti
 from corona_ct.pipeline.batch import COMPLETE_NAME, LOCK_NAME, verify_complete
 from corona_ct.pipeline.cli import main
+from corona_ct.pipeline.threads import THREAD_ENV_VARS
+from tests.conftest import SESSION_THREADS
 
 pytestmark = pytest.mark.slow
 
@@ -150,7 +152,8 @@ class World:
         """The real CLI in a child process (with a fault plan for the sitecustomize hook)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.hooks), env.get("PYTHONPATH", "")) if p)
-        env["OMP_NUM_THREADS"] = "2"  # the same threads as this process (tests/conftest.py): same floats
+        # The same threads as this process (tests/conftest.py), so the same floats.
+        env.update(dict.fromkeys(THREAD_ENV_VARS, str(SESSION_THREADS)))
         env.pop("CORONA_CT_TEST_FAULT", None)
         if fault is not None:
             env["CORONA_CT_TEST_FAULT"] = json.dumps(fault)
@@ -333,7 +336,8 @@ def test_sigkill_mid_write_leaves_only_a_temporary_file(faulted, world, capsys) 
 def test_sigint_and_sigterm_stop_cleanly_and_resume_completes(faulted, world, capsys, tag, exit_code) -> None:
     out, code, stderr = faulted[tag]
     assert code == exit_code, stderr
-    assert "interrupted; finished results are kept" in stderr
+    how = "terminated (SIGTERM)" if tag == "sigterm" else "interrupted"
+    assert f"corona-ct: {how}; finished results are kept" in stderr
     assert not list(out.rglob("*.tmp*")), "an interrupted writer removes its temporary file"
     assert _summary_lines(out) == _summary_lines(world.baseline)[:3]
     _resume(world, out, capsys)
