@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 CHECKED := pipeline models data tests benchmarks run_pipeline.py
 
-.PHONY: venv demo test lint typecheck unit clean
+.PHONY: venv demo test test-fast lint typecheck unit contracts clean
 
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,10 +28,18 @@ typecheck: $(STAMP)
 	for pkg in pipeline models data; do ln -sfn ../../../$$pkg build/typecheck/corona_ct/$$pkg; done
 	$(VENV)/bin/mypy
 
+# The layers written in setup.cfg [importlinter]: no module imports from a layer above its own.
+contracts: $(STAMP)
+	$(VENV)/bin/lint-imports
+
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck unit
+test: lint typecheck contracts unit
+
+# The inner loop: no slow tests, no real data (CI and `make test` run everything).
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow and not realdata"
 
 clean:
 	rm -rf $(VENV) build demo_out .mypy_cache .ruff_cache .pytest_cache

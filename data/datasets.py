@@ -12,6 +12,7 @@ augmentation is applied later to whole batches (``models.train.augment_batch``).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -19,16 +20,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
 
+import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from corona_ct.data.manifest import Manifest
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.datamodel import Volume
 from corona_ct.pipeline.errors import ConfigError, InputError
+from corona_ct.pipeline.ingest import load_study
+from corona_ct.pipeline.ingest.slices import read_slice_image
 from corona_ct.pipeline.preprocess import Box, lung_bounding_box, to_model_input, window
+from corona_ct.pipeline.segment import segment_lungs, slice_lungs
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +115,10 @@ def slices_to_model_input(
 
 def load_slice_input(path: Path, roi: str, size: int, config: PipelineConfig) -> torch.Tensor:
     """One slice image file → (size, size) grey network input (see module docstring)."""
-    from corona_ct.pipeline.ingest.slices import read_slice_image
-
     array, units = read_slice_image(path, config.ingest)
     windowed = window(array, units, config.window)[None]
     lungs = None
     if roi == "lung":
-        from corona_ct.pipeline.segment import slice_lungs
-
         lungs = slice_lungs(array, units, config, str(path))
         if not lungs.any():
             log.warning("%s: no lung found; the whole slice is used", path)
@@ -204,8 +206,6 @@ def concat_segmentation(parts: Sequence[SegmentationSlices]) -> SegmentationSlic
 
 def _mask_on_canonical_grid(mask_path: Path, volume: Volume) -> npt.NDArray[np.uint8]:
     """A NIfTI mask re-ordered exactly like its CT by the reader (``Volume.source_order`` inverted)."""
-    import nibabel as nib
-
     try:
         image = cast(nib.Nifti1Image, nib.load(str(mask_path)))
         source = np.asarray(image.dataobj)
@@ -227,13 +227,8 @@ def _read_pair(image_path: Path, mask_path: Path, config: PipelineConfig) -> tup
     """(windowed (z, y, x), labels (z, y, x)) of one manifest row (NIfTI volume or 2D slice image)."""
     name = image_path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
-        from corona_ct.pipeline.ingest import load_study
-
         volume = load_study(image_path, config.ingest)
         return window(volume.array, volume.units, config.window), _mask_on_canonical_grid(mask_path, volume)
-    from PIL import Image
-
-    from corona_ct.pipeline.ingest.slices import read_slice_image
 
     array, units = read_slice_image(image_path, config.ingest)
     try:
@@ -261,8 +256,6 @@ def load_segmentation_data(
     images; relative paths from the CSV). ``unlabeled``: CT studies read with
     ``load_study`` and labelled by the classical ``segment_lungs`` (pseudo-labels).
     """
-    import csv
-
     parts: list[SegmentationSlices] = []
     groups: list[str] = []
     for manifest in manifests:
@@ -279,9 +272,6 @@ def load_segmentation_data(
             parts.append(segmentation_slices_from_volume(windowed, labels, size, binary))
             groups += [(row.get("group") or "").strip() or image.name] * windowed.shape[0]
     if unlabeled:
-        from corona_ct.pipeline.ingest import load_study
-        from corona_ct.pipeline.segment import segment_lungs
-
         classical = dataclasses.replace(config.segment, method="classical")
         for study in unlabeled:
             volume = load_study(study, config.ingest)

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 from scipy import ndimage
+from skimage.filters import threshold_otsu
 
 from corona_ct.pipeline.errors import InputError
 
@@ -74,8 +76,6 @@ class TextureBank:
         cls, images_dir: Path, masks_dir: Path, names: Sequence[str] | None = None, min_pixels: int = 60
     ) -> TextureBank:
         """Every connected infection region of at least ``min_pixels`` of the named slices (stems)."""
-        from PIL import Image
-
         images = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in {".jpg", ".png"})
         if names is not None:
             wanted = set(names)
@@ -109,8 +109,6 @@ def relative_density(grey: FloatArray, lesion: BoolArray) -> FloatArray:
     The anchors are the medians of the non-lesion pixels below and above the Otsu
     threshold of the slice (lung and body). Clipped to [−0.2, 1.3].
     """
-    from skimage.filters import threshold_otsu
-
     background = grey[~lesion]
     cut = threshold_otsu(background)
     dark, bright = background[background < cut], background[background >= cut]

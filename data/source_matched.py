@@ -30,11 +30,17 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from corona_ct.data.lesions import TextureBank, paste_lesions
+from corona_ct.data.phantom import make_phantom
+from corona_ct.pipeline.atomic import atomic_path
 from corona_ct.pipeline.config import PipelineConfig
-from corona_ct.pipeline.datamodel import Volume
+from corona_ct.pipeline.datamodel import Geometry, Volume
 from corona_ct.pipeline.errors import InputError
+from corona_ct.pipeline.ingest import load_study
+from corona_ct.pipeline.ingest.slices import read_slice_image
 from corona_ct.pipeline.preprocess import evaluable_slices, lung_bounding_box, to_model_input, window
 
 log = logging.getLogger(__name__)
@@ -81,10 +87,6 @@ class PreparedSlices:
         )
 
     def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        from corona_ct.pipeline.atomic import atomic_path
-
         tensors = {
             "images": self.images.contiguous(),
             "labels": torch.as_tensor(self.labels),
@@ -96,8 +98,6 @@ class PreparedSlices:
 
     @classmethod
     def load(cls, path: Path) -> PreparedSlices:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
             images = handle.get_tensor("images")
@@ -108,9 +108,6 @@ class PreparedSlices:
 
 def single_slice_volume(path: Path, config: PipelineConfig, study_id: str) -> Volume:
     """One DICOM/TIFF/PNG slice as a 1-slice ``Volume`` (nominal 1 mm voxels, as ``explain`` reads it)."""
-    from corona_ct.pipeline.datamodel import Geometry
-    from corona_ct.pipeline.ingest.slices import read_slice_image
-
     array, units = read_slice_image(path, config.ingest)
     height, width = array.shape
     return Volume(
@@ -219,9 +216,6 @@ def build_source_matched(
     progress: Callable[[str], None] | None = None,
 ) -> PreparedSlices:
     """All source-matched training slices from ``../shared/data`` (groups in ``exclude`` left out)."""
-    from corona_ct.data.phantom import make_phantom
-    from corona_ct.pipeline.ingest import load_study
-
     rng = np.random.default_rng(seed)
     parts: list[PreparedSlices] = []
 

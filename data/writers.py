@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+import tifffile
+from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
@@ -211,8 +213,6 @@ def write_tiff_slices(
     phantom: Phantom, folder: Path, hu_offset: float = -1024.0, name_prefix: str = "P001_patient1_SR_1_"
 ) -> list[Path]:
     """COVID-CTset style 16-bit TIFF slices (raw = HU − ``hu_offset``, uint16), ``..._IM00001.tif`` upwards."""
-    import tifffile
-
     raw = phantom.hu.astype(np.float64) - hu_offset
     if raw.min() < 0 or raw.max() > 65535 or not np.array_equal(raw, np.rint(raw)):
         raise ConfigError(f"HU − {hu_offset} does not fit unsigned 16-bit integers; change hu_offset")
@@ -243,8 +243,6 @@ def write_png_slices(
     name_prefix: str = "phantom_slice_",
 ) -> list[Path]:
     """8-bit grey PNG slices windowed to ``window`` HU, named ``<prefix><n>.png`` with n = 1, 2, ... (unpadded)."""
-    from PIL import Image
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from corona_ct.models.classifier import BackboneSpec, backbone_spec, build_classifier
+from corona_ct.models.segmenter import build_unet
 from corona_ct.pipeline import __version__
 from corona_ct.pipeline.atomic import atomic_path, write_text
 from corona_ct.pipeline.device import resolve_device
@@ -307,7 +308,6 @@ def load_segmenter(path: Path, device: str | torch.device = "cpu") -> LoadedMode
     card = read_card(path)
     name = _architecture_name(card, "segmenter", path)
     state, card = load_checkpoint(path, expected_architecture=f"segmenter/{name}")
-    from corona_ct.models.segmenter import build_unet  # lazy: segmentation-models-pytorch is heavy
 
     module = build_unet(
         num_classes=int(card.get("num_classes", 3)), in_channels=int(card["input"]["channels"])

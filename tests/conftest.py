@@ -28,6 +28,13 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(SESSION_THREADS)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use the ``shared_data`` fixture are marked ``realdata`` (``make test-fast`` leaves them out)."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.realdata)
+
+
 @pytest.fixture(autouse=True)
 def _shipped_weights_when_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests marked ``shipped_weights`` see the default weights (they test the files that ship)."""

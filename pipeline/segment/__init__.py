@@ -21,9 +21,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from corona_ct.models.segmenter import SEGMENTER_INPUT, is_binary_unet, predict_lung_labels
 from corona_ct.pipeline.config import PipelineConfig, SegmentConfig, WindowConfig
 from corona_ct.pipeline.datamodel import Geometry, LungMask, Volume
 from corona_ct.pipeline.errors import ModelError
+from corona_ct.pipeline.preprocess import min_lung_pixels_for, window
 from corona_ct.pipeline.segment.classical import classical_lung_labels
 from corona_ct.pipeline.segment.cleanup import clean_lung_mask, keep_plausible_lung, trim_dense_rim
 from corona_ct.pipeline.segment.regions import BoolArray, low_density
@@ -51,8 +53,6 @@ def segment_lungs(
     spacing_mm = volume.geometry.spacing_mm
     if model is not None:
         # torch model code stays out of the classical path
-        from corona_ct.models.segmenter import SEGMENTER_INPUT, is_binary_unet, predict_lung_labels
-        from corona_ct.pipeline.preprocess import window
 
         windowed = window(volume.array, volume.units, window_config)
         size = input_size or SEGMENTER_INPUT.input_size
@@ -102,8 +102,6 @@ def slice_lung_labels(
     minimum lung area (scaled to this image size) is used instead, as nominal ml.
     The classical form crops slice images for training (and for ``explain`` without a U-Net).
     """
-    from corona_ct.pipeline.preprocess import min_lung_pixels_for
-
     height, width = image.shape
     volume = Volume(
         array=np.ascontiguousarray(image[None], dtype=np.float32),

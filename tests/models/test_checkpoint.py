@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-import types
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -239,9 +237,7 @@ def test_segmenter_is_built_from_its_card(tmp_path: Path, monkeypatch: pytest.Mo
         built.append((num_classes, in_channels))
         return Tiny(in_channels, num_classes)
 
-    monkeypatch.setitem(
-        sys.modules, "corona_ct.models.segmenter", types.SimpleNamespace(build_unet=build_unet)
-    )
+    monkeypatch.setattr("corona_ct.models.checkpoint.build_unet", build_unet)
     torch.manual_seed(3)
     model = Tiny(in_channels=1, num_classes=4)
     card = _card("segmenter/unet-tiny", num_classes=4)

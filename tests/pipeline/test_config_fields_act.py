@@ -248,7 +248,9 @@ def test_batch_sizes_and_amp_reach_the_calls_they_control(phantom_volume: Volume
     from corona_ct.models import segmenter
     from corona_ct.models.segmenter import build_unet
 
-    monkeypatch.setattr(segmenter, "predict_lung_labels", spy_segment)
+    for module in (segmenter, segment_module):  # wherever the stage finds it
+        if hasattr(module, "predict_lung_labels"):
+            monkeypatch.setattr(module, "predict_lung_labels", spy_segment)
 
     seg_config = dataclasses.replace(PipelineConfig().segment, batch_size=5)
     segment_module.segment_lungs(phantom_volume, seg_config, PipelineConfig().window, model=build_unet(3))
