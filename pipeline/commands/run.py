@@ -167,9 +167,9 @@ def _print_rows(rows: list[dict[str, object]]) -> None:
 def _run(args: argparse.Namespace) -> int:
     from corona_ct.pipeline import preflight
 
-    config = _config(args)
-    preflight.check_volume_inputs(args.inputs)
+    preflight.check_volume_inputs(args.inputs)  # the quick checks first: torch loads with the config's device
     preflight.check_output_folder(args.output)
+    config = _config(args)
     from corona_ct.pipeline.ingest import refuse_slice_sets
 
     refuse_slice_sets(args.inputs, config.ingest)  # a slice set is for explain: say so before loading models
@@ -223,9 +223,9 @@ def _explain(args: argparse.Namespace) -> int:
     from corona_ct.pipeline import preflight
     from corona_ct.pipeline.ingest import collect_slice_images
 
-    config = _config(args)
-    preflight.check_image_inputs(args.images)
+    preflight.check_image_inputs(args.images)  # the quick checks first: torch loads with the config's device
     preflight.check_output_folder(args.output)
+    config = _config(args)
     images = collect_slice_images(args.images)  # folders expanded, mask folders refused, before any model
     from corona_ct.pipeline.run import explain_images, load_models  # torch: after the quick checks
 
@@ -243,8 +243,8 @@ def _explain(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from corona_ct.pipeline import preflight
 
+    preflight.check_output_folder(args.output)  # before torch loads with the config's device
     config = _config(args)
-    preflight.check_output_folder(args.output)
     from corona_ct.pipeline.batch import run_demo  # torch: after the quick checks
 
     return run_demo(args.output, config, cls_weights=args.cls_weights)
