@@ -37,7 +37,7 @@ from torch import nn
 from corona_ct.models.classifier import BackboneSpec, backbone_spec, build_classifier
 from corona_ct.models.segmenter import build_unet
 from corona_ct.pipeline import __version__
-from corona_ct.pipeline.atomic import atomic_path, write_text
+from corona_ct.pipeline.atomic import atomic_path, write_json
 from corona_ct.pipeline.device import resolve_device
 from corona_ct.pipeline.errors import ModelError
 
@@ -148,7 +148,7 @@ def save_checkpoint(
         corona_ct_version=__version__,
         dtype="float16" if half else "float32",
     )
-    write_text(card_path, json.dumps(full_card, indent=2, sort_keys=True) + "\n")
+    write_json(card_path, full_card, sort_keys=True)
     return tensor_path
 
 

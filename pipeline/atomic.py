@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
+import math
 import os
 import re
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterator, Mapping
+from pathlib import Path, PurePath
+from typing import Any
 
 from corona_ct.pipeline.errors import OutputError
 
@@ -116,6 +119,27 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON values: numpy scalars and arrays to Python, paths to text, NaN and ±inf to null."""
+    if isinstance(value, Mapping):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(item) for item in value]
+    if hasattr(value, "tolist") and not isinstance(value, str | bytes):  # numpy array or scalar
+        return jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, PurePath):
+        return str(value)
+    return value
+
+
+def write_json(path: str | Path, value: Any, *, indent: int | None = 2, sort_keys: bool = False) -> Path:
+    """Write ``value`` as JSON atomically: the project's one JSON writer (no NaN ever reaches a file)."""
+    text = json.dumps(jsonable(value), indent=indent, sort_keys=sort_keys, allow_nan=False)
+    return write_text(path, text + "\n")
 
 
 def remove_stale_temporaries(folder: str | Path) -> int:

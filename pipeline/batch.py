@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from corona_ct.pipeline import __version__
-from corona_ct.pipeline.atomic import remove_stale_temporaries, write_text
+from corona_ct.pipeline.atomic import remove_stale_temporaries, write_json, write_text
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.datamodel import StudyFailure, Volume
 from corona_ct.pipeline.errors import ConfigError, CoronaCTError, OutputError, OutputInUseError, StageError
@@ -437,7 +437,7 @@ def write_completion_record(study_dir: Path, expected: Mapping[str, object], fil
             for name in files
         },
     }
-    write_text(study_dir / COMPLETE_NAME, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_json(study_dir / COMPLETE_NAME, record, sort_keys=True)
 
 
 _WHAT_CHANGED = {
@@ -556,7 +556,7 @@ def _run_locked(
     study_ids = assign_study_ids(items, identities, registry, study_naming)
     items = [dataclasses.replace(item, study_id=sid) for item, sid in zip(items, study_ids, strict=True)]
     with _writing(output):
-        write_text(output / REGISTRY_NAME, json.dumps({"studies": registry}, indent=2, sort_keys=True) + "\n")
+        write_json(output / REGISTRY_NAME, {"studies": registry}, sort_keys=True)
         if ids_file is not None:
             write_ids_file(ids_file, [(item.study_id, item) for item in items])
     for failure in discovery_failures:

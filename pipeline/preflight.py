@@ -9,7 +9,6 @@ header per input folder.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from corona_ct.pipeline import __version__
-from corona_ct.pipeline.atomic import output_error, remove_stale_temporaries, write_text
+from corona_ct.pipeline.atomic import output_error, remove_stale_temporaries, write_json
 from corona_ct.pipeline.errors import InputError, NoImageDataError, OutputError, UnsupportedInputError
 from corona_ct.pipeline.ingest import OUTPUT_MARKER, first_image_file, input_path_problem
 from corona_ct.pipeline.ingest.dicom import scan_file
@@ -136,6 +135,6 @@ def prepare_output_folder(output: str | Path, command: str) -> Path:
         raise output_error(folder, error) from None
     marker = folder / OUTPUT_MARKER
     if not marker.is_file():
-        write_text(marker, json.dumps({"written_by": f"corona-ct {__version__}", "command": command}) + "\n")
+        write_json(marker, {"written_by": f"corona-ct {__version__}", "command": command}, indent=None)
     remove_stale_temporaries(folder)
     return folder

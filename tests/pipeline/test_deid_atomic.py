@@ -46,3 +46,23 @@ def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
         assert tmp.parent == tmp_path and tmp.name.endswith(".nii.gz") and tmp.name.startswith(".")
         tmp.write_text("new")
     assert (tmp_path / "mask.nii.gz").read_text() == "new"
+
+
+def test_write_json_writes_plain_json_without_nan(tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+
+    from corona_ct.pipeline.atomic import write_json
+
+    value = {
+        "auc": np.float32(0.5), "n": np.int64(3), "curve": np.array([0.0, np.nan, 1.0]),
+        "missing": float("nan"), "big": float("inf"), "where": tmp_path, 1: (True, None),
+    }  # fmt: skip
+    path = write_json(tmp_path / "out.json", value, sort_keys=False)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text and text.endswith("\n")
+    assert json.loads(text) == {
+        "auc": 0.5, "n": 3, "curve": [0.0, None, 1.0], "missing": None, "big": None,
+        "where": str(tmp_path), "1": [True, None],
+    }  # fmt: skip
