@@ -35,13 +35,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from scipy.stats import pearsonr
-    from sklearn.metrics import roc_auc_score
 
     from corona_ct.data.phantom import make_phantom
     from corona_ct.data.writers import write_dicom_series
     from corona_ct.pipeline.batch import run_batch
     from corona_ct.pipeline.config import PipelineConfig
     from corona_ct.pipeline.run import load_models
+    from corona_ct.pipeline.stats import roc_auc
 
     n_normal = max(1, args.n // 4)
     volumes_ml = np.concatenate([np.zeros(n_normal), np.linspace(10.0, args.max_ml, args.n - n_normal)])
@@ -103,7 +103,7 @@ def main() -> None:
     for name, values in measures.items():
         ok = np.isfinite(values)
         r = pearsonr(values[ok], true_ml[ok])[0] if np.ptp(values[ok]) > 0 else float("nan")
-        auc = roc_auc_score(label[ok], values[ok]) if len(set(label[ok])) == 2 else float("nan")
+        auc = roc_auc(label[ok], values[ok]) if len(set(label[ok])) == 2 else float("nan")
         print(f"{name:<38} {r:>28.3f} {auc:>19.3f}")
         # JSON has no NaN: an undefined r (a constant measure) is null.
         figures[name] = {

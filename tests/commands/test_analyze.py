@@ -585,17 +585,17 @@ def test_clusters_of_a_single_study_are_degenerate(tmp_path: Path) -> None:
 @pytest.fixture
 def saved_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[str, int, list[str]]]:
     """file name -> (figure title, number of axes, axes titles) of every figure the command saves."""
-    from corona_ct.pipeline.commands import analyze
+    from corona_ct.pipeline.analysis import figures
 
     saved: dict[str, tuple[str, int, list[str]]] = {}
-    real = analyze._save_figure
+    real = figures.save_figure
 
     def record(figure, path: Path) -> None:  # type: ignore[no-untyped-def]
         title = figure._suptitle.get_text() if figure._suptitle is not None else ""
         saved[path.name] = (title, len(figure.axes), [a.get_title() for a in figure.axes])
         real(figure, path)
 
-    monkeypatch.setattr(analyze, "_save_figure", record)
+    monkeypatch.setattr(figures, "save_figure", record)
     return saved
 
 

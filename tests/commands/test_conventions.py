@@ -108,6 +108,7 @@ def test_threads_reach_blas_when_numpy_loads_after_the_command_line_is_read() ->
         "    main(['cluster', '--threads', '1', '--help'])\n"
         "except SystemExit:\n"
         "    pass\n"
+        "import numpy  # loaded only now: the CLI's --help imports no numerical library\n"
         "import threadpoolctl\n"
         "print(os.environ['OPENBLAS_NUM_THREADS'], sorted({p['num_threads'] for p in threadpoolctl.threadpool_info()}))\n"
     )  # fmt: skip

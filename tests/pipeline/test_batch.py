@@ -22,6 +22,7 @@ import pytest
 from corona_ct.data.phantom import make_phantom
 from corona_ct.data.writers import write_dicom_series, write_nifti
 from corona_ct.pipeline import batch as batch_module
+from corona_ct.pipeline.analysis.tables import read_mapping
 from corona_ct.pipeline.batch import (
     COMPLETE_NAME,
     input_identity,
@@ -31,7 +32,6 @@ from corona_ct.pipeline.batch import (
     write_ids_file,
 )
 from corona_ct.pipeline.cli import main
-from corona_ct.pipeline.commands.analyze import _read_mapping
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.errors import ConfigError, InputError
 from corona_ct.pipeline.ingest import StudyInput, discover
@@ -219,19 +219,19 @@ def test_analyze_joins_labels_by_study_id_input_path_or_folder_name(inputs, tmp_
     )
     labels = tmp_path / "labels.csv"
     labels.write_text(f"input,label\npatA,covid\n{inputs.b.resolve()},normal\nc.nii.gz,covid\n")
-    assert _read_mapping(labels, "label", "labels file", ids) == {
+    assert read_mapping(labels, "label", "labels file", ids) == {
         "DICOM": "covid",
         "DICOM-2": "normal",
         "c": "covid",
     }
     labels.write_text("study_id,label\nDICOM-2,normal\nc,covid\n")
-    assert _read_mapping(labels, "label", "labels file", ids) == {"DICOM-2": "normal", "c": "covid"}
+    assert read_mapping(labels, "label", "labels file", ids) == {"DICOM-2": "normal", "c": "covid"}
     labels.write_text("input,label\nDICOM,covid\n")  # the folder name both patients' series have
     with pytest.raises(InputError, match="names several studies"):
-        _read_mapping(labels, "label", "labels file", ids)
+        read_mapping(labels, "label", "labels file", ids)
     labels.write_text("input,label\npatA,covid\n")
     with pytest.raises(InputError, match="--ids-file"):
-        _read_mapping(labels, "label", "labels file")
+        read_mapping(labels, "label", "labels file")
 
 
 # --------------------------------------------------------------------------- 4: resume by identity
