@@ -3,9 +3,8 @@
 ``discover(paths)`` returns one ``StudyInput`` per study: a NIfTI file, a folder of
 TIFF or PNG/JPEG slices, or one (PatientID, StudyInstanceUID) of DICOM files found
 anywhere below a folder, each DICOM series described (``dicom.describe``).
-Slice-file suffixes come from the one registry in ``slices``, NIfTI suffixes from
-``nifti``; files with ``NEVER_DICOM_SUFFIXES`` are skipped unread, anything else is
-tried as DICOM. Folders corona-ct wrote (``OUTPUT_MARKER``) are never read as input.
+Slice-file suffixes come from the one registry in ``slices``; files with
+``NEVER_DICOM_SUFFIXES`` are skipped unread, anything else is tried as DICOM. Folders corona-ct wrote (``OUTPUT_MARKER``) are never read as input.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from corona_ct.pipeline.errors import InputError, NoImageDataError, UnsupportedI
 from corona_ct.pipeline.ingest.deid import derive_study_id, display_path
 from corona_ct.pipeline.ingest.dicom.describe import SeriesInfo, describe_series
 from corona_ct.pipeline.ingest.dicom.header import SliceHeader, scan_file, series_label
-from corona_ct.pipeline.ingest.nifti import is_nifti, nifti_stem
 from corona_ct.pipeline.ingest.slices import IMAGE_SUFFIXES, TIFF_SUFFIXES, check_slice_folder
 
 log = logging.getLogger(__name__)
@@ -38,6 +36,8 @@ NEVER_DICOM_SUFFIXES = frozenset(
 )
 _ARCHIVES = {".zip": "ZIP", ".tar": "tar", ".tgz": "tar", ".gz": "gzip", ".bz2": "bzip2", ".xz": "xz",
              ".7z": "7-Zip", ".rar": "RAR"}  # fmt: skip
+#: Suffixes of NIfTI files (any letter case); ``nifti.read_nifti`` reads them.
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: Hidden file that marks a folder as written by corona-ct; discovery never reads such a folder as input.
 OUTPUT_MARKER = ".corona-ct-output"
 
@@ -58,6 +58,18 @@ class StudyInput:
     series: tuple[SeriesInfo, ...] = ()
     notes: tuple[str, ...] = ()
     problem: str | None = None
+
+
+def is_nifti(path: Path) -> bool:
+    """True for a file named as NIfTI (``.nii`` or ``.nii.gz``, any case)."""
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: Path) -> str:
+    """The file name without its NIfTI suffix (``ct.nii.gz`` -> ``ct``)."""
+    name = path.name
+    suffix = next((s for s in NIFTI_SUFFIXES if name.lower().endswith(s)), "")
+    return name[: len(name) - len(suffix)]
 
 
 def is_output_folder(folder: Path) -> bool:

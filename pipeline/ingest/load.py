@@ -19,7 +19,6 @@ from corona_ct.pipeline.ingest.dicom.describe import SeriesInfo
 from corona_ct.pipeline.ingest.dicom.header import series_label
 from corona_ct.pipeline.ingest.dicom.read import read_series
 from corona_ct.pipeline.ingest.discovery import StudyInput, discover
-from corona_ct.pipeline.ingest.nifti import read_nifti
 from corona_ct.pipeline.ingest.select import choose_series, find_studies_holding, series_listing
 from corona_ct.pipeline.ingest.slices import read_image_folder, read_tiff_folder
 
@@ -39,6 +38,9 @@ def load_input(item: StudyInput, config: IngestConfig | None = None, series_uid:
     if item.problem:
         raise UnsupportedInputError(item.problem)
     if item.kind == "nifti":
+        # nibabel loads only when a NIfTI is read, so importing ``ingest`` (preflight, inspect) stays quick.
+        from corona_ct.pipeline.ingest.nifti import read_nifti
+
         return read_nifti(item.source, config, item.study_id)
     if item.kind == "tiff":
         return read_tiff_folder(item.source, config, item.study_id)

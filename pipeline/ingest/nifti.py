@@ -25,22 +25,9 @@ from corona_ct.pipeline.errors import ConfigError, GeometryError, InputError, Un
 from corona_ct.pipeline.memory import require_memory, volume_bytes_needed
 
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-#: Suffixes of NIfTI files; ``is_nifti`` matches them in any letter case.
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Errors nibabel and gzip raise on damaged or truncated files.
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError)
-
-
-def is_nifti(path: Path) -> bool:
-    """True for a file named as NIfTI (``.nii`` or ``.nii.gz``, any case)."""
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
-
-
-def nifti_stem(path: Path) -> str:
-    """The file name without its NIfTI suffix (``ct.nii.gz`` -> ``ct``)."""
-    name = path.name
-    suffix = next((s for s in NIFTI_SUFFIXES if name.lower().endswith(s)), "")
-    return name[: len(name) - len(suffix)]
 
 
 def _canonical_order(
@@ -196,7 +183,7 @@ def write_nifti(
     header carries no identifying text (descrip "corona-ct").
     """
     path = Path(path)
-    if not path.name.endswith(NIFTI_SUFFIXES):
+    if not path.name.endswith(_NIFTI_SUFFIXES):
         raise ConfigError(f"output {path} must end with .nii or .nii.gz")
     array_zyx = np.asarray(array_zyx)
     if array_zyx.shape != tuple(volume.geometry.shape):

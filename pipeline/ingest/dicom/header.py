@@ -21,14 +21,20 @@ import numpy.typing as npt
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    EnhancedCTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    LegacyConvertedEnhancedCTImageStorage,
+    MediaStorageDirectoryStorage,
+)
 
 from corona_ct.pipeline.ingest.deid import clean_text, display_path
 from corona_ct.pipeline.ingest.dicom.codecs import READ_ERRORS, native_size_known, pydicom_log_captured
 
-ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
-DICOMDIR_STORAGE = "1.2.840.10008.1.3.10"
+#: Multi-frame CT SOP classes, which corona-ct does not read (converted to single frames first).
+MULTI_FRAME_CT_STORAGE = (EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
 
 #: ``scan_file``'s reason for a file that is no DICOM at all.
 NOT_DICOM = "not a DICOM file"
@@ -172,7 +178,7 @@ def _transfer_syntax(ds: Any) -> str:
 
 
 def _skip_reason(ds: Any, sop_class: str) -> str | None:
-    if sop_class == DICOMDIR_STORAGE or "DirectoryRecordSequence" in ds:
+    if sop_class == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
         return "DICOMDIR index (ignored: the images it lists are read from the folder itself)"
     for prefix, what in _NON_IMAGE_SOP_CLASSES:
         if sop_class.startswith(prefix) or sop_class == prefix.rstrip("."):

@@ -27,8 +27,7 @@ from corona_ct.pipeline.ingest.dicom.codecs import (
     transfer_syntax_name,
 )
 from corona_ct.pipeline.ingest.dicom.header import (
-    ENHANCED_CT_STORAGE,
-    LEGACY_ENHANCED_CT_STORAGE,
+    MULTI_FRAME_CT_STORAGE,
     SliceHeader,
     name_files,
     orientation_label,
@@ -82,6 +81,7 @@ class _Findings:
     notes: list[str] = field(default_factory=list)
 
     def files(self, headers: Sequence[SliceHeader], limit: int = 3) -> str:
+        """The files' names for a message (``header.name_files``)."""
         return name_files(headers, self.root, limit)
 
     def drop(
@@ -131,11 +131,7 @@ def _require_ct(slices: list[SliceHeader], found: _Findings) -> list[SliceHeader
 
 
 def _require_single_frame_grey(slices: list[SliceHeader], found: _Findings) -> list[SliceHeader]:
-    multi_frame = [
-        h
-        for h in slices
-        if h.n_frames > 1 or h.sop_class_uid in (ENHANCED_CT_STORAGE, LEGACY_ENHANCED_CT_STORAGE)
-    ]
+    multi_frame = [h for h in slices if h.n_frames > 1 or h.sop_class_uid in MULTI_FRAME_CT_STORAGE]
     if multi_frame:
         raise UnsupportedInputError(
             f"series {found.label}: {found.files(multi_frame)} is an Enhanced/multi-frame CT object, which "

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import ndimage
 
 from corona_ct.pipeline.config import IngestConfig
 from corona_ct.pipeline.datamodel import Geometry, Volume
@@ -59,6 +58,10 @@ def _deshear(
     hu: FloatArray, offsets_mm: Sequence[tuple[float, float]], pixel_mm: tuple[float, float]
 ) -> None:
     """Shift each slice in plane by its tilt offset so all slices share slice 0's columns (in place)."""
+    # scipy.ndimage takes about a second to import; only tilted series need it, and importing
+    # ``ingest`` (preflight, inspect) must stay quick.
+    from scipy import ndimage
+
     for index, (along_rows, along_columns) in enumerate(offsets_mm):
         if along_rows or along_columns:
             shift = (along_rows / pixel_mm[0], along_columns / pixel_mm[1])
