@@ -311,7 +311,8 @@ def read_slice_image(path: Path, config: IngestConfig) -> tuple[npt.NDArray[np.f
 
     PNG/JPEG → [0, 1] grey, "window"; 16-bit TIFF → raw + ``config.tiff_hu_offset``,
     "HU" (8-bit TIFF → [0, 1], "window"); anything else is read as one DICOM CT
-    slice with its rescale applied, "HU".
+    slice exactly as a slice of a series (stored values masked to BitsStored, rescale, padding
+    and fill outside the scan field set to -1000 HU), "HU".
     """
     path = Path(path)
     if not path.is_file():

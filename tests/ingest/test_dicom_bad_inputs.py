@@ -279,10 +279,14 @@ def test_padding_range_on_unsigned_12_bit_with_garbage_high_bits(tmp_path: Path)
         ds.PixelData = garbage[k].astype("<u2").tobytes()
         ds.PixelPaddingValue, ds.PixelPaddingRangeLimit = 4000, 4095
 
-    _series(tmp_path / "s", hu=hu, mutate=raw, bits_stored=12, signed=False)
+    files = _series(tmp_path / "s", hu=hu, mutate=raw, bits_stored=12, signed=False)
     volume = load_study(tmp_path / "s")
     expected = np.where(stored >= 4000, -1000, stored - 1024).astype(np.float32)
     np.testing.assert_array_equal(volume.hu, expected)
+    # explain's single-slice reader uses the same decoder: high bits masked, padding is air.
+    image, units = read_slice_image(files[3], IngestConfig())
+    assert units == "HU"
+    np.testing.assert_array_equal(image, expected[3])
 
 
 def test_signed_12_bit_with_garbage_high_bits(tmp_path: Path) -> None:
