@@ -320,7 +320,7 @@ def input_identity(item: StudyInput) -> InputIdentity:
 
 def _folder_name(item: StudyInput) -> str:
     """The input's own name: the study folder, or a NIfTI file without its suffix."""
-    from corona_ct.pipeline.ingest import nifti_stem
+    from corona_ct.pipeline.ingest.discovery import nifti_stem
 
     return nifti_stem(item.source) if item.kind == "nifti" else item.source.name
 

@@ -1,6 +1,6 @@
 """Memory admission: refuse a study or image whose header declares more data than the machine can hold.
 
-The readers (``ingest/nifti.py``, ``ingest/dicom.py``, ``ingest/slices.py``) estimate
+The readers (``ingest/nifti.py``, ``ingest/dicom/read.py``, ``ingest/slices.py``) estimate
 from the header alone, before any pixel is read, how many bytes the pipeline will
 need for one input, and call :func:`require_memory`. A refusal is an
 ``InsufficientMemoryError`` (an ``InputError``): inside a batch it fails that study

@@ -20,7 +20,7 @@ from corona_ct.pipeline import __version__
 from corona_ct.pipeline.atomic import output_error, remove_stale_temporaries, write_json
 from corona_ct.pipeline.errors import InputError, NoImageDataError, OutputError, UnsupportedInputError
 from corona_ct.pipeline.ingest import OUTPUT_MARKER, first_image_file, input_path_problem
-from corona_ct.pipeline.ingest.dicom import scan_file
+from corona_ct.pipeline.ingest.dicom.header import scan_file
 
 log = logging.getLogger(__name__)
 

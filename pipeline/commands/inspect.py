@@ -45,7 +45,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _series_rows(series: tuple[SeriesInfo, ...]) -> list[str]:
-    from corona_ct.pipeline.ingest.dicom import series_label
+    from corona_ct.pipeline.ingest.dicom.header import series_label
 
     header = (
         "series",
@@ -88,7 +88,7 @@ def _study_block(
     item: StudyInput, series_uid: str | None, all_series: bool
 ) -> tuple[list[str], InputError | None]:
     from corona_ct.pipeline.ingest import choose_series
-    from corona_ct.pipeline.ingest.dicom import series_label
+    from corona_ct.pipeline.ingest.dicom.header import series_label
 
     lines = [f"study {item.study_id}  ({item.kind})  {item.source}"]
     if item.problem:  # a slice set (for explain) or a mask folder, not a volume
@@ -123,27 +123,17 @@ def _study_block(
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from corona_ct.pipeline.ingest import discover, find_series
-    from corona_ct.pipeline.ingest.dicom import series_label
+    from corona_ct.pipeline.ingest import discover, find_studies_holding
+    from corona_ct.pipeline.ingest.select import series_listing
 
     studies = discover(args.paths)
     target = None
     if args.series:
-        holders = []
-        for study in studies:
-            if study.kind == "dicom":
-                try:
-                    find_series(study, args.series)
-                    holders.append(study)
-                except ConfigError:
-                    continue
+        holders = find_studies_holding(studies, args.series)
         if len(holders) != 1:
-            listing = "; ".join(
-                f"{s.study_id}: {', '.join(series_label(i.uid) for i in s.series)}" for s in studies
-            )
             raise ConfigError(
                 f"--series {args.series!r} matches {'no' if not holders else 'more than one'} study; "
-                f"series found: {listing or 'none'}"
+                f"series found: {series_listing(studies) or 'none'}"
             )
         target = holders[0]
     problems: list[tuple[str, InputError]] = []

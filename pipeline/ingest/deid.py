@@ -1,4 +1,4 @@
-"""De-identification helpers: safe study ids and cleaned text for outputs.
+"""De-identification helpers: safe study ids, cleaned text and file names for outputs.
 
 No output (file names, reports, logs) may carry a patient's name, id, birth
 date or accession number, so study ids are derived, never copied from tags.
@@ -10,6 +10,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Iterable
+from pathlib import Path
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9 ._:+()/,=-]")
@@ -44,3 +45,12 @@ def clean_text(value: object, max_length: int = 64) -> str:
     text = text.encode("ascii", "ignore").decode("ascii")
     text = _UNSAFE_CHARS.sub("_", text).replace("..", "_").replace("/", "_")
     return text.strip()[:max_length]
+
+
+def display_path(path: Path, root: Path | None = None) -> str:
+    """A file name safe to print: relative to ``root`` when possible, each part cleaned."""
+    try:
+        parts = path.relative_to(root).parts if root is not None else (path.name,)
+    except ValueError:
+        parts = (path.name,)
+    return "/".join(clean_text(part, max_length=80) or "_" for part in parts) or "_"

@@ -32,12 +32,19 @@ from corona_ct.pipeline.config import IngestConfig
 from corona_ct.pipeline.datamodel import Geometry, Volume
 from corona_ct.pipeline.errors import (
     AmbiguousInputError,
-    DecoderMissingError,
     GeometryError,
     InputError,
     NoImageDataError,
     UnsupportedInputError,
 )
+from corona_ct.pipeline.ingest.deid import clean_text
+from corona_ct.pipeline.ingest.dicom.codecs import (
+    decode_stored_values,
+    require_decoder,
+    require_transfer_syntax,
+)
+from corona_ct.pipeline.ingest.dicom.header import NOT_DICOM, scan_file
+from corona_ct.pipeline.ingest.dicom.read import slice_hu
 from corona_ct.pipeline.memory import require_memory, slice_bytes_needed, volume_bytes_needed
 
 #: 16-bit TIFF slices (raw values + ``tiff_hu_offset`` = HU); 8-bit TIFFs are windowed images.
@@ -278,38 +285,25 @@ def read_image_folder(folder: Path, config: IngestConfig, study_id: str) -> Volu
 
 
 def _read_dicom_slice(path: Path) -> npt.NDArray[np.float32]:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        dataset = pydicom.dcmread(path)
-    except InvalidDicomError:
-        raise InputError(f"{path}: not a PNG, JPEG, TIFF or DICOM image") from None
-    except (OSError, ValueError, EOFError) as error:
-        raise InputError(f"{path}: DICOM file cannot be read ({error})") from None
-    modality = str(dataset.get("Modality", "") or "")
-    if modality and modality != "CT":
-        raise UnsupportedInputError(f"{path}: modality {modality}, not CT; Hounsfield units need a CT image")
-    if "PixelData" not in dataset:
-        raise UnsupportedInputError(f"{path}: DICOM file without pixel data (no image)")
-    _admit_slice(path, int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0))
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1 or int(dataset.get("SamplesPerPixel", 1) or 1) != 1:
+    """One DICOM CT slice in HU, decoded and rescaled exactly as a slice of a series (``dicom.read.slice_hu``)."""
+    header = scan_file(path)
+    if isinstance(header, str):
+        if header == NOT_DICOM:
+            raise InputError(f"{path}: not a PNG, JPEG, TIFF or DICOM image")
+        raise InputError(f"{path}: {header}; pass one CT slice image")
+    if header.modality and header.modality != "CT":
+        raise UnsupportedInputError(
+            f"{path}: modality {clean_text(header.modality)}, not CT; Hounsfield units need a CT image"
+        )
+    _admit_slice(path, header.rows, header.columns)
+    if header.n_frames > 1 or header.samples_per_pixel != 1:
         raise UnsupportedInputError(
             f"{path}: multi-frame or colour DICOM; the slice reader needs one grey CT slice"
         )
-    try:
-        stored = dataset.pixel_array
-    except (NotImplementedError, RuntimeError) as error:
-        syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown")
-        raise DecoderMissingError(
-            f"{path}: no decoder for transfer syntax {syntax} ({error}); "
-            "install pylibjpeg with pylibjpeg-openjpeg, pylibjpeg-libjpeg and pylibjpeg-rle"
-        ) from None
-    except (ValueError, AttributeError, KeyError) as error:
-        raise InputError(f"{path}: DICOM pixel data cannot be decoded ({error})") from None
-    slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
-    return (np.asarray(stored, dtype=np.float64) * slope + intercept).astype(np.float32)
+    require_transfer_syntax(header.transfer_syntax, str(path))
+    require_decoder(header.transfer_syntax, str(path))
+    hu, _, _ = slice_hu(decode_stored_values(header, path.parent), header)
+    return hu.astype(np.float32)
 
 
 def read_slice_image(path: Path, config: IngestConfig) -> tuple[npt.NDArray[np.float32], str]:
@@ -317,7 +311,8 @@ def read_slice_image(path: Path, config: IngestConfig) -> tuple[npt.NDArray[np.f
 
     PNG/JPEG → [0, 1] grey, "window"; 16-bit TIFF → raw + ``config.tiff_hu_offset``,
     "HU" (8-bit TIFF → [0, 1], "window"); anything else is read as one DICOM CT
-    slice with its rescale applied, "HU".
+    slice exactly as a slice of a series (stored values masked to BitsStored, rescale, padding
+    and fill outside the scan field set to -1000 HU), "HU".
     """
     path = Path(path)
     if not path.is_file():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 
 from corona_ct.pipeline import cli
 from tests.ingest.dicom_factory import CORONAL, phantom_hu, write_series
@@ -58,18 +59,29 @@ def test_two_patient_folder_lists_both(tmp_path: Path, capsys: pytest.CaptureFix
     assert "2 studies found; 2 can be analysed" in out
 
 
-@pytest.mark.parametrize("setup", ["empty", "mr"])
-def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: str) -> None:
+@pytest.mark.parametrize(
+    ("setup", "expected"),
+    [("empty", "empty"), ("mr", "magnetic resonance"), ("syntax", "is not a DICOM transfer syntax")],
+)
+def test_bad_input_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: str, expected: str
+) -> None:
     folder = tmp_path / setup
     folder.mkdir()
     if setup == "mr":
         write_series(folder, phantom_hu((6, 16, 16)), modality="MR")
+    if setup == "syntax":
+        write_series(folder, phantom_hu((6, 16, 16)), mutate=_private_syntax)
     assert cli.main(["inspect", str(folder)]) == 2
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
-    assert ("empty" in captured.err) if setup == "empty" else ("magnetic resonance" in captured.err)
-    if setup == "mr":
+    assert expected in captured.err
+    if setup != "empty":
         assert "cannot be analysed: series" in captured.out
+
+
+def _private_syntax(_: int, ds: Dataset) -> None:
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4"  # a valid UID, but no transfer syntax
 
 
 @pytest.mark.realdata

@@ -1,4 +1,4 @@
-"""DICOM ingestion on synthetic series: exact HU, geometry, ordering, compression, series choice."""
+"""DICOM ingestion on synthetic series: exact HU, geometry, ordering, compression (series choice: test_select.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from corona_ct.pipeline.config import IngestConfig
-from corona_ct.pipeline.errors import ConfigError
-from corona_ct.pipeline.ingest import choose_series, discover, load_all_series, load_input, load_study
-from corona_ct.pipeline.ingest.dicom import canonical_reorder, stored_values
+from corona_ct.pipeline.ingest import discover, load_input, load_study
+from corona_ct.pipeline.ingest.dicom.codecs import stored_values
+from corona_ct.pipeline.ingest.dicom.read import canonical_reorder
 from tests.ingest.dicom_factory import AXIAL, CORONAL, SAGITTAL, phantom_hu, world_of, write_series
 
 SPACING = (2.5, 0.7, 0.8)
@@ -134,57 +134,6 @@ def test_stored_values_masks_high_bits_and_sign_extends() -> None:
     np.testing.assert_array_equal(stored_values(garbage, 12, signed=True), [-1, -2048, 2047, 1])
     already_signed = np.array([-2000, -1, 5], dtype=np.int16)
     np.testing.assert_array_equal(stored_values(already_signed, 16, signed=True), [-2000, -1, 5])
-
-
-def _write_three_series(root: Path) -> dict[str, str]:
-    uids: dict[str, str] = {}
-    base = "1.2.826.0.1.3680043.8.498.77."
-    for name, n, image_type, orientation, thickness in (
-        ("primary", 6, ("ORIGINAL", "PRIMARY", "AXIAL"), AXIAL, 2.5),
-        ("derived", 10, ("DERIVED", "SECONDARY", "AXIAL"), AXIAL, 1.0),
-        ("coronal", 12, ("DERIVED", "SECONDARY", "REFORMATTED"), CORONAL, 2.0),
-    ):
-        uid = base + str(len(uids) + 1) + "00000000000" + str(n)
-        uids[name] = uid
-        write_series(
-            root / name, phantom_hu((n, 16, 16), seed=n), spacing=(thickness, 0.7, 0.7), origin=ORIGIN,
-            orientation=orientation, series_uid=uid, image_type=image_type, thickness=thickness,
-        )  # fmt: skip
-    return uids
-
-
-def test_series_choice_rule_and_user_choice(tmp_path: Path) -> None:
-    uids = _write_three_series(tmp_path / "study")
-    (study,) = discover([tmp_path / "study"])
-    assert len(study.series) == 3 and study.study_id == "study"
-    chosen, reason = choose_series(study)
-    assert chosen.uid == uids["primary"]  # axial beats coronal, ORIGINAL/PRIMARY beats more slices
-    assert "decided by: ORIGINAL/PRIMARY" in reason and "--series" in reason
-    coronal = next(s for s in study.series if s.uid == uids["coronal"])
-    assert choose_series(study, coronal.short_uid)[0] == coronal
-    assert choose_series(study, uids["derived"][:-1])[0].uid == uids["derived"]  # unique prefix
-    with pytest.raises(
-        ConfigError,
-        match=r"'9\.9\.9' not found or not unique; series there: .*6 slices.*10 slices.*12 slices",
-    ):
-        choose_series(study, "9.9.9")
-    volume = load_study(tmp_path / "study", series_uid=uids["coronal"])
-    assert volume.geometry.shape == (16, 12, 16)  # coronal slices re-ordered into (S, P, L)
-    default = load_study(tmp_path / "study")
-    assert default.n_slices == 6 and any("several CT series" in w for w in default.warnings)
-    volumes = load_all_series(study)
-    assert sorted(v.n_slices for v in volumes) == [6, 10, 16]
-    assert len({v.study_id for v in volumes}) == 3
-
-
-def test_thinnest_breaks_a_tie(tmp_path: Path) -> None:
-    for name, thickness in (("thick", 5.0), ("thin", 1.0)):
-        write_series(
-            tmp_path / "study" / name, phantom_hu((6, 16, 16)), spacing=(thickness, 0.7, 0.7), origin=ORIGIN,
-            series_uid=f"1.2.3.4.{int(thickness)}", thickness=thickness,
-        )  # fmt: skip
-    chosen, reason = choose_series(discover([tmp_path / "study"])[0])
-    assert chosen.uid == "1.2.3.4.1" and "decided by: thinnest" in reason
 
 
 def test_discover_kinds_order_and_unique_ids(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -19,11 +20,14 @@ from corona_ct.pipeline.errors import (
     AmbiguousInputError,
     DecoderMissingError,
     GeometryError,
+    InputError,
     NoImageDataError,
     UnsupportedInputError,
 )
 from corona_ct.pipeline.ingest import choose_series, discover, load_input, load_study
-from corona_ct.pipeline.ingest import dicom as dicom_module
+from corona_ct.pipeline.ingest.dicom import codecs, read
+from corona_ct.pipeline.ingest.dicom.header import SliceHeader
+from corona_ct.pipeline.ingest.slices import read_slice_image
 from tests.ingest.dicom_factory import CORONAL, ct_slice, phantom_hu, write_series
 
 SPACING = (2.5, 0.7, 0.7)
@@ -97,7 +101,7 @@ def test_absurd_declared_size_refused_before_pixels(tmp_path: Path, monkeypatch:
     def no_pixels(*_: object) -> None:
         raise AssertionError("pixel data must not be read")
 
-    monkeypatch.setattr(dicom_module, "decode_stored_values", no_pixels)
+    monkeypatch.setattr(read, "decode_stored_values", no_pixels)
     with pytest.raises(UnsupportedInputError, match=r"60000×60000 pixels.*max_pixels_per_slice"):
         load_study(tmp_path / "s")
     _series(tmp_path / "t")
@@ -129,15 +133,14 @@ def test_unreadable_header_is_noted(tmp_path: Path) -> None:
 
 def test_decode_failure_mid_series_skips_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _series(tmp_path / "s", n=7)
-    real = dicom_module.decode_stored_values
 
-    def flaky(header: dicom_module.SliceHeader, root: Path | None = None) -> np.ndarray:
+    def flaky(header: SliceHeader, root: Path | None = None) -> np.ndarray:
         if header.path.name == "slice006.dcm":
-            raise dicom_module.InputError("slice006.dcm: pixel data cannot be decoded")
-        return real(header, root)
+            raise InputError("slice006.dcm: pixel data cannot be decoded")
+        return codecs.decode_stored_values(header, root)
 
     (study,) = discover([tmp_path / "s"])
-    volume = dicom_module.read_series(study.series[0], IngestConfig(), "s", "s", decode=flaky)
+    volume = read.read_series(study.series[0], IngestConfig(), "s", "s", decode=flaky)
     assert volume.n_slices == 6 and any("skipped: slice006.dcm" in w for w in volume.warnings)
 
 
@@ -276,10 +279,14 @@ def test_padding_range_on_unsigned_12_bit_with_garbage_high_bits(tmp_path: Path)
         ds.PixelData = garbage[k].astype("<u2").tobytes()
         ds.PixelPaddingValue, ds.PixelPaddingRangeLimit = 4000, 4095
 
-    _series(tmp_path / "s", hu=hu, mutate=raw, bits_stored=12, signed=False)
+    files = _series(tmp_path / "s", hu=hu, mutate=raw, bits_stored=12, signed=False)
     volume = load_study(tmp_path / "s")
     expected = np.where(stored >= 4000, -1000, stored - 1024).astype(np.float32)
     np.testing.assert_array_equal(volume.hu, expected)
+    # explain's single-slice reader uses the same decoder: high bits masked, padding is air.
+    image, units = read_slice_image(files[3], IngestConfig())
+    assert units == "HU"
+    np.testing.assert_array_equal(image, expected[3])
 
 
 def test_signed_12_bit_with_garbage_high_bits(tmp_path: Path) -> None:
@@ -314,7 +321,7 @@ def test_missing_decoder_names_the_package(
         ds.PixelData = encapsulate([b"\xff\xd8 not really compressed \xff\xd9"])
 
     _series(tmp_path / "s", mutate=compressed)
-    monkeypatch.setattr(dicom_module, "decoder_available", lambda uid: False)
+    monkeypatch.setattr(codecs, "decoder_available", lambda uid: False)
     with pytest.raises(
         DecoderMissingError, match=f"pip install pylibjpeg {package} \\(or pip install python-gdcm\\)"
     ):
@@ -323,10 +330,35 @@ def test_missing_decoder_names_the_package(
     assert study.series[0].problem_type is DecoderMissingError  # inspect can show it
 
 
+@pytest.mark.parametrize("syntax", ["1.2.3.4.5.6.7.8.9.10", "1.2.840.10008.1.3.10", "not a uid"])
+def test_invalid_transfer_syntax_is_an_input_error_naming_the_files(tmp_path: Path, syntax: str) -> None:
+    """A TransferSyntaxUID that is no transfer syntax used to escape the scanner as a bare ValueError."""
+    files = _series(tmp_path / "s")
+    written = b"1.2.840.10008.1.2.1\0"  # Explicit VR Little Endian, padded to 20 bytes
+    for path in files[:2]:  # patched in place: pydicom refuses to write a standard non-syntax UID there
+        data = path.read_bytes()
+        assert data.count(written) == 1
+        path.write_bytes(data.replace(written, syntax.encode().ljust(len(written), b"\0")))
+    (study,) = discover([tmp_path / "s"])  # scanning does not raise
+    (series,) = study.series
+    assert not series.usable and series.problem_type is InputError
+    pattern = (
+        rf"series …[0-9.]+: slice000\.dcm, slice001\.dcm: TransferSyntaxUID '{re.escape(syntax)}' is not a "
+        r"DICOM transfer syntax \(damaged or non-conformant file meta header\).*re-export the series"
+    )
+    with pytest.raises(InputError, match=pattern) as raised:
+        load_study(tmp_path / "s")
+    assert type(raised.value) is InputError
+    with pytest.raises(
+        InputError, match=r"slice000\.dcm: TransferSyntaxUID .* is not a DICOM transfer syntax"
+    ):
+        read_slice_image(files[0], IngestConfig())
+
+
 def test_real_decoder_check_sees_installed_plugins() -> None:
-    assert dicom_module.decoder_available("1.2.840.10008.1.2.4.90")  # pylibjpeg-openjpeg installed
-    assert dicom_module.decoder_available("1.2.840.10008.1.2.1")
-    assert not dicom_module.decoder_available("1.2.3.4.5")
+    assert codecs.decoder_available("1.2.840.10008.1.2.4.90")  # pylibjpeg-openjpeg installed
+    assert codecs.decoder_available("1.2.840.10008.1.2.1")
+    assert not codecs.decoder_available("1.2.3.4.5")
 
 
 # --------------------------------------------------------------------------- mixed folders
