@@ -67,7 +67,7 @@ class Lungs:
     """Loads the series of the benchmark and their (cached) lung labels: shipped U-Net or classical."""
 
     def __init__(self, data: Path, cache: Path, config: Any, kind: str = "unet") -> None:
-        from corona_ct.pipeline.run import load_models
+        from corona_ct.pipeline.modelset import load_models
 
         self.data, self.cache, self.config, self.kind = data, cache, config, kind
         self.models = load_models(config) if kind == "unet" else None

@@ -41,7 +41,7 @@ def main() -> None:
     from corona_ct.data.writers import write_dicom_series
     from corona_ct.pipeline.batch import run_batch
     from corona_ct.pipeline.config import PipelineConfig
-    from corona_ct.pipeline.run import load_models
+    from corona_ct.pipeline.modelset import load_models
 
     n_normal = max(1, args.n // 4)
     volumes_ml = np.concatenate([np.zeros(n_normal), np.linspace(10.0, args.max_ml, args.n - n_normal)])

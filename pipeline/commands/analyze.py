@@ -55,7 +55,7 @@ FEATURES_NAME = "features.npz"
 
 def numeric_columns() -> tuple[str, ...]:
     """summary.csv's numeric columns (imported when needed: pipeline.run loads torch, the CLI starts without it)."""
-    from corona_ct.pipeline.run import SUMMARY_COLUMNS
+    from corona_ct.pipeline.summary import SUMMARY_COLUMNS
 
     return tuple(c for c in SUMMARY_COLUMNS if c not in {"study_id", "status", "source", "reason", "error"})
 
@@ -301,7 +301,7 @@ def load_cohort(
     Not-assessable studies go to ``Cohort.not_assessable`` (left out), or with
     ``include_not_assessable`` among the studies like successful ones.
     """
-    from corona_ct.pipeline.run import STATUS_NOT_ASSESSABLE, STATUS_OK
+    from corona_ct.pipeline.datamodel import STATUS_NOT_ASSESSABLE, STATUS_OK
 
     cohort = Cohort(studies={}, failed={}, folder_of={}, raw_id={})
     folder_names: dict[str, Path] = {}

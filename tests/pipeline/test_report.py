@@ -19,23 +19,15 @@ import numpy as np
 import pytest
 
 from corona_ct.data.phantom import make_phantom
+from corona_ct.pipeline import report_figures
 from corona_ct.pipeline.config import PipelineConfig
-from corona_ct.pipeline.datamodel import CamStack, Geometry, SliceScores
-from corona_ct.pipeline.report import (
-    NO_VALIDATION,
-    model_limits,
-    training_data_summary,
-    validation_figures,
-    write_study_outputs,
-)
-from corona_ct.pipeline.run import (
-    Models,
-    StudyResult,
-    analyze_study,
-    load_models,
-    summary_cells,
-    summary_values,
-)
+from corona_ct.pipeline.datamodel import CamStack, Geometry, SliceScores, StudyResult
+from corona_ct.pipeline.model_limits import model_limits, training_data_summary, validation_figures
+from corona_ct.pipeline.modelset import ModelSet, load_models
+from corona_ct.pipeline.report import write_study_outputs
+from corona_ct.pipeline.report_text import NO_VALIDATION
+from corona_ct.pipeline.run import analyze_study
+from corona_ct.pipeline.summary import summary_cells, summary_values
 
 SMALL = {"roi.input_size": 64, "runtime.device": "cpu"}
 WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights"
@@ -76,7 +68,7 @@ def config() -> PipelineConfig:
 
 
 @pytest.fixture(scope="module")
-def models(config: PipelineConfig) -> Models:
+def models(config: PipelineConfig) -> ModelSet:
     return load_models(config, allow_untrained=True)
 
 
@@ -86,14 +78,14 @@ def phantom():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def result(phantom, models: Models, config: PipelineConfig) -> StudyResult:  # type: ignore[no-untyped-def]
+def result(phantom, models: ModelSet, config: PipelineConfig) -> StudyResult:  # type: ignore[no-untyped-def]
     analysed = analyze_study(phantom.to_volume("phantom"), models, config)
     assert analysed.assessable and analysed.scores.evaluated.sum() >= 4
     return analysed
 
 
 def _write(
-    tmp_path: Path, result: StudyResult, models: Models, config: PipelineConfig
+    tmp_path: Path, result: StudyResult, models: ModelSet, config: PipelineConfig
 ) -> tuple[dict[str, Any], str]:
     """Write both reports as the batch runner does; report.json parsed strictly (NaN is an error)."""
     values = summary_values("phantom", "synthetic", result, threshold=config.classify.positive_threshold)
@@ -111,7 +103,7 @@ def _text(page: str) -> str:
     return " ".join(html_module.unescape(re.sub(r"<[^>]+>", " ", page)).split())
 
 
-def _with_cards(models: Models, classifier: dict[str, Any], segmenter: dict[str, Any] | None) -> Models:
+def _with_cards(models: ModelSet, classifier: dict[str, Any], segmenter: dict[str, Any] | None) -> ModelSet:
     """The run's networks with other cards, the classifier counted as trained."""
     cls = dataclasses.replace(models.classifier, card=classifier, trained=True)
     seg = None
@@ -263,16 +255,14 @@ def test_untrained_weights_have_no_validation(tmp_path, result, models, config) 
 @pytest.fixture
 def figure_axes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
     """(number of axes, first axes title) of every picture the HTML report renders, in order."""
-    import corona_ct.pipeline.report as report_module
-
     seen: list[tuple[int, str]] = []
-    real = report_module._png
+    real = report_figures._png
 
     def record(fig: Any) -> str:
         seen.append((len(fig.axes), fig.axes[0].get_title()))
         return real(fig)
 
-    monkeypatch.setattr(report_module, "_png", record)
+    monkeypatch.setattr(report_figures, "_png", record)
     return seen
 
 
