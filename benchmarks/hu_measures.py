@@ -21,7 +21,7 @@ Prints and writes ``hu_measures.json``:
 ``--set severity.field=value`` changes the configuration (written to
 ``hu_measures_unet_set.json``); ``--lungs classical`` uses the weights-free segmenter.
 
-Lungs come from the shipped U-Net (``pipeline.run.load_models``); the masks are cached
+Lungs come from the shipped U-Net (``pipeline.modelset.load_models``); the masks are cached
 as ``OUTPUT/masks/<name>.npz`` (about a minute per volume on a CPU) and reused.
 """
 

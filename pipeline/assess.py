@@ -36,9 +36,6 @@ UCSD COVID and 18 of 60 UCSD non-COVID figure crops, where it misses the lungs a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
-
 import numpy as np
 
 from corona_ct.pipeline.config import SegmentConfig
@@ -63,14 +60,12 @@ MIN_LUNG_SLICES = 3
 #: ... when it has at least this many slices (short series and single slices are exempt).
 MIN_SLICES_FOR_EXTENT_RULE = 10
 #: The limits above by name, as report.json's ``lung_check.rules`` shows them.
-RULES: Mapping[str, float] = MappingProxyType(
-    {
-        "min_lung_area_cm2": MIN_LUNG_AREA_CM2,
-        "min_lung_body_fraction": MIN_LUNG_BODY_FRACTION,
-        "max_lung_median_hu": MAX_LUNG_MEDIAN_HU,
-        "min_lung_slices": MIN_LUNG_SLICES,
-        "min_slices_for_extent_rule": MIN_SLICES_FOR_EXTENT_RULE,
-    }
+RULES: tuple[tuple[str, float], ...] = (
+    ("min_lung_area_cm2", MIN_LUNG_AREA_CM2),
+    ("min_lung_body_fraction", MIN_LUNG_BODY_FRACTION),
+    ("max_lung_median_hu", MAX_LUNG_MEDIAN_HU),
+    ("min_lung_slices", MIN_LUNG_SLICES),
+    ("min_slices_for_extent_rule", MIN_SLICES_FOR_EXTENT_RULE),
 )
 
 

@@ -246,7 +246,7 @@ class LungCheck:
     lung_slices: int  # slices passing the area (or body-fraction) rule
     n_slices: int
     reasons: tuple[str, ...]
-    rules: Mapping[str, float]  # the gate's limits, by name (cm², fraction, HU, slice counts)
+    rules: tuple[tuple[str, float], ...]  # the gate's limits: (name, value) in cm², fraction, HU, slices
 
     @property
     def assessable(self) -> bool:
