@@ -29,7 +29,8 @@ def main() -> None:
 
     from corona_ct.pipeline.config import PipelineConfig
     from corona_ct.pipeline.ingest import load_study
-    from corona_ct.pipeline.run import analyze_study, load_models
+    from corona_ct.pipeline.modelset import load_models
+    from corona_ct.pipeline.run import analyze_study
 
     if args.threads:
         torch.set_num_threads(args.threads)

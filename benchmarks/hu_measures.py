@@ -21,7 +21,7 @@ Prints and writes ``hu_measures.json``:
 ``--set severity.field=value`` changes the configuration (written to
 ``hu_measures_unet_set.json``); ``--lungs classical`` uses the weights-free segmenter.
 
-Lungs come from the shipped U-Net (``pipeline.run.load_models``); the masks are cached
+Lungs come from the shipped U-Net (``pipeline.modelset.load_models``); the masks are cached
 as ``OUTPUT/masks/<name>.npz`` (about a minute per volume on a CPU) and reused.
 """
 
@@ -67,7 +67,7 @@ class Lungs:
     """Loads the series of the benchmark and their (cached) lung labels: shipped U-Net or classical."""
 
     def __init__(self, data: Path, cache: Path, config: Any, kind: str = "unet") -> None:
-        from corona_ct.pipeline.run import load_models
+        from corona_ct.pipeline.modelset import load_models
 
         self.data, self.cache, self.config, self.kind = data, cache, config, kind
         self.models = load_models(config) if kind == "unet" else None

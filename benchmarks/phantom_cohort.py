@@ -40,7 +40,7 @@ def main() -> None:
     from corona_ct.data.writers import write_dicom_series
     from corona_ct.pipeline.batch import run_batch
     from corona_ct.pipeline.config import PipelineConfig
-    from corona_ct.pipeline.run import load_models
+    from corona_ct.pipeline.modelset import load_models
     from corona_ct.pipeline.stats import roc_auc
 
     n_normal = max(1, args.n // 4)

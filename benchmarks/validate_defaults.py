@@ -117,8 +117,8 @@ def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
     from corona_ct.pipeline.device import resolve_device
     from corona_ct.pipeline.ingest.slices import read_slice_image
     from corona_ct.pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
-    from corona_ct.pipeline.run import slice_lung_mask
     from corona_ct.pipeline.segment import slice_lung_labels
+    from corona_ct.pipeline.single_slice import slice_lung_mask
 
     device = resolve_device(config.runtime.device)
     size = models.input_size(config)
@@ -231,7 +231,7 @@ def main() -> None:
 
     from corona_ct.pipeline.atomic import write_text
     from corona_ct.pipeline.config import PipelineConfig
-    from corona_ct.pipeline.run import load_models
+    from corona_ct.pipeline.modelset import load_models
 
     config = PipelineConfig().replace({"runtime.device": args.device})
     models = load_models(config, args.cls_weights, args.seg_weights)

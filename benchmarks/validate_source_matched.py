@@ -67,7 +67,7 @@ def explain_slice(path: Path, models: Any, config: Any) -> tuple[float, np.ndarr
     from corona_ct.pipeline.device import resolve_device
     from corona_ct.pipeline.ingest.slices import read_slice_image
     from corona_ct.pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
-    from corona_ct.pipeline.run import slice_lung_mask
+    from corona_ct.pipeline.single_slice import slice_lung_mask
 
     image, units = read_slice_image(path, config.ingest)
     lungs = slice_lung_mask(image, units, config, models, path.name)
@@ -105,7 +105,8 @@ def save_montage(result: Any, infected: np.ndarray, path: Path, count: int = 8) 
 def lopo(data: Path, runs: Path, config: Any, output: Path, only: list[str] | None = None) -> dict[str, Any]:
     from corona_ct.data.source_matched import CTMD_PATIENTS, ctmd_infection_labels
     from corona_ct.pipeline.ingest import load_study
-    from corona_ct.pipeline.run import analyze_study, load_models
+    from corona_ct.pipeline.modelset import load_models
+    from corona_ct.pipeline.run import analyze_study
 
     out: dict[str, Any] = {"patients": {}}
     for patient in only or CTMD_PATIENTS:
@@ -162,7 +163,8 @@ def clean_ct(data: Path, weights: Path, config: Any) -> dict[str, Any]:
     """Slices called positive on non-COVID CT no model trained on (the epoch-selection patients)."""
     from corona_ct.models.build_defaults import VAL_GROUPS
     from corona_ct.pipeline.ingest import load_study
-    from corona_ct.pipeline.run import analyze_study, load_models
+    from corona_ct.pipeline.modelset import load_models
+    from corona_ct.pipeline.run import analyze_study
 
     models = load_models(config, weights)
     out: dict[str, Any] = {}
@@ -194,7 +196,7 @@ def localisation(data: Path, runs: Path, config: Any) -> dict[str, Any]:
 
     from corona_ct.data.source_matched import CTMD_PATIENTS
     from corona_ct.models.build_defaults import texture_fold
-    from corona_ct.pipeline.run import load_models
+    from corona_ct.pipeline.modelset import load_models
 
     images = data / "covid-semiseg" / "train" / "Imgs"
     fold_b = [p for p in sorted(images.iterdir()) if texture_fold(p.stem) == "B"]
@@ -235,7 +237,7 @@ def localisation(data: Path, runs: Path, config: Any) -> dict[str, Any]:
 
 
 def ucsd(data: Path, weights: Path, config: Any) -> dict[str, Any]:
-    from corona_ct.pipeline.run import load_models
+    from corona_ct.pipeline.modelset import load_models
 
     models = load_models(config, weights)
     labels, probs = [], []

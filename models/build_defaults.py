@@ -64,7 +64,7 @@ def texture_fold(stem: str) -> str:
 
 
 def _segmenter(config: PipelineConfig, cache_dir: Path) -> object:
-    from corona_ct.pipeline.run import load_models
+    from corona_ct.pipeline.modelset import load_models
     from corona_ct.pipeline.segment import segment_lungs, slice_lung_labels
 
     models = load_models(config)

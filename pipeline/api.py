@@ -23,15 +23,20 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from corona_ct.pipeline.batch import BatchOutcome, _display_source
+from corona_ct.pipeline.batch import run_batch as run_studies
 from corona_ct.pipeline.config import PipelineConfig, load_config
+from corona_ct.pipeline.datamodel import StudyResult
 from corona_ct.pipeline.device import resolve_device, set_threads
 from corona_ct.pipeline.errors import ConfigError
-from corona_ct.pipeline.run import Models, StudyResult, load_models
-
-if TYPE_CHECKING:
-    from corona_ct.pipeline.batch import BatchOutcome
+from corona_ct.pipeline.ingest import discover, load_input, load_study
+from corona_ct.pipeline.modelset import ModelSet, load_models
+from corona_ct.pipeline.report import write_study_outputs
+from corona_ct.pipeline.run import analyze_study
+from corona_ct.pipeline.single_slice import explain_images as explain_slices
+from corona_ct.pipeline.summary import summary_values
 
 __all__ = [
     "ExplainedImages",
@@ -89,7 +94,7 @@ def prepare_models(
     cls_weights: PathLike | None = None,
     seg_weights: PathLike | None = None,
     allow_untrained: bool = False,
-) -> Models:
+) -> ModelSet:
     """Check the config's device, then load the classifier and lung segmenter once (reuse for many studies).
 
     Without ``cls_weights`` the shipped default is used; with no weights at all this refuses
@@ -125,7 +130,7 @@ def analyse_study(
     cls_weights: PathLike | None = None,
     seg_weights: PathLike | None = None,
     allow_untrained: bool = False,
-    models: Models | None = None,
+    models: ModelSet | None = None,
     threads: int | None = None,
     **settings: Any,
 ) -> StudyResult:
@@ -154,11 +159,6 @@ def analyse_study(
         A not-assessable study (no plausible lungs) has ``severity`` and
         ``case_probability`` None and says why in ``not_assessable_reason``.
     """
-    from corona_ct.pipeline.batch import _display_source
-    from corona_ct.pipeline.ingest import discover, load_input, load_study
-    from corona_ct.pipeline.report import write_study_outputs
-    from corona_ct.pipeline.run import analyze_study, summary_values
-
     pipeline_config = _setup(config, device, threads, settings)
     resolve_device(pipeline_config.runtime.device)
     items = discover([input], pipeline_config.ingest)
@@ -219,8 +219,6 @@ def run_batch(
         The :class:`BatchOutcome`: ``rows`` (the summary.csv rows), ``failures``,
         ``skipped`` (resumed study ids), ``not_assessable`` rows and ``exit_code``.
     """
-    from corona_ct.pipeline.batch import run_batch as run_studies
-
     pipeline_config = _setup(config, device, threads, settings)
     models = prepare_models(
         pipeline_config, cls_weights=cls_weights, seg_weights=seg_weights, allow_untrained=allow_untrained
@@ -261,8 +259,6 @@ def explain_images(
     does; ``"none"`` uses the whole image. An unreadable image is listed in ``failures``
     and the others go on. Other arguments as :func:`analyse_study`.
     """
-    from corona_ct.pipeline.run import explain_images as explain_slices
-
     if roi not in {"lung", "none"}:
         raise ConfigError(f"roi={roi!r}; use 'lung' (crop to the lung box) or 'none' (whole image)")
     pipeline_config = _setup(config, device, threads, settings)

@@ -36,16 +36,13 @@ UCSD COVID and 18 of 60 UCSD non-COVID figure crops, where it misses the lungs a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from corona_ct.pipeline.config import SegmentConfig
-from corona_ct.pipeline.datamodel import LungMask, Volume
+from corona_ct.pipeline.datamodel import LungCheck, LungMask, Volume
 from corona_ct.pipeline.segment.classical import MIN_LUNG_BODY_FRACTION
 from corona_ct.pipeline.segment.regions import body_mask, low_density, outside_air
 
-NOT_ASSESSABLE = "not-assessable"
 NO_LUNGS_REASON = "no lungs found"
 
 #: Smallest lung cross-section (cm², both lungs) that the widest lung slice of a chest CT reaches.
@@ -62,52 +59,14 @@ MAX_LUNG_MEDIAN_HU = -300.0
 MIN_LUNG_SLICES = 3
 #: ... when it has at least this many slices (short series and single slices are exempt).
 MIN_SLICES_FOR_EXTENT_RULE = 10
-
-
-@dataclass(frozen=True)
-class LungCheck:
-    """What the gate measured on a lung mask; ``reasons`` empty when the study is assessable."""
-
-    lung_volume_cm3: float  # nominal 1 mm voxels when the spacing is unknown
-    largest_area_cm2: float | None  # largest per-slice lung cross-section; None when spacing unknown
-    largest_body_fraction: float | None  # largest per-slice lung / body area; only when spacing unknown
-    median_hu: float | None  # None without HU or without lung voxels
-    slices_with_lung: int  # slices with any lung voxel
-    lung_slices: int  # slices passing the area (or body-fraction) rule
-    n_slices: int
-    reasons: tuple[str, ...]
-
-    @property
-    def assessable(self) -> bool:
-        return not self.reasons
-
-    @property
-    def reason(self) -> str | None:
-        """One human-readable line, or None when the study is assessable."""
-        return "; ".join(self.reasons) if self.reasons else None
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready, rounded."""
-        return {
-            "assessable": self.assessable,
-            "reason": self.reason,
-            "lung_volume_cm3": round(self.lung_volume_cm3, 3),
-            "largest_area_cm2": None if self.largest_area_cm2 is None else round(self.largest_area_cm2, 2),
-            "largest_body_fraction": (
-                None if self.largest_body_fraction is None else round(self.largest_body_fraction, 4)
-            ),
-            "median_hu": self.median_hu,
-            "slices_with_lung": self.slices_with_lung,
-            "lung_slices": self.lung_slices,
-            "n_slices": self.n_slices,
-            "rules": {
-                "min_lung_area_cm2": MIN_LUNG_AREA_CM2,
-                "min_lung_body_fraction": MIN_LUNG_BODY_FRACTION,
-                "max_lung_median_hu": MAX_LUNG_MEDIAN_HU,
-                "min_lung_slices": MIN_LUNG_SLICES,
-                "min_slices_for_extent_rule": MIN_SLICES_FOR_EXTENT_RULE,
-            },
-        }
+#: The limits above by name, as report.json's ``lung_check.rules`` shows them.
+RULES: tuple[tuple[str, float], ...] = (
+    ("min_lung_area_cm2", MIN_LUNG_AREA_CM2),
+    ("min_lung_body_fraction", MIN_LUNG_BODY_FRACTION),
+    ("max_lung_median_hu", MAX_LUNG_MEDIAN_HU),
+    ("min_lung_slices", MIN_LUNG_SLICES),
+    ("min_slices_for_extent_rule", MIN_SLICES_FOR_EXTENT_RULE),
+)
 
 
 def check_lungs(volume: Volume, lung_mask: LungMask, config: SegmentConfig | None = None) -> LungCheck:
@@ -124,7 +83,7 @@ def check_lungs(volume: Volume, lung_mask: LungMask, config: SegmentConfig | Non
     slices_with_lung = int(np.count_nonzero(lung_px))
     if slices_with_lung == 0:
         return LungCheck(
-            0.0, 0.0 if volume.spacing_known else None, None, None, 0, 0, n_slices, (NO_LUNGS_REASON,)
+            0.0, 0.0 if volume.spacing_known else None, None, None, 0, 0, n_slices, (NO_LUNGS_REASON,), RULES
         )
 
     reasons: list[str] = []
@@ -176,6 +135,7 @@ def check_lungs(volume: Volume, lung_mask: LungMask, config: SegmentConfig | Non
         lung_slices=lung_slices,
         n_slices=n_slices,
         reasons=tuple(reasons),
+        rules=RULES,
     )
 
 

@@ -45,22 +45,20 @@ from typing import TYPE_CHECKING, Literal
 from corona_ct.pipeline import __version__
 from corona_ct.pipeline.atomic import remove_stale_temporaries, write_json, write_text
 from corona_ct.pipeline.config import PipelineConfig
-from corona_ct.pipeline.datamodel import StudyFailure, Volume
-from corona_ct.pipeline.errors import ConfigError, CoronaCTError, OutputError, OutputInUseError, StageError
-from corona_ct.pipeline.progress import bars_wanted, progress_log, study_line
-from corona_ct.pipeline.run import (
-    STATUS_NOT_ASSESSABLE,
-    SUMMARY_COLUMNS,
-    Models,
-    _one_line,
-    _stage,
-    analyze_study,
-    load_models,
-    models_key,
-    summary_cells,
-    summary_row,
-    summary_values,
+from corona_ct.pipeline.datamodel import STATUS_NOT_ASSESSABLE, StudyFailure, Volume
+from corona_ct.pipeline.errors import (
+    ConfigError,
+    CoronaCTError,
+    OutputError,
+    OutputInUseError,
+    StageError,
+    one_line,
 )
+from corona_ct.pipeline.modelset import ModelSet, load_models, models_key
+from corona_ct.pipeline.progress import bars_wanted, progress_log, study_line
+from corona_ct.pipeline.report import write_study_outputs
+from corona_ct.pipeline.run import _stage, analyze_study
+from corona_ct.pipeline.summary import SUMMARY_COLUMNS, summary_cells, summary_row, summary_values
 
 try:
     import fcntl
@@ -416,7 +414,11 @@ def check_ids_file(ids_file: Path, output: Path, *, inside_output_ok: bool) -> N
 
 
 def expected_record(
-    config: PipelineConfig, models: Models, identity: InputIdentity, series_uid: str | None, all_series: bool
+    config: PipelineConfig,
+    models: ModelSet,
+    identity: InputIdentity,
+    series_uid: str | None,
+    all_series: bool,
 ) -> dict[str, object]:
     """The fields of a completion record that must equal this run's for a study to be reused."""
     return {
@@ -494,7 +496,7 @@ def run_batch(
     inputs: Sequence[str | Path],
     output: Path,
     config: PipelineConfig,
-    models: Models,
+    models: ModelSet,
     *,
     resume: bool = False,
     overwrite: bool = False,
@@ -532,7 +534,7 @@ def _run_locked(
     inputs: Sequence[str | Path],
     output: Path,
     config: PipelineConfig,
-    models: Models,
+    models: ModelSet,
     *,
     resume: bool,
     overwrite: bool,
@@ -649,7 +651,7 @@ def _analyze_and_write(
     volume: Volume,
     source: str,
     output: Path,
-    models: Models,
+    models: ModelSet,
     config: PipelineConfig,
     expected: Mapping[str, object],
     ingest_timings: dict[str, float],
@@ -661,8 +663,6 @@ def _analyze_and_write(
     Without progress bars it logs one line: ``study 3/12 P002: ok, p=0.91, score 34.2 cm3, 61.3 s``.
     """
     from tqdm import tqdm
-
-    from corona_ct.pipeline.report import write_study_outputs
 
     study_id = volume.study_id
     study_dir = output / study_id
@@ -695,7 +695,7 @@ def _analyze_and_write(
 
 def _record_failure(outcome: BatchOutcome, study_id: str, source: str, error: CoronaCTError) -> None:
     stage = getattr(error, "stage", "run")
-    message = _one_line(str(error))
+    message = one_line(str(error))
     outcome.failures.append(StudyFailure(study_id, source, stage, type(error).__name__, message))
     outcome.rows.append(summary_row(study_id, source, error=message))
     log.warning("%s: failed: %s", study_id, message)
@@ -724,7 +724,7 @@ def _discover_each(
                     clean_text(Path(path).name),
                     "discover",
                     type(error).__name__,
-                    _one_line(str(error)),
+                    one_line(str(error)),
                 )
             )
     return items, failures

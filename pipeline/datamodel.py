@@ -23,6 +23,9 @@ BoolArray = npt.NDArray[np.bool_]
 
 #: Label values of a lung mask.
 BACKGROUND, RIGHT_LUNG, LEFT_LUNG = 0, 1, 2
+#: A study's status (summary.csv, report.json): analysed; not assessable (no plausible lungs,
+#: no call made, see :mod:`pipeline.assess`); failed.
+STATUS_OK, STATUS_NOT_ASSESSABLE, STATUS_FAILED = "ok", "not-assessable", "failed"
 
 
 def _readonly(array: np.ndarray) -> None:
@@ -229,3 +232,88 @@ class StudyFailure:
     stage: str
     error_type: str
     message: str
+
+
+@dataclass(frozen=True)
+class LungCheck:
+    """What the not-assessable gate (:mod:`pipeline.assess`) measured; ``reasons`` empty when assessable."""
+
+    lung_volume_cm3: float  # nominal 1 mm voxels when the spacing is unknown
+    largest_area_cm2: float | None  # largest per-slice lung cross-section; None when spacing unknown
+    largest_body_fraction: float | None  # largest per-slice lung / body area; only when spacing unknown
+    median_hu: float | None  # None without HU or without lung voxels
+    slices_with_lung: int  # slices with any lung voxel
+    lung_slices: int  # slices passing the area (or body-fraction) rule
+    n_slices: int
+    reasons: tuple[str, ...]
+    rules: tuple[tuple[str, float], ...]  # the gate's limits: (name, value) in cm², fraction, HU, slices
+
+    @property
+    def assessable(self) -> bool:
+        return not self.reasons
+
+    @property
+    def reason(self) -> str | None:
+        """One human-readable line, or None when the study is assessable."""
+        return "; ".join(self.reasons) if self.reasons else None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready, rounded."""
+        return {
+            "assessable": self.assessable,
+            "reason": self.reason,
+            "lung_volume_cm3": round(self.lung_volume_cm3, 3),
+            "largest_area_cm2": None if self.largest_area_cm2 is None else round(self.largest_area_cm2, 2),
+            "largest_body_fraction": (
+                None if self.largest_body_fraction is None else round(self.largest_body_fraction, 4)
+            ),
+            "median_hu": self.median_hu,
+            "slices_with_lung": self.slices_with_lung,
+            "lung_slices": self.lung_slices,
+            "n_slices": self.n_slices,
+            "rules": dict(self.rules),
+        }
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """Everything the pipeline computed for one study.
+
+    A study whose lungs fail the gate (:mod:`pipeline.assess`) is not classified: no slice is
+    evaluated, its maps are zero, and ``severity`` and ``case_probability`` are None.
+    """
+
+    volume: Volume
+    lung_mask: LungMask
+    lung_check: LungCheck
+    scores: SliceScores
+    cams: CamStack
+    features: SliceFeatures
+    thumbnails: npt.NDArray[np.uint8]  # (n_evaluated, 112, 112): windowed lung-ROI crops
+    cam_thumbnails: npt.NDArray[np.uint8]  # (n_evaluated, 112, 112): fused map × 255 on the crop
+    severity: Severity | None
+    case_probability: float | None
+    timings_s: dict[str, float]  # seconds per stage
+    warnings: tuple[str, ...]
+
+    @property
+    def assessable(self) -> bool:
+        return self.lung_check.assessable
+
+    @property
+    def status(self) -> str:
+        """``ok`` or ``not-assessable``."""
+        return STATUS_OK if self.assessable else STATUS_NOT_ASSESSABLE
+
+    @property
+    def not_assessable_reason(self) -> str | None:
+        return self.lung_check.reason
+
+
+def empty_map_positive_slices(result: StudyResult, threshold: float) -> BoolArray:
+    """(z,) bool: slices called positive (p ≥ ``threshold``) whose fused Grad-CAM map is all zero."""
+    scores = result.scores
+    with np.errstate(invalid="ignore"):  # NaN probabilities of unevaluated slices compare False
+        positive = scores.evaluated & (scores.probs >= threshold)
+    maps = np.asarray(result.cams.maps).reshape(positive.shape[0], -1)
+    return positive & ~maps.any(axis=1)

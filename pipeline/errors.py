@@ -67,3 +67,8 @@ class StageError(CoronaCTError):
         self.stage = stage
         self.study_id = study_id
         super().__init__(f"[{stage}] study {study_id}: {message}")
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: every run of whitespace (newlines included) becomes one space."""
+    return " ".join(text.split())

@@ -23,10 +23,10 @@ import torch
 from corona_ct.pipeline import __version__
 from corona_ct.pipeline.analysis.cohort import Cohort
 from corona_ct.pipeline.analysis.degenerate import cluster_problems
-from corona_ct.pipeline.analysis.documents import cluster_markdown, write_json
+from corona_ct.pipeline.analysis.documents import cluster_markdown
 from corona_ct.pipeline.analysis.figures import plot_elbow, plot_key_slices, plot_pca
 from corona_ct.pipeline.analysis.slices import KeyImage, SliceTable, load_key_images
-from corona_ct.pipeline.atomic import atomic_path, write_text
+from corona_ct.pipeline.atomic import atomic_path, write_json, write_text
 from corona_ct.pipeline.cluster import (
     distances_to_centres,
     dominant_groups,

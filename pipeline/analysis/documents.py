@@ -6,24 +6,15 @@ banner when the result is degenerate, and ends with its methods and the studies 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corona_ct.pipeline import __version__
 from corona_ct.pipeline.analysis import EXIT_DEGENERATE
-from corona_ct.pipeline.atomic import write_text
-from corona_ct.pipeline.report import json_safe
 
 if TYPE_CHECKING:
     from corona_ct.pipeline.analysis.group_report import GroupReport
     from corona_ct.pipeline.analysis.roc_report import RocReport
-
-
-def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    """``payload`` as indented JSON (numpy to Python, NaN and ±inf to null), written atomically."""
-    write_text(path, json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
 
 
 def fmt_p(p: float) -> str:

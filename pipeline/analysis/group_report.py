@@ -19,9 +19,9 @@ import numpy.typing as npt
 from corona_ct.pipeline import __version__
 from corona_ct.pipeline.analysis.cohort import Cohort, Matched, require_matches
 from corona_ct.pipeline.analysis.degenerate import by_reason, unmatched_problem
-from corona_ct.pipeline.analysis.documents import fmt_p, group_markdown, write_json
+from corona_ct.pipeline.analysis.documents import fmt_p, group_markdown
 from corona_ct.pipeline.analysis.figures import plot_groups
-from corona_ct.pipeline.atomic import write_text
+from corona_ct.pipeline.atomic import write_json, write_text
 from corona_ct.pipeline.errors import ConfigError, InputError
 from corona_ct.pipeline.stats import GroupComparison, group_comparison
 

@@ -17,9 +17,9 @@ import numpy as np
 from corona_ct.pipeline import __version__
 from corona_ct.pipeline.analysis.cohort import Cohort, Matched, require_matches
 from corona_ct.pipeline.analysis.degenerate import by_reason, unmatched_problem
-from corona_ct.pipeline.analysis.documents import fmt_p, roc_markdown, write_json
+from corona_ct.pipeline.analysis.documents import fmt_p, roc_markdown
 from corona_ct.pipeline.analysis.figures import plot_roc
-from corona_ct.pipeline.atomic import write_text
+from corona_ct.pipeline.atomic import write_json, write_text
 from corona_ct.pipeline.errors import InputError
 from corona_ct.pipeline.stats import MIN_CASES_PER_CLASS, RocResult, delong_test, roc_analysis
 

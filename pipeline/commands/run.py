@@ -143,7 +143,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 def _print_rows(rows: list[dict[str, object]]) -> None:
     """One line per study; not-assessable studies are listed again below with their reasons."""
-    from corona_ct.pipeline.run import STATUS_NOT_ASSESSABLE
+    from corona_ct.pipeline.datamodel import STATUS_NOT_ASSESSABLE
 
     header = (
         f"{'study_id':<24} {'status':<14} {'slices':>6} {'p(case)':>8} {'score cm3':>10} {'lung cm3':>9}  "
@@ -175,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
     refuse_slice_sets(args.inputs, config.ingest)  # a slice set is for explain: say so before loading models
     # torch loads with these: after the quick checks
     from corona_ct.pipeline.batch import check_ids_file, check_output, output_lock, run_batch
-    from corona_ct.pipeline.run import load_models
+    from corona_ct.pipeline.modelset import load_models
 
     if args.ids_file is not None:
         check_ids_file(args.ids_file, args.output, inside_output_ok=args.ids_file_in_output)
@@ -227,7 +227,8 @@ def _explain(args: argparse.Namespace) -> int:
     preflight.check_output_folder(args.output)
     config = _config(args)
     images = collect_slice_images(args.images)  # folders expanded, mask folders refused, before any model
-    from corona_ct.pipeline.run import explain_images, load_models  # torch: after the quick checks
+    from corona_ct.pipeline.modelset import load_models  # torch: after the quick checks
+    from corona_ct.pipeline.single_slice import explain_images
 
     models = load_models(config, args.cls_weights, args.seg_weights, allow_untrained=args.allow_untrained)
     preflight.prepare_output_folder(args.output, "explain")

@@ -126,7 +126,7 @@ def test_a_missing_gpu_is_named_with_the_devices_there_are_before_models_load(
     def must_not_load(*_args, **_kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("models were loaded before the device was checked")
 
-    monkeypatch.setattr("corona_ct.pipeline.run.load_models", must_not_load)
+    monkeypatch.setattr("corona_ct.pipeline.modelset.load_models", must_not_load)
     absent = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 1}"
     for command in (["run", str(tmp_path)], ["explain", str(tmp_path / "a.png")], ["demo"]):
         assert main([*command, "-o", str(tmp_path / "out"), "--device", absent]) == 2

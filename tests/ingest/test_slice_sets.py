@@ -28,7 +28,7 @@ from corona_ct.pipeline.ingest.slices import (
     read_slice_image,
     slice_image_problem,
 )
-from corona_ct.pipeline.run import output_stems
+from corona_ct.pipeline.single_slice import output_stems
 
 CONFIG = IngestConfig()
 

@@ -15,7 +15,8 @@ from corona_ct.models.checkpoint import load_classifier, load_segmenter, read_ca
 from corona_ct.models.weights import default_weights
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.errors import ModelError
-from corona_ct.pipeline.run import analyze_study, load_models
+from corona_ct.pipeline.modelset import load_models
+from corona_ct.pipeline.run import analyze_study
 
 pytestmark = pytest.mark.shipped_weights
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "models" / "weights"

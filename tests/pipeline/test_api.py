@@ -18,7 +18,8 @@ from corona_ct.data.writers import write_nifti, write_png_slices
 from corona_ct.pipeline.api import analyse_study, build_config, explain_images, prepare_models, run_batch
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.errors import AmbiguousInputError, ConfigError
-from corona_ct.pipeline.run import analyze_study, load_models
+from corona_ct.pipeline.modelset import load_models
+from corona_ct.pipeline.run import analyze_study
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAST = {"roi_input_size": 48, "segment_method": "classical"}

@@ -154,7 +154,7 @@ def test_the_unet_on_an_abdomen_is_not_assessable_and_a_chest_slab_is(
     """The shipped U-Net draws ~18 cm³ of "lungs" on the abdomen-j2k series (bowel gas, fat);
     without the gate that series was called COVID positive."""
     from corona_ct.pipeline.batch import run_batch
-    from corona_ct.pipeline.run import load_models
+    from corona_ct.pipeline.modelset import load_models
 
     config = PipelineConfig().replace({"runtime.device": "cpu"})
     models = load_models(config)

@@ -35,7 +35,7 @@ from corona_ct.pipeline.cli import main
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.errors import ConfigError, InputError
 from corona_ct.pipeline.ingest import StudyInput, discover
-from corona_ct.pipeline.run import load_models
+from corona_ct.pipeline.modelset import load_models
 
 SMALL = {"roi.input_size": 64, "runtime.device": "cpu", "segment.method": "classical"}
 SHAPE = {"shape": (10, 96, 96), "spacing_mm": (5.0, 3.2, 3.2)}

@@ -8,7 +8,8 @@ import pytest
 from corona_ct.data.phantom import make_phantom
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.errors import ModelError
-from corona_ct.pipeline.run import analyze_study, load_models
+from corona_ct.pipeline.modelset import load_models
+from corona_ct.pipeline.run import analyze_study
 
 SMALL = {"roi.input_size": 64, "runtime.device": "cpu"}
 

@@ -20,13 +20,15 @@ import numpy as np
 import pytest
 
 from corona_ct.data.phantom import make_phantom
+from corona_ct.pipeline import modelset as modelset_module
 from corona_ct.pipeline import run as run_module
 from corona_ct.pipeline import segment as segment_module
 from corona_ct.pipeline.config import IngestConfig, PipelineConfig
 from corona_ct.pipeline.datamodel import Volume
 from corona_ct.pipeline.errors import CoronaCTError
 from corona_ct.pipeline.ingest import load_study
-from corona_ct.pipeline.run import analyze_study, load_models
+from corona_ct.pipeline.modelset import load_models
+from corona_ct.pipeline.run import analyze_study
 from tests.ingest.dicom_factory import phantom_hu, write_series
 
 SMALL = {"roi.input_size": 64, "runtime.device": "cpu"}
@@ -120,7 +122,7 @@ def _study_fingerprint(volume: Volume, overrides: dict[str, Any]) -> str:
     config = PipelineConfig().replace({**SMALL, **overrides})
     try:
         models = _models(config.classify.backbone, config.runtime.seed)
-        run_module._check_cam_layers(models.classifier, config.cam.layers)
+        modelset_module._check_cam_layers(models.classifier, config.cam.layers)
         if config.segment.method == "unet":
             load_models(config, allow_untrained=True)  # the U-Net is required: refused without weights
         result = analyze_study(volume, models, config)

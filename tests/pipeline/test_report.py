@@ -19,23 +19,23 @@ import numpy as np
 import pytest
 
 from corona_ct.data.phantom import make_phantom
+from corona_ct.pipeline import report_figures
+from corona_ct.pipeline.atomic import jsonable
 from corona_ct.pipeline.config import PipelineConfig
-from corona_ct.pipeline.datamodel import CamStack, Geometry, SliceScores
-from corona_ct.pipeline.report import (
-    NO_VALIDATION,
-    model_limits,
-    training_data_summary,
-    validation_figures,
-    write_study_outputs,
-)
-from corona_ct.pipeline.run import (
-    Models,
+from corona_ct.pipeline.datamodel import (
+    CamStack,
+    Geometry,
+    SliceScores,
     StudyResult,
-    analyze_study,
-    load_models,
-    summary_cells,
-    summary_values,
+    empty_map_positive_slices,
 )
+from corona_ct.pipeline.model_limits import model_limits, training_data_summary, validation_figures
+from corona_ct.pipeline.modelset import ModelSet, load_models
+from corona_ct.pipeline.report import write_study_outputs
+from corona_ct.pipeline.report_html import render_html
+from corona_ct.pipeline.report_text import NO_VALIDATION, empty_map_sentence, hu_range_text, probability_text
+from corona_ct.pipeline.run import analyze_study
+from corona_ct.pipeline.summary import summary_cells, summary_values
 
 SMALL = {"roi.input_size": 64, "runtime.device": "cpu"}
 WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights"
@@ -76,7 +76,7 @@ def config() -> PipelineConfig:
 
 
 @pytest.fixture(scope="module")
-def models(config: PipelineConfig) -> Models:
+def models(config: PipelineConfig) -> ModelSet:
     return load_models(config, allow_untrained=True)
 
 
@@ -86,14 +86,14 @@ def phantom():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def result(phantom, models: Models, config: PipelineConfig) -> StudyResult:  # type: ignore[no-untyped-def]
+def result(phantom, models: ModelSet, config: PipelineConfig) -> StudyResult:  # type: ignore[no-untyped-def]
     analysed = analyze_study(phantom.to_volume("phantom"), models, config)
     assert analysed.assessable and analysed.scores.evaluated.sum() >= 4
     return analysed
 
 
 def _write(
-    tmp_path: Path, result: StudyResult, models: Models, config: PipelineConfig
+    tmp_path: Path, result: StudyResult, models: ModelSet, config: PipelineConfig
 ) -> tuple[dict[str, Any], str]:
     """Write both reports as the batch runner does; report.json parsed strictly (NaN is an error)."""
     values = summary_values("phantom", "synthetic", result, threshold=config.classify.positive_threshold)
@@ -111,7 +111,7 @@ def _text(page: str) -> str:
     return " ".join(html_module.unescape(re.sub(r"<[^>]+>", " ", page)).split())
 
 
-def _with_cards(models: Models, classifier: dict[str, Any], segmenter: dict[str, Any] | None) -> Models:
+def _with_cards(models: ModelSet, classifier: dict[str, Any], segmenter: dict[str, Any] | None) -> ModelSet:
     """The run's networks with other cards, the classifier counted as trained."""
     cls = dataclasses.replace(models.classifier, card=classifier, trained=True)
     seg = None
@@ -263,16 +263,14 @@ def test_untrained_weights_have_no_validation(tmp_path, result, models, config) 
 @pytest.fixture
 def figure_axes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
     """(number of axes, first axes title) of every picture the HTML report renders, in order."""
-    import corona_ct.pipeline.report as report_module
-
     seen: list[tuple[int, str]] = []
-    real = report_module._png
+    real = report_figures._png
 
     def record(fig: Any) -> str:
         seen.append((len(fig.axes), fig.axes[0].get_title()))
         return real(fig)
 
-    monkeypatch.setattr(report_module, "_png", record)
+    monkeypatch.setattr(report_figures, "_png", record)
     return seen
 
 
@@ -435,3 +433,156 @@ def test_a_not_assessable_report_shows_the_segmenters_limits_only(tmp_path, phan
     assert "What these numbers are worth Lung segmentation (classical, threshold-based" in text
     assert "COVID-19 slice classifier" not in text and "probability" not in text.lower()
     assert "lung volume is that of the slab" in text  # the rejected mask's volume is of a 50 mm slab too
+
+
+# --------------------------------------------------------------------------- wording and JSON values
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(None, "—"), (math.nan, "—"), (0.0, "< 0.001"), (0.000999, "< 0.001"), (0.001, "0.001"), (0.5, "0.500")],
+)
+def test_probabilities_read_with_three_decimals_or_below_a_thousandth(value: float | None, text: str) -> None:
+    assert probability_text(value) == text
+
+
+def test_hu_ranges_and_the_empty_map_statement_read_as_sentences() -> None:
+    assert hu_range_text(-750, -300) == "−750…−300 HU"
+    assert hu_range_text(0, 50) == "0…+50 HU"
+    assert empty_map_sentence(0) is None
+    assert (
+        empty_map_sentence(1) == "1 positive slice has an empty Grad-CAM map: its evidence is not localised"
+    )
+
+
+def test_jsonable_gives_plain_json_values() -> None:
+    value = {
+        1: np.float32(0.5),
+        "array": np.array([1.0, np.nan]),
+        "tuple": (np.int64(3), math.inf, -math.inf),
+        "nested": [{"flag": np.bool_(True)}],
+    }
+    safe = jsonable(value)
+    assert safe == {"1": 0.5, "array": [1.0, None], "tuple": [3, None, None], "nested": [{"flag": True}]}
+    assert type(safe["tuple"][0]) is int and type(safe["nested"][0]["flag"]) is bool
+    json.dumps(safe, allow_nan=False)  # strict JSON
+
+
+def test_empty_maps_count_only_on_evaluated_slices_at_or_above_the_threshold(result) -> None:
+    evaluated = np.flatnonzero(result.scores.evaluated)
+    at, above, below = evaluated[:3]
+
+    def probs(p: np.ndarray) -> np.ndarray:
+        p[evaluated] = 0.1
+        p[at], p[above] = 0.5, 0.9
+        p[~result.scores.evaluated] = np.nan
+        return p
+
+    def maps(m: np.ndarray) -> np.ndarray:
+        m[:] = 0.0
+        m[evaluated[3:], 40:56, 30:46] = 0.8  # every other evaluated slice has evidence
+        return m
+
+    empty = empty_map_positive_slices(_modified(result, probs=probs, maps=maps), 0.5)
+    assert empty.dtype == bool and np.flatnonzero(empty).tolist() == sorted([at, above])
+    assert (
+        not empty[below] and not empty[~result.scores.evaluated].any()
+    )  # empty but not positive / unevaluated
+
+
+def test_report_json_holds_numbers_as_numbers_throughout(tmp_path, result, models, config) -> None:
+    report, _ = _write(tmp_path, result, models, config)
+    text_keys = {
+        "study_id",
+        "config_hash",
+        "models_key",
+        "sha256",
+        "created",
+        "source",
+        "file",
+        "reason",
+        "error",
+    }
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for key, child in node.items():
+                walk(child, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{where}[{i}]")
+        elif isinstance(node, str) and where.rsplit(".", 1)[-1] not in text_keys:
+            assert not _number_text(node), f"{where} = {node!r}: a number written as text"
+
+    walk(report, "report")
+    assert isinstance(report["case"]["probability"], float)
+    assert all(
+        isinstance(v, float) for v in (report["severity"]["corona_score_cm3"], report["coverage"]["slab_mm"])
+    )
+    first = next(s for s in report["slices"] if s["evaluated"])
+    assert isinstance(first["probability"], float) and isinstance(first["z_mm"], float)
+    assert isinstance(report["lung_check"]["n_slices"], int)
+
+
+# --------------------------------------------------------------------------- the HTML renderer
+
+
+def test_the_page_is_rendered_from_report_json_alone_and_is_self_contained(
+    tmp_path, result, models, config
+) -> None:
+    named = dataclasses.replace(result, volume=dataclasses.replace(result.volume, study_id='P<1>&"x"'))
+    _, page = _write(tmp_path, named, models, config)
+    # the renderer needs nothing beyond report.json and the pictures: the file read back renders the same page
+    assert render_html(json.loads((tmp_path / "report.json").read_text()), named) == page
+    assert "P<1>" not in page and "P&lt;1&gt;&amp;&quot;x&quot;" in page  # what the page shows is escaped
+    assert "<script" not in page.lower() and "url(" not in page  # nothing runs, nothing is fetched
+    assert not re.search(r'(src|href)="(?!data:)', page)
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    assert len(sources) == 6 and all(src.startswith("data:image/png;base64,") for src in sources)
+
+
+def test_one_grad_cam_layer_is_named_without_a_fusion(tmp_path, result, models, config) -> None:
+    one = dataclasses.replace(result, cams=dataclasses.replace(result.cams, layers=("layer4",)))
+    _, page = _write(tmp_path, one, models, config)
+    assert "Colour: Grad-CAM of layer4, 0–1" in _text(page) and "layer maps" not in page
+
+
+def test_the_report_layer_never_imports_the_runner() -> None:
+    """No import cycle report ↔ run: nothing the report modules import, at any depth, imports the runner."""
+    import ast
+
+    package = Path(__file__).resolve().parents[2] / "pipeline"
+
+    def imports(module: str) -> set[str]:
+        path = package.joinpath(*module.split(".")[2:])
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports too
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            found.update(n for n in names if n.startswith("corona_ct.pipeline.") and _is_module(package, n))
+        return found
+
+    seen, todo = set(), ["corona_ct.pipeline.report"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(imports(module))
+    runners = {f"corona_ct.pipeline.{name}" for name in ("run", "batch", "single_slice", "api", "cli")}
+    assert not seen & runners, sorted(seen & runners)
+    assert {"corona_ct.pipeline.report_html", "corona_ct.pipeline.model_limits"} <= seen
+
+
+def _is_module(package: Path, name: str) -> bool:
+    path = package.joinpath(*name.split(".")[2:])
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _number_text(text: str) -> bool:
+    try:
+        float(text.replace("−", "-"))
+    except ValueError:
+        return False
+    return True

@@ -12,7 +12,7 @@ import pytest
 
 from corona_ct.pipeline.batch import run_batch
 from corona_ct.pipeline.config import PipelineConfig
-from corona_ct.pipeline.run import load_models
+from corona_ct.pipeline.modelset import load_models
 
 pytestmark = pytest.mark.realdata
 
