@@ -75,7 +75,7 @@ def test_best_epoch_is_kept_and_patience_stops_the_loop(tmp_path: Path) -> None:
     result = run.fit(tmp_path, epochs=6, patience=3)
     assert run.calls == [1, 2, 3, 4, 5]  # three epochs without gain after epoch 2
     assert result.best_epoch == 2 and result.best_metrics == {"auc": 0.9}
-    assert float(result.model.weight) == 2.0 and not result.model.training  # best weights, eval mode
+    assert float(result.model.weight.detach()) == 2.0 and not result.model.training  # best weights, eval mode
     card = _card(tmp_path)
     assert card["best_epoch"] == 2 and card["epochs_run"] == 5 and card["stopped_early"] is True
     assert card["best_validation"] == {"auc": 0.9}
@@ -103,14 +103,14 @@ def test_resume_continues_after_the_last_finished_epoch_with_its_state(tmp_path:
     assert resumed.weights_at_start[0] == 3.0  # the weights of epoch 3, not a fresh start
     assert resumed.steps_at_start == [3, 4]  # Adam's state came back too
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4, 5]
-    assert result.best_epoch == 5 and float(result.model.weight) == 5.0
+    assert result.best_epoch == 5 and float(result.model.weight.detach()) == 5.0
 
 
 def test_resume_keeps_the_best_epoch_of_the_first_part(tmp_path: Path) -> None:
     scores = [0.5, 0.9, 0.7, 0.8]
     Run(scores).fit(tmp_path, epochs=2, patience=0)
     result = Run(scores).fit(tmp_path, epochs=4, patience=0, resume=True)
-    assert result.best_epoch == 2 and float(result.model.weight) == 2.0
+    assert result.best_epoch == 2 and float(result.model.weight.detach()) == 2.0
 
 
 def test_a_run_that_stopped_early_stays_stopped_on_resume(tmp_path: Path) -> None:
