@@ -18,8 +18,10 @@ from collections.abc import Callable
 import torch
 
 from corona_ct.data.datasets import as_network_input
+from corona_ct.models.augment import augment_batch
 from corona_ct.models.classifier import build_classifier
-from corona_ct.models.train import TrainConfig, _autocast, augment_batch
+from corona_ct.models.fit import autocast
+from corona_ct.models.train_classifier import TrainConfig
 
 
 def _timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
@@ -56,7 +58,7 @@ def measure(
     def train_step() -> None:
         model.train()
         augmented, _ = augment_batch(grey, config, generator)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(prepare(augmented))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0].float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -66,7 +68,7 @@ def measure(
     @torch.no_grad()
     def infer_step() -> None:
         model.eval()
-        with _autocast(device, amp):
+        with autocast(device, amp):
             model(prepare(grey))
 
     return batch / _timed(train_step, steps, device), batch / _timed(infer_step, steps, device)

@@ -60,7 +60,7 @@ def binary_figures(labels: npt.NDArray[np.int64], probs: npt.NDArray[np.float64]
 def validate_classifier(manifest_path: Path, models: Any, config: Any) -> dict[str, Any]:
     from corona_ct.data.datasets import build_slice_dataset
     from corona_ct.data.manifest import read_manifest_csv
-    from corona_ct.models.train import predict_probabilities
+    from corona_ct.models.train_classifier import predict_probabilities
     from corona_ct.pipeline.device import resolve_device
 
     manifest = read_manifest_csv(manifest_path)

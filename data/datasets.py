@@ -7,7 +7,7 @@ from :func:`pipeline.segment.segment_lungs` when ``roi == "lung"``, then
 Because the 3 channels are identical, datasets keep one grey channel, stored as
 float16 (half the memory), and :func:`as_network_input` expands it again; the
 network sees the same values either way. Preprocessing runs once; random
-augmentation is applied later to whole batches (``models.train.augment_batch``).
+augmentation is applied later to whole batches (``models.augment.augment_batch``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     ``masks`` (optional, (n, size, size) uint8): where the lesion is, 1 lesion, 0 none,
     ``MASK_UNKNOWN`` for slices labelled per slice only; they feed the auxiliary
-    localisation loss of :func:`models.train.train_classifier`.
+    localisation loss of :func:`models.train_classifier.train_classifier`.
     """
 
     def __init__(

@@ -1,10 +1,11 @@
-"""Patient-wise (group-aware), class-stratified splits.
+"""Patient-wise (group-aware) splits: stratified K folds, validation hold-outs, manifest splits.
 
 A group is a patient, a CT volume or a source figure: all its slices land on the
 same side of every split, so a test score never rewards recognising a patient
 seen in training. Built on scikit-learn's ``StratifiedGroupKFold`` (shuffled,
 seeded), which keeps each fold's class ratio as close to the whole set's as the
-group sizes allow.
+group sizes allow. Segmentation volumes carry no class: :func:`volume_train_val_split`
+draws whole volumes at random.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.model_selection import StratifiedGroupKFold
 
+from corona_ct.data.manifest import Manifest
 from corona_ct.pipeline.errors import ConfigError
 
 IndexArray = npt.NDArray[np.int64]
@@ -71,3 +73,75 @@ def groups_overlap(groups: Sequence[str] | npt.ArrayLike, first: IndexArray, sec
     """Group names present on both sides of a split (empty for a valid patient-wise split)."""
     names = np.asarray(groups).astype(str)
     return set(names[first].tolist()) & set(names[second].tolist())
+
+
+def hold_out_groups(
+    indices: npt.ArrayLike, labels: npt.ArrayLike, groups: Sequence[str] | npt.ArrayLike, val_fraction: float,
+    seed: int = 0,
+) -> tuple[IndexArray, IndexArray]:  # fmt: skip
+    """(train, validation) subsets of ``indices`` by :func:`group_train_val_split`; no validation when 0.
+
+    ``labels`` and ``groups`` cover the whole data set; ``indices`` select the pool to divide.
+    """
+    pool = np.asarray(indices, dtype=np.int64)
+    if val_fraction <= 0:
+        return pool, np.zeros(0, dtype=np.int64)
+    fit, held = group_train_val_split(
+        np.asarray(labels)[pool], np.asarray(groups).astype(str)[pool], val_fraction, seed=seed
+    )
+    return pool[fit], pool[held]
+
+
+def manifest_splits(
+    manifest: Manifest, val_fraction: float, seed: int = 0
+) -> tuple[IndexArray, IndexArray, IndexArray]:
+    """(train, validation, test) row indices of a manifest; no patient group on two sides.
+
+    The manifest's ``split`` column wins when it names training rows. Otherwise the rows
+    not marked ``test`` are divided by patient group, ``val_fraction`` of them held out
+    for validation (none when 0). Raises :class:`ConfigError` when a group is shared.
+    """
+    labels, groups = manifest.labels, manifest.groups
+    test = manifest.split_indices("test")
+    if len(manifest.split_indices("train")):
+        train, val = manifest.split_indices("train"), manifest.split_indices("val")
+    else:
+        pool = np.flatnonzero([entry.split != "test" for entry in manifest.entries])
+        train, val = hold_out_groups(pool, labels, groups, val_fraction, seed=seed)
+    for name, other in (("validation", val), ("test", test)):
+        shared = groups_overlap(groups, train, other)
+        if shared:
+            raise ConfigError(
+                f"{len(shared)} patient group(s) are in both the training and the {name} split "
+                f"(e.g. {sorted(shared)[0]}); fix the split column of the manifest"
+            )
+    return train, val, test
+
+
+def volume_train_val_split(
+    groups: Sequence[str] | npt.ArrayLike, val_fraction: float, seed: int = 0, val_groups: Sequence[str] = ()
+) -> tuple[IndexArray, IndexArray, str]:
+    """(train, validation, description) slice indices holding out whole volumes (groups).
+
+    ``val_groups`` names the held-out volumes; empty draws ``val_fraction`` of them (at
+    least one) at random. With a single volume every fifth slice is held out instead:
+    neighbouring slices are correlated, so that validation is optimistic, which the
+    description says (it goes into the model card).
+    """
+    group_names = np.asarray(groups).astype(str)
+    unique_groups = np.unique(group_names)
+    rng = np.random.default_rng(seed)
+    n_val = max(1, round(val_fraction * unique_groups.size)) if unique_groups.size > 1 else 0
+    held_out = set(val_groups) or set(rng.permutation(unique_groups)[:n_val].tolist())
+    unknown = held_out - set(unique_groups.tolist())
+    if unknown:
+        raise ConfigError(f"validation group(s) {', '.join(sorted(unknown))} are not in the data")
+    is_val = np.isin(group_names, list(held_out))
+    description = f"by volume: {', '.join(sorted(held_out))}"
+    if not is_val.any() or is_val.all():
+        is_val = np.arange(group_names.size) % 5 == 4
+        description = (
+            "every fifth slice of one volume" if unique_groups.size < 2
+            else "every fifth slice (the validation groups left no training volume)"
+        )  # fmt: skip
+    return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64), description

@@ -126,7 +126,7 @@ def prepare(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> None:
     from corona_ct.data.datasets import SliceDataset
-    from corona_ct.models.train import TrainConfig, train_classifier
+    from corona_ct.models.train_classifier import TrainConfig, train_classifier
 
     prepared = PreparedSlices.load(args.prepared)
     groups = np.asarray(prepared.groups)
@@ -222,7 +222,7 @@ def calibrate(args: argparse.Namespace) -> None:
 
     from corona_ct.data.datasets import SliceDataset
     from corona_ct.models.checkpoint import load_classifier, save_checkpoint
-    from corona_ct.models.train import predict_probabilities
+    from corona_ct.models.train_classifier import predict_probabilities
 
     prepared = PreparedSlices.load(args.prepared)
     is_val = np.isin(np.asarray(prepared.groups), VAL_GROUPS)

@@ -148,7 +148,7 @@ def register(subparsers: Any) -> None:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from corona_ct.models.train import TrainConfig
+    from corona_ct.models.train_classifier import TrainConfig
 
     overrides = {field: getattr(args, option) for option, field in _OVERRIDES.items()
                  if getattr(args, option, None) is not None}  # fmt: skip
@@ -203,11 +203,9 @@ def run_train_classifier(args: argparse.Namespace) -> int:
 
     check_output_folder(args.output)  # before any data or model is loaded
     apply_compute_options(args)
-    import numpy as np
-
-    from corona_ct.data.folds import group_train_val_split, groups_overlap
+    from corona_ct.data.folds import manifest_splits
     from corona_ct.models.metrics import binary_report
-    from corona_ct.models.train import predict_probabilities, train_classifier
+    from corona_ct.models.train_classifier import predict_probabilities, train_classifier
     from corona_ct.pipeline.atomic import write_text
     from corona_ct.pipeline.device import resolve_device
 
@@ -215,26 +213,7 @@ def run_train_classifier(args: argparse.Namespace) -> int:
     manifest, dataset, pipeline_config = _prepared(args, config)
     args.output.mkdir(parents=True, exist_ok=True)
     write_text(args.output / "manifest.csv", manifest.to_csv())
-    labels, groups = manifest.labels, manifest.groups
-    if len(manifest.split_indices("train")):
-        train_idx, val_idx = manifest.split_indices("train"), manifest.split_indices("val")
-    else:
-        # Rows without a split (the test rows stay aside) are divided by patient group.
-        pool = np.flatnonzero([entry.split != "test" for entry in manifest.entries])
-        train_idx, val_idx = pool, np.zeros(0, dtype=np.int64)
-        if config.val_fraction > 0:
-            fit, held = group_train_val_split(
-                labels[pool], groups[pool], config.val_fraction, seed=config.seed
-            )
-            train_idx, val_idx = pool[fit], pool[held]
-    test_idx = manifest.split_indices("test")
-    for name, other in (("validation", val_idx), ("test", test_idx)):
-        shared = groups_overlap(groups, train_idx, other)
-        if shared:
-            raise ConfigError(
-                f"{len(shared)} patient group(s) are in both the training and the {name} split "
-                f"(e.g. {sorted(shared)[0]}); fix the split column of the manifest"
-            )
+    train_idx, val_idx, test_idx = manifest_splits(manifest, config.val_fraction, seed=config.seed)
     window_hu = (pipeline_config.window.hu_min, pipeline_config.window.hu_max)
     result = train_classifier(
         dataset.subset(train_idx),
@@ -264,7 +243,7 @@ def run_cross_validation(args: argparse.Namespace) -> int:
 
     check_output_folder(args.output)  # before any data or model is loaded
     apply_compute_options(args)
-    from corona_ct.models.train import cross_validate
+    from corona_ct.models.crossval import cross_validate
 
     config = _train_config(args)
     backbones = [name.strip() for name in args.backbones.split(",") if name.strip()]
@@ -287,7 +266,7 @@ def run_train_segmenter(args: argparse.Namespace) -> int:
     check_output_folder(args.output)  # before any data or model is loaded
     device = apply_compute_options(args)
     from corona_ct.data.datasets import load_segmentation_data
-    from corona_ct.models.train import SegTrainConfig, train_segmenter
+    from corona_ct.models.train_segmenter import SegTrainConfig, train_segmenter
     from corona_ct.pipeline.config import load_config
 
     if not args.data and not args.unlabeled:

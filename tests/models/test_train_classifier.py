@@ -1,4 +1,4 @@
-"""Training loop: learns phantom lesions, resumes exactly, writes safe checkpoints; U-Net training bits."""
+"""Classifier training: learns phantom lesions, resumes exactly, writes safe checkpoints; recipes; lesion heads."""
 
 from __future__ import annotations
 
@@ -10,18 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from corona_ct.data.datasets import SegmentationSlices, SliceDataset, slices_to_model_input
+from corona_ct.data.datasets import MASK_UNKNOWN, SliceDataset, slices_to_model_input
 from corona_ct.data.phantom import make_phantom
 from corona_ct.models.checkpoint import load_checkpoint, load_classifier
 from corona_ct.models.metrics import roc_auc
-from corona_ct.models.train import (
-    TrainConfig,
-    augment_batch,
-    insert_synthetic_lesions,
-    predict_probabilities,
-    random_affine_params,
-    train_classifier,
-)
+from corona_ct.models.train_classifier import TrainConfig, predict_probabilities, train_classifier
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.errors import ConfigError, ModelError
 from corona_ct.pipeline.preprocess import window
@@ -145,100 +138,8 @@ def test_recipes_and_overrides() -> None:
         TrainConfig.from_recipe("unknown")
 
 
-def test_augmentation_is_per_sample_and_exact_for_flips() -> None:
-    images = torch.rand(6, 1, 20, 20)
-    identity = dataclasses.replace(
-        TrainConfig.gozes(), rotation_deg=0.0, hflip=False, vflip=False, crop_scale=1.0
-    )
-    same, _ = augment_batch(images, identity, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(same, images, atol=1e-5, rtol=0)
-    flips = dataclasses.replace(identity, hflip=True, vflip=True)
-    generator = torch.Generator().manual_seed(1)
-    theta = random_affine_params(6, flips, torch.Generator().manual_seed(1))
-    flipped, _ = augment_batch(images, flips, generator)
-    for i in range(6):
-        dims = [d for d, sign in ((2, theta[i, 0, 0]), (1, theta[i, 1, 1])) if sign < 0]
-        torch.testing.assert_close(flipped[i], images[i].flip(dims) if dims else images[i], atol=1e-5, rtol=0)
-    rotated, _ = augment_batch(images, TrainConfig.covid_ctset(), torch.Generator().manual_seed(2))
-    differences = (rotated - images).abs().flatten(1).mean(1)
-    assert differences.unique().numel() == 6  # each sample gets its own transform
-
-
-def test_synthetic_lesions_stay_inside_the_lungs_and_raise_density() -> None:
-    labels = torch.zeros(4, 32, 32, dtype=torch.long)
-    labels[:, 8:24, 4:14] = 1
-    labels[:, 8:24, 18:28] = 2
-    images = torch.full((4, 1, 32, 32), 0.1)
-    out = insert_synthetic_lesions(images, labels, torch.Generator().manual_seed(0), probability=1.0)
-    changed = (out - images).abs()[:, 0] > 1e-6
-    assert changed.any(dim=(1, 2)).all()  # every slice got a lesion
-    assert not changed[labels == 0].any()  # never outside the lungs
-    assert (
-        float(out.max()) <= 0.95 + 1e-6 and float((out - images).min()) >= 0
-    )  # only denser, at most ≈ −50 HU
-    untouched = insert_synthetic_lesions(images, labels, torch.Generator().manual_seed(0), probability=0.0)
-    torch.testing.assert_close(untouched, images)
-
-
-def test_segmenter_training_writes_a_card_with_validation_dice(tmp_path: Path) -> None:
-    from corona_ct.models.train import SegTrainConfig, train_segmenter
-
-    phantom = make_phantom(seed=5, shape=(12, 64, 64), lesions="mixed")
-    windowed = torch.from_numpy(window(phantom.hu, "HU", PipelineConfig().window))
-    slices = SegmentationSlices(windowed, torch.from_numpy(np.array(phantom.lung_labels)))
-    config = SegTrainConfig(input_size=64, epochs=1, batch_size=4, device="cpu", seed=0)
-    result = train_segmenter(slices, ["p5"] * len(slices), config, tmp_path)
-    card = json.loads((tmp_path / "model.json").read_text())
-    assert card["architecture"] == "segmenter/unet-vgg16" and card["num_classes"] == 3
-    assert card["input"]["channels"] == 1 and 0.0 <= card["best_validation"]["dice_mean"] <= 1.0
-    assert card["validation_split"] == "every fifth slice of one volume"
-    assert result.best_epoch == 1
-
-
-def test_segmenter_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
-    from corona_ct.models.train import SegTrainConfig, train_segmenter
-
-    phantom = make_phantom(seed=6, shape=(10, 48, 48), lesions="mixed")
-    windowed = torch.from_numpy(window(phantom.hu, "HU", PipelineConfig().window))
-    slices = SegmentationSlices(windowed, torch.from_numpy(np.array(phantom.lung_labels)))
-    config = SegTrainConfig(input_size=48, epochs=2, batch_size=4, device="cpu", seed=0, patience=0)
-    full = train_segmenter(slices, ["p6"] * len(slices), config, tmp_path / "full")
-    train_segmenter(slices, ["p6"] * len(slices), dataclasses.replace(config, epochs=1), tmp_path / "split")
-    resumed = train_segmenter(slices, ["p6"] * len(slices), config, tmp_path / "split", resume=True)
-    assert [row["epoch"] for row in resumed.history] == [1, 2]
-    assert resumed.best_epoch == full.best_epoch
-    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    with pytest.raises(ConfigError, match="lr"):
-        train_segmenter(
-            slices, ["p6"] * len(slices), dataclasses.replace(config, lr=0.5), tmp_path / "split", resume=True
-        )
-
-
-def test_segmenter_validation_groups_can_be_named(tmp_path: Path) -> None:
-    from corona_ct.models.train import SegTrainConfig, train_segmenter
-
-    volumes = [make_phantom(seed=seed, shape=(6, 32, 32), lesions="none") for seed in (8, 9)]
-    windowed = torch.from_numpy(
-        np.concatenate([window(v.hu, "HU", PipelineConfig().window) for v in volumes])
-    )
-    labels = torch.from_numpy(np.concatenate([np.array(v.lung_labels) for v in volumes]))
-    groups = ["p8"] * 6 + ["p9"] * 6
-    config = SegTrainConfig(input_size=32, epochs=1, batch_size=4, device="cpu", val_groups=("p9",))
-    result = train_segmenter(SegmentationSlices(windowed, labels), groups, config, tmp_path / "named")
-    assert result.card["validation_split"] == "by volume: p9"
-    assert result.card["n_train_slices"] == 6 and result.card["n_val_slices"] == 6
-    with pytest.raises(ConfigError, match="p7"):
-        train_segmenter(
-            SegmentationSlices(windowed, labels), groups,
-            dataclasses.replace(config, val_groups=("p7",)), tmp_path / "unknown",
-        )  # fmt: skip
-
-
 def test_lesion_mask_loss_trains_and_leaves_no_head_in_the_checkpoint(tmp_path: Path) -> None:
     """The auxiliary heads train with the network but the saved model is a plain classifier."""
-    from corona_ct.data.datasets import MASK_UNKNOWN
-
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.uniform(0.0, 0.3, (12, SIZE, SIZE)).astype(np.float32))
     masks = np.zeros((12, SIZE, SIZE), np.uint8)
