@@ -26,11 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from corona_ct.data.datasets import SliceDataset
 from corona_ct.data.lesions import TextureBank
 from corona_ct.data.source_matched import PreparedSlices, build_source_matched
+from corona_ct.models.checkpoint import load_checkpoint, load_classifier, read_card, save_checkpoint
+from corona_ct.models.classifier import build_classifier
+from corona_ct.models.train_classifier import TrainConfig, predict_probabilities, train_classifier
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.datamodel import Volume
+from corona_ct.pipeline.modelset import load_models
+from corona_ct.pipeline.segment import segment_lungs, slice_lung_labels
 
 log = logging.getLogger("build_defaults")
 
@@ -64,9 +71,6 @@ def texture_fold(stem: str) -> str:
 
 
 def _segmenter(config: PipelineConfig, cache_dir: Path) -> object:
-    from corona_ct.pipeline.modelset import load_models
-    from corona_ct.pipeline.segment import segment_lungs, slice_lung_labels
-
     models = load_models(config)
     if models.segmenter is None:
         raise SystemExit("the shipped U-Net is needed: models/weights/segmenter.safetensors")
@@ -125,9 +129,6 @@ def prepare(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    from corona_ct.data.datasets import SliceDataset
-    from corona_ct.models.train_classifier import TrainConfig, train_classifier
-
     prepared = PreparedSlices.load(args.prepared)
     groups = np.asarray(prepared.groups)
     excluded = np.isin(groups, args.exclude)
@@ -176,9 +177,6 @@ def train(args: argparse.Namespace) -> None:
 
 def install(args: argparse.Namespace) -> None:
     """Copy a trained run to ``models/weights/classifier`` as fp16 with its contract and figures."""
-    from corona_ct.models.checkpoint import load_checkpoint, read_card, save_checkpoint
-    from corona_ct.models.classifier import build_classifier
-
     source = args.run / "model.safetensors"
     card = read_card(source)
     state, _ = load_checkpoint(source, expected_architecture=card["architecture"])
@@ -218,12 +216,6 @@ def calibrate(args: argparse.Namespace) -> None:
     threshold that keeps the wanted specificity on ``VAL_GROUPS`` (never the validated
     patients). Ranking (AUC) and Grad-CAM maps (gradients of the logit) do not change.
     """
-    import torch
-
-    from corona_ct.data.datasets import SliceDataset
-    from corona_ct.models.checkpoint import load_classifier, save_checkpoint
-    from corona_ct.models.train_classifier import predict_probabilities
-
     prepared = PreparedSlices.load(args.prepared)
     is_val = np.isin(np.asarray(prepared.groups), VAL_GROUPS)
     val = prepared.select(is_val)

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import numpy.typing as npt
 
@@ -216,10 +218,7 @@ def _plot_cv(
     output_dir: Path,
     class_names: Sequence[str],
 ) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     n = len(summary_rows)
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False)

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -148,10 +150,7 @@ def write_history(history: Sequence[Mapping[str, float]], output_dir: Path, titl
     writer.writerows(history)
     write_text(output_dir / "history.csv", buffer.getvalue())
 
-    import matplotlib  # only when plotting; "Agg" writes files without a display
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] for row in history]
     panels = [("loss", "loss"), ("accuracy", "acc"), ("AUC", "auc"), ("Dice", "dice")]

@@ -32,6 +32,7 @@ from corona_ct.pipeline.datamodel import StudyResult
 from corona_ct.pipeline.device import resolve_device, set_threads
 from corona_ct.pipeline.errors import ConfigError
 from corona_ct.pipeline.ingest import discover, load_input, load_study
+from corona_ct.pipeline.layout import PREDICTIONS_NAME
 from corona_ct.pipeline.modelset import ModelSet, load_models
 from corona_ct.pipeline.report import write_study_outputs
 from corona_ct.pipeline.run import analyze_study
@@ -267,4 +268,4 @@ def explain_images(
     )
     folder = Path(output)
     rows, failures = explain_slices([Path(p) for p in images], folder, pipeline_config, models, roi=roi)
-    return ExplainedImages(predictions=rows, failures=failures, predictions_csv=folder / "predictions.csv")
+    return ExplainedImages(predictions=rows, failures=failures, predictions_csv=folder / PREDICTIONS_NAME)

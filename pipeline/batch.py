@@ -42,6 +42,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from tqdm import tqdm
+
+from corona_ct.data.phantom import make_phantom
+from corona_ct.data.writers import write_dicom_series
 from corona_ct.pipeline import __version__
 from corona_ct.pipeline.atomic import remove_stale_temporaries, write_json, write_text
 from corona_ct.pipeline.config import PipelineConfig
@@ -54,11 +58,24 @@ from corona_ct.pipeline.errors import (
     StageError,
     one_line,
 )
+from corona_ct.pipeline.ingest import discover, load_all_series, load_input
+from corona_ct.pipeline.ingest.deid import clean_text, hashed_id
+from corona_ct.pipeline.ingest.discovery import nifti_stem
+from corona_ct.pipeline.ingest.slices import IMAGE_SUFFIXES, TIFF_SUFFIXES
+from corona_ct.pipeline.layout import (
+    COMPLETE_NAME,
+    LOCK_NAME,
+    REGISTRY_NAME,
+    REPORT_JSON_NAME,
+    STUDY_FILES,
+    SUMMARY_COLUMNS,
+    SUMMARY_NAME,
+)
 from corona_ct.pipeline.modelset import ModelSet, load_models, models_key
 from corona_ct.pipeline.progress import bars_wanted, progress_log, study_line
 from corona_ct.pipeline.report import write_study_outputs
 from corona_ct.pipeline.run import _stage, analyze_study
-from corona_ct.pipeline.summary import SUMMARY_COLUMNS, summary_cells, summary_row, summary_values
+from corona_ct.pipeline.summary import summary_cells, summary_row, summary_values
 
 try:
     import fcntl
@@ -70,15 +87,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SUMMARY_NAME = "summary.csv"
-LOCK_NAME = ".corona-ct.lock"
 #: study id → input identity of every study a batch ever named in this output folder.
-REGISTRY_NAME = ".corona-ct-ids.json"
 #: Written last in a study folder: what a resumed run checks before reusing the study.
-COMPLETE_NAME = ".complete.json"
 RECORD_FORMAT = 1
 #: Every file a study folder can hold (stale ones are removed when a study is recomputed).
-STUDY_FILES = ("lung_mask.nii.gz", "heatmap.nii.gz", "features.npz", "report.html", "report.json")
 #: Temporary names of :func:`pipeline.atomic.atomic_path` (left behind only by a killed process).
 _CHUNK = 1 << 20
 
@@ -204,7 +216,7 @@ def earlier_results(output: Path) -> list[str]:
     if (output / SUMMARY_NAME).exists():
         found.append(SUMMARY_NAME)
     studies = sorted(
-        p.name for p in output.iterdir() if (p / COMPLETE_NAME).is_file() or (p / "report.json").is_file()
+        p.name for p in output.iterdir() if (p / COMPLETE_NAME).is_file() or (p / REPORT_JSON_NAME).is_file()
     )
     if studies:
         found.append(
@@ -301,7 +313,6 @@ def input_identity(item: StudyInput) -> InputIdentity:
     if item.kind == "nifti":
         key = _digest({"kind": "nifti", "sha256": _sha256_file(item.source)})
         return InputIdentity("nifti", key, key)
-    from corona_ct.pipeline.ingest.slices import IMAGE_SUFFIXES, TIFF_SUFFIXES
 
     suffixes = TIFF_SUFFIXES if item.kind == "tiff" else IMAGE_SUFFIXES
     images = sorted(
@@ -318,8 +329,6 @@ def input_identity(item: StudyInput) -> InputIdentity:
 
 def _folder_name(item: StudyInput) -> str:
     """The input's own name: the study folder, or a NIfTI file without its suffix."""
-    from corona_ct.pipeline.ingest.discovery import nifti_stem
-
     return nifti_stem(item.source) if item.kind == "nifti" else item.source.name
 
 
@@ -468,7 +477,7 @@ def verify_complete(study_dir: Path, expected: Mapping[str, object]) -> tuple[di
         if record.get(key) != value:
             return None, _WHAT_CHANGED.get(key, f"{key} changed")
     files = record.get("files")
-    if not isinstance(files, dict) or "report.json" not in files:
+    if not isinstance(files, dict) or REPORT_JSON_NAME not in files:
         return None, "its completion record lists no files"
     for name, meta in files.items():
         path = study_dir / name
@@ -481,7 +490,7 @@ def verify_complete(study_dir: Path, expected: Mapping[str, object]) -> tuple[di
         if _sha256_file(path) != meta.get("sha256"):
             return None, f"{name} changed since it was written"
     try:
-        report = json.loads((study_dir / "report.json").read_text(encoding="utf-8"))
+        report = json.loads((study_dir / REPORT_JSON_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None, "report.json is unreadable"
     if not isinstance(report, dict) or not isinstance(report.get("summary"), dict):
@@ -544,10 +553,6 @@ def _run_locked(
     study_naming: StudyNaming,
     ids_file: Path | None,
 ) -> BatchOutcome:
-    from tqdm import tqdm
-
-    from corona_ct.pipeline.ingest import load_all_series, load_input
-
     summary_path = output / SUMMARY_NAME
     remove_stale_temporaries(output)  # a killed run's; we hold the lock
     earlier = read_summary(summary_path) if resume and summary_path.is_file() else {}
@@ -662,8 +667,6 @@ def _analyze_and_write(
 
     Without progress bars it logs one line: ``study 3/12 P002: ok, p=0.91, score 34.2 cm3, 61.3 s``.
     """
-    from tqdm import tqdm
-
     study_id = volume.study_id
     study_dir = output / study_id
     with tqdm(
@@ -680,7 +683,7 @@ def _analyze_and_write(
             raise
         except Exception as error:
             raise StageError("report", study_id, f"{type(error).__name__}: {error}") from error
-        files = [*report["files"], "report.json"]
+        files = [*report["files"], REPORT_JSON_NAME]
         for stale in set(STUDY_FILES) - set(files):
             (study_dir / stale).unlink(missing_ok=True)
         write_completion_record(study_dir, expected, files)
@@ -708,9 +711,6 @@ def _discover_each(
 
     Study ids are made unique later, by :func:`assign_study_ids`.
     """
-    from corona_ct.pipeline.ingest import discover
-    from corona_ct.pipeline.ingest.deid import clean_text, hashed_id
-
     items: list[StudyInput] = []
     failures: list[StudyFailure] = []
     for path in inputs:
@@ -736,8 +736,6 @@ def _display_source(item: StudyInput) -> str:
     A DICOM folder's name is shown only when the study id was derived from it, i.e.
     when it was judged free of patient identifiers; otherwise it is withheld.
     """
-    from corona_ct.pipeline.ingest.deid import clean_text
-
     kind, name, study_id = item.kind, Path(item.source).name, item.study_id
     if kind == "dicom" and study_id != name and not re.fullmatch(re.escape(name) + r"-\d+", study_id):
         return "dicom:(folder name withheld)"
@@ -757,9 +755,6 @@ def _num(value: object, digits: int) -> str:
 
 def run_demo(output: Path, config: PipelineConfig, *, cls_weights: Path | None = None) -> int:
     """Write two phantom studies (with and without lesions) as DICOM and run the pipeline on them."""
-    from corona_ct.data.phantom import make_phantom
-    from corona_ct.data.writers import write_dicom_series
-
     inputs = output / "inputs"
     phantoms = {
         "phantom-lesions": make_phantom(seed=1, lesions="mixed"),

@@ -19,8 +19,9 @@ from pathlib import Path
 from corona_ct.pipeline import __version__
 from corona_ct.pipeline.atomic import output_error, remove_stale_temporaries, write_json
 from corona_ct.pipeline.errors import InputError, NoImageDataError, OutputError, UnsupportedInputError
-from corona_ct.pipeline.ingest import OUTPUT_MARKER, first_image_file, input_path_problem
+from corona_ct.pipeline.ingest import discover, first_image_file, input_path_problem
 from corona_ct.pipeline.ingest.dicom.header import scan_file
+from corona_ct.pipeline.layout import OUTPUT_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ def check_volume_inputs(paths: Sequence[str | Path]) -> None:
 
 def _no_data_error(folder: Path) -> InputError:
     """Discovery's own explanation of why ``folder`` holds no CT data (empty, or which files were skipped)."""
-    from corona_ct.pipeline.ingest import discover
-
     try:
         discover([folder])
     except InputError as error:

@@ -39,6 +39,15 @@ from corona_ct.pipeline.atomic import atomic_path, jsonable, write_json, write_t
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.datamodel import StudyResult, empty_map_positive_slices
 from corona_ct.pipeline.ingest.nifti import write_nifti
+from corona_ct.pipeline.layout import (
+    ASSESSABLE_FILES,
+    FEATURES_NAME,
+    HEATMAP_NAME,
+    LUNG_MASK_NAME,
+    NOT_ASSESSABLE_FILES,
+    REPORT_HTML_NAME,
+    REPORT_JSON_NAME,
+)
 from corona_ct.pipeline.model_limits import models_limits
 from corona_ct.pipeline.modelset import ModelSet, models_key
 from corona_ct.pipeline.report_html import render_html
@@ -48,9 +57,6 @@ from corona_ct.pipeline.report_text import (
     empty_map_sentence,
     hu_range_text,
 )
-
-OUTPUT_FILES = ("lung_mask.nii.gz", "heatmap.nii.gz", "features.npz", "report.html")
-NOT_ASSESSABLE_FILES = ("lung_mask.nii.gz", "report.html")
 
 #: Cranio-caudal height of an adult lung, mm (about 25 cm from apex to the deepest recess).
 ADULT_LUNG_HEIGHT_MM = 250.0
@@ -71,18 +77,18 @@ def write_study_outputs(
     """
     study_dir.mkdir(parents=True, exist_ok=True)
     volume = result.volume
-    write_nifti(study_dir / "lung_mask.nii.gz", result.lung_mask.labels, volume, dtype=np.uint8)
+    write_nifti(study_dir / LUNG_MASK_NAME, result.lung_mask.labels, volume, dtype=np.uint8)
     if result.assessable:
-        write_nifti(study_dir / "heatmap.nii.gz", result.cams.maps, volume, dtype=np.float32)
-        write_features(study_dir / "features.npz", result)
+        write_nifti(study_dir / HEATMAP_NAME, result.cams.maps, volume, dtype=np.float32)
+        write_features(study_dir / FEATURES_NAME, result)
 
     report = build_report(result, models, config, summary)
     report["first_line"] = UNTRAINED_NOTICE if models.untrained else RESEARCH_NOTICE
     report["models_key"] = models_key(models)
-    report["files"] = list(OUTPUT_FILES if result.assessable else NOT_ASSESSABLE_FILES)
+    report["files"] = list(ASSESSABLE_FILES if result.assessable else NOT_ASSESSABLE_FILES)
     report = jsonable(report)
-    write_text(study_dir / "report.html", render_html(report, result))
-    write_json(study_dir / "report.json", report)
+    write_text(study_dir / REPORT_HTML_NAME, render_html(report, result))
+    write_json(study_dir / REPORT_JSON_NAME, report)
     return report
 
 

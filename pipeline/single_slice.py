@@ -28,6 +28,7 @@ from corona_ct.pipeline.errors import CoronaCTError, OutputError, UnsupportedInp
 from corona_ct.pipeline.ingest import SliceImage, collect_slice_images
 from corona_ct.pipeline.ingest.deid import hashed_id
 from corona_ct.pipeline.ingest.slices import read_slice_image, slice_image_problem
+from corona_ct.pipeline.layout import PREDICTION_COLUMNS, PREDICTIONS_NAME
 from corona_ct.pipeline.modelset import ModelSet
 from corona_ct.pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
 from corona_ct.pipeline.segment import slice_lung_labels
@@ -94,7 +95,6 @@ def explain_slice(
 
 #: predictions.csv columns: the input path as given, its file name, ok/failed, the slice probability,
 #: the crop used, the map and overlay file names (in the output folder), and why a slice failed.
-PREDICTION_COLUMNS = ("input", "file", "status", "probability", "roi", "cam", "overlay", "error")
 
 
 def explain_images(
@@ -159,7 +159,7 @@ def explain_images(
         writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(table)
-        write_text(output / "predictions.csv", buffer.getvalue())
+        write_text(output / PREDICTIONS_NAME, buffer.getvalue())
     return rows, failures
 
 

@@ -12,25 +12,7 @@ from collections.abc import Mapping
 
 from corona_ct.pipeline.config import ClassifyConfig
 from corona_ct.pipeline.datamodel import STATUS_FAILED, StudyResult, empty_map_positive_slices
-
-SUMMARY_COLUMNS = (
-    "study_id",
-    "status",
-    "source",
-    "n_slices",
-    "slices_evaluated",
-    "positive_slices",
-    "empty_cam_positive_slices",
-    "case_probability",
-    "corona_score_cm3",
-    "corona_score_in_lung_cm3",
-    "lung_volume_cm3",
-    "affected_percent",
-    "ggo_percent",
-    "consolidation_percent",
-    "reason",
-    "error",
-)
+from corona_ct.pipeline.layout import SUMMARY_COLUMNS
 
 
 def summary_values(

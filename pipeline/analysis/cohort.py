@@ -18,10 +18,9 @@ import numpy.typing as npt
 
 from corona_ct.pipeline.analysis import DEFAULT_SCORE
 from corona_ct.pipeline.analysis.tables import read_csv
-from corona_ct.pipeline.batch import SUMMARY_NAME
 from corona_ct.pipeline.datamodel import STATUS_NOT_ASSESSABLE, STATUS_OK
 from corona_ct.pipeline.errors import ConfigError, InputError
-from corona_ct.pipeline.summary import SUMMARY_COLUMNS
+from corona_ct.pipeline.layout import SUMMARY_COLUMNS, SUMMARY_NAME
 
 #: summary.csv's numeric columns (read as float, NaN where empty).
 NUMERIC_COLUMNS = tuple(

@@ -16,10 +16,7 @@ import numpy.typing as npt
 
 from corona_ct.pipeline.analysis.cohort import Cohort
 from corona_ct.pipeline.errors import InputError
-
-FEATURES_NAME = "features.npz"
-#: Arrays of features.npz that clustering needs (``thumbnails`` and ``cams`` are optional).
-FEATURE_KEYS = ("slice_index", "z_mm", "probability", "features", "weights")
+from corona_ct.pipeline.layout import FEATURE_KEYS, FEATURES_NAME
 
 #: A key slice's thumbnail and Grad-CAM map (uint8, 0–255), None where features.npz has none.
 KeyImage = tuple[np.ndarray | None, np.ndarray | None]

@@ -22,7 +22,6 @@ Example::
 
 from corona_ct.pipeline.ingest.dicom.describe import SeriesInfo
 from corona_ct.pipeline.ingest.discovery import (
-    OUTPUT_MARKER,
     StudyInput,
     discover,
     first_image_file,
@@ -34,7 +33,6 @@ from corona_ct.pipeline.ingest.select import choose_series, find_series, find_st
 from corona_ct.pipeline.ingest.slice_sets import SliceImage, collect_slice_images, refuse_slice_sets
 
 __all__ = [
-    "OUTPUT_MARKER",
     "SeriesInfo",
     "SliceImage",
     "StudyInput",

@@ -24,6 +24,7 @@ from corona_ct.pipeline.ingest.deid import derive_study_id, display_path
 from corona_ct.pipeline.ingest.dicom.describe import SeriesInfo, describe_series
 from corona_ct.pipeline.ingest.dicom.header import SliceHeader, scan_file, series_label
 from corona_ct.pipeline.ingest.slices import IMAGE_SUFFIXES, TIFF_SUFFIXES, check_slice_folder
+from corona_ct.pipeline.layout import OUTPUT_MARKER, REPORT_JSON_NAME, SUMMARY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ _ARCHIVES = {".zip": "ZIP", ".tar": "tar", ".tgz": "tar", ".gz": "gzip", ".bz2":
 #: Suffixes of NIfTI files (any letter case); ``nifti.read_nifti`` reads them.
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: Hidden file that marks a folder as written by corona-ct; discovery never reads such a folder as input.
-OUTPUT_MARKER = ".corona-ct-output"
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,10 @@ def is_output_folder(folder: Path) -> bool:
     beside study folders with a report.json."""
     if (folder / OUTPUT_MARKER).is_file():
         return True
-    if not (folder / "summary.csv").is_file():
+    if not (folder / SUMMARY_NAME).is_file():
         return False
     try:
-        return any((child / "report.json").is_file() for child in folder.iterdir() if child.is_dir())
+        return any((child / REPORT_JSON_NAME).is_file() for child in folder.iterdir() if child.is_dir())
     except OSError:
         return False
 

@@ -27,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+import tifffile
+from PIL import Image, UnidentifiedImageError
 
 from corona_ct.pipeline.config import IngestConfig
 from corona_ct.pipeline.datamodel import Geometry, Volume
@@ -158,8 +160,6 @@ def _stack(
 
 
 def _tiff_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    import tifffile
-
     try:
         with tifffile.TiffFile(path) as tiff:
             page = tiff.pages.first
@@ -169,8 +169,6 @@ def _tiff_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    import tifffile
-
     try:
         return np.asarray(tifffile.imread(path, key=0))
     except (OSError, ValueError, IndexError) as error:
@@ -230,8 +228,6 @@ def read_tiff_folder(folder: Path, config: IngestConfig, study_id: str) -> Volum
 
 def _grey_unit(path: Path) -> npt.NDArray[np.float32]:
     """One 8-bit image as grey luminance in [0, 1]: RGB(A) weighted, alpha ignored, palettes expanded."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             mode = image.mode
@@ -250,8 +246,6 @@ def _grey_unit(path: Path) -> npt.NDArray[np.float32]:
 
 
 def _image_shape(path: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             return image.height, image.width
@@ -382,8 +376,6 @@ def distinct_grey_values(path: Path, limit: int = 3) -> list[int]:
     Colour images are converted to 8-bit luminance first; 16-bit TIFF/PNG values are
     taken as stored. Raises ``InputError`` naming an unreadable file.
     """
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:

@@ -19,7 +19,7 @@ from corona_ct.data.phantom import make_phantom
 from corona_ct.data.writers import write_dicom_series, write_png_slices
 from corona_ct.pipeline.atomic import atomic_path
 from corona_ct.pipeline.cli import main
-from corona_ct.pipeline.ingest import OUTPUT_MARKER
+from corona_ct.pipeline.layout import OUTPUT_MARKER
 
 from ..conftest import REPO_ROOT
 

@@ -18,11 +18,11 @@ from corona_ct.data.writers import write_dicom_series, write_nifti
 from corona_ct.pipeline.batch import run_batch
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.errors import ModelError
+from corona_ct.pipeline.layout import SUMMARY_COLUMNS
 from corona_ct.pipeline.modelset import load_models
 from corona_ct.pipeline.preprocess import lung_bounding_box
 from corona_ct.pipeline.run import analyze_study
 from corona_ct.pipeline.severity import corona_score
-from corona_ct.pipeline.summary import SUMMARY_COLUMNS
 
 PATIENT_STRINGS = ("PHANTOM^DEMO", "PHANTOM-0", "Secret^Patient", "PID-998877", "ACC-4455")
 SMALL = {"roi.input_size": 64, "runtime.device": "cpu"}
