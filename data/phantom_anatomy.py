@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,89 +105,143 @@ def _lung_profile(w: np.ndarray, w_mid: float, w_apex: float) -> np.ndarray:
     return np.sqrt(np.clip(1.0 - t**2, 0.0, None))
 
 
-def build_anatomy(
-    shape: tuple[int, int, int],
-    spacing_mm: tuple[float, float, float],
-    rng: np.random.Generator,
-    noise_rng: np.random.Generator,
-    noise_hu: float,
-    jitter: float,
-) -> Anatomy:
-    """The lesion-free chest on a (z, y, x) grid of ``spacing_mm`` voxels.
+BoolArray = npt.NDArray[np.bool_]
+Jitter = Callable[[float], float]
 
-    ``rng`` draws organ sizes (relative ``jitter``) and vessel paths, ``noise_rng`` the
-    parenchyma noise of standard deviation ``noise_hu`` (HU). One call of each
-    stream in a fixed order, so the same seeds give the same arrays.
+
+@dataclass(frozen=True)
+class _Grid:
+    """The voxel grid in mm and in coordinates normalised to the field of view.
+
+    ``u``, ``v`` in [-1, 1] across the columns and rows (u < 0 = patient's right),
+    ``w`` in [0, 1] from the slab bottom to its top, each shaped to broadcast over
+    (z, y, x); ``coords_mm`` the 1D voxel centres of :func:`_voxel_centres_mm`.
     """
+
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    coords_mm: Coords
+    u: np.ndarray
+    v: np.ndarray
+    w: np.ndarray
+    slab: BoolArray  # (z, 1, 1) all True: broadcasts 2D in-plane masks through every slice
+    half_y: float  # mm
+    half_x: float  # mm
+    height: float  # mm
+    scale: float  # mm; sizes of round structures
+    min_radius: float  # mm; thinner tubes would vanish between voxel centres
+
+
+@dataclass(frozen=True)
+class _LungShape:
+    """Normalised semi-axes (a across, b front to back), centre offsets and heights of both lungs."""
+
+    a: float
+    b: float
+    cu: float
+    cv: float
+    w_mid: float
+    w_apex: float
+
+
+def _grid(shape: tuple[int, int, int], spacing_mm: tuple[float, float, float]) -> _Grid:
     nz, ny, nx = shape
-    geometry = _canonical_geometry(shape, spacing_mm)
-    coords = _voxel_centres_mm(shape, spacing_mm)
-    half_y, half_x, height = ny * spacing_mm[1] / 2.0, nx * spacing_mm[2] / 2.0, nz * spacing_mm[0]
-    scale = min(half_x, half_y)  # mm; sizes of round structures
-    min_radius = 0.6 * min(spacing_mm[1:])  # thinner tubes would vanish between voxel centres
+    half_y, half_x = ny * spacing_mm[1] / 2.0, nx * spacing_mm[2] / 2.0
+    return _Grid(
+        shape=shape,
+        spacing_mm=spacing_mm,
+        coords_mm=_voxel_centres_mm(shape, spacing_mm),
+        u=((np.arange(nx) + 0.5) / nx * 2.0 - 1.0)[None, None, :],
+        v=((np.arange(ny) + 0.5) / ny * 2.0 - 1.0)[None, :, None],
+        w=((np.arange(nz) + 0.5) / nz)[:, None, None],
+        slab=np.ones((nz, 1, 1), dtype=bool),
+        half_y=half_y,
+        half_x=half_x,
+        height=nz * spacing_mm[0],
+        scale=min(half_x, half_y),
+        min_radius=0.6 * min(spacing_mm[1:]),
+    )
 
-    def jittered(value: float) -> float:
-        return value * (1.0 + jitter * rng.uniform(-1.0, 1.0))
 
-    # Normalised coordinates: u, v in [-1, 1] across the field of view (u < 0 = patient's right),
-    # w in [0, 1] from the slab bottom to its top.
-    w = ((np.arange(nz) + 0.5) / nz)[:, None, None]
-    v = ((np.arange(ny) + 0.5) / ny * 2.0 - 1.0)[None, :, None]
-    u = ((np.arange(nx) + 0.5) / nx * 2.0 - 1.0)[None, None, :]
-    slab = np.ones((nz, 1, 1), dtype=bool)
-
+def _torso(grid: _Grid, jittered: Jitter) -> tuple[BoolArray, BoolArray, BoolArray]:
+    """(body, body inside its fat layer, table) masks."""
+    u, v, slab = grid.u, grid.v, grid.slab
     body_a, body_b, fat = jittered(0.86), jittered(0.62), jittered(0.06)
     body = slab & ((u / body_a) ** 2 + (v / body_b) ** 2 <= 1.0)
     inner = slab & ((u / (body_a - fat)) ** 2 + (v / (body_b - fat)) ** 2 <= 1.0)
     # Carbon-fibre style table: a curved slab below (posterior to) the body, never touching it.
     table_top = 0.70 - 0.06 * u**2
     table = slab & (v >= table_top) & (v <= table_top + 0.08) & (np.abs(u) <= 0.85)
+    return body, inner, table
 
-    # Lungs: elliptic cross-sections, full width low down, a dome towards the apex,
-    # and a diaphragm dome pushing the base up in the middle (higher on the right, over the liver).
+
+def _lungs(grid: _Grid, jittered: Jitter) -> tuple[npt.NDArray[np.uint8], _LungShape]:
+    """Lung labels (1 right, 2 left) before anything is carved out of them, and their shape.
+
+    Elliptic cross-sections, full width low down, a dome towards the apex, and a
+    diaphragm dome pushing the base up in the middle (higher on the right, over the liver).
+    """
+    u, v, w = grid.u, grid.v, grid.w
     lung_a, lung_b = jittered(0.28), jittered(0.36)
-    lung_cu, lung_cv = 0.39, -0.02
-    w_mid, w_apex = 0.55, jittered(0.95)
-    profile = _lung_profile(w, w_mid, w_apex)
-    lungs = np.zeros(shape, dtype=np.uint8)
+    lung = _LungShape(a=lung_a, b=lung_b, cu=0.39, cv=-0.02, w_mid=0.55, w_apex=jittered(0.95))
+    profile = _lung_profile(w, lung.w_mid, lung.w_apex)
+    labels = np.zeros(grid.shape, dtype=np.uint8)
     for label, side, dome in ((RIGHT_LUNG, -1.0, jittered(0.17)), (LEFT_LUNG, 1.0, jittered(0.14))):
-        rho2 = ((u - side * lung_cu) / lung_a) ** 2 + ((v - lung_cv) / lung_b) ** 2
+        rho2 = ((u - side * lung.cu) / lung.a) ** 2 + ((v - lung.cv) / lung.b) ** 2
         floor = 0.03 + dome * np.clip(1.0 - rho2, 0.0, None)
-        lungs[(rho2 <= profile**2) & (w >= floor)] = label
+        labels[(rho2 <= profile**2) & (w >= floor)] = label
+    return labels, lung
 
-    # Mediastinum: heart and aorta (soft tissue) carved out of the lungs.
+
+def _mediastinum(grid: _Grid, jittered: Jitter) -> BoolArray:
+    """Heart and aorta (soft tissue), to be carved out of the lungs."""
+    u, v, w = grid.u, grid.v, grid.w
     heart_cu, heart_cv, heart_cw = 0.08, -0.12, 0.30
     heart_au, heart_av, heart_aw = jittered(0.26), jittered(0.24), jittered(0.22)
     heart = ((u - heart_cu) / heart_au) ** 2 + ((v - heart_cv) / heart_av) ** 2 + (
         (w - heart_cw) / heart_aw
     ) ** 2 <= 1.0
-    aorta = np.zeros(shape, dtype=bool)
+    aorta = np.zeros(grid.shape, dtype=bool)
     aorta_path = [(0.45, -0.10, 0.02), (0.74, -0.06, 0.02), (0.76, 0.20, 0.10), (0.0, 0.22, 0.07)]
-    aorta_mm = [np.array([pw * height, pv * half_y, pu * half_x]) for pw, pv, pu in aorta_path]
+    aorta_mm = [np.array([pw * grid.height, pv * grid.half_y, pu * grid.half_x]) for pw, pv, pu in aorta_path]
     for start, end in itertools.pairwise(aorta_mm):
-        _paint_tube(aorta, coords, start, end, 0.05 * scale, 0.045 * scale)
+        _paint_tube(aorta, grid.coords_mm, start, end, 0.05 * grid.scale, 0.045 * grid.scale)
+    return heart | aorta
 
-    # Airways: trachea down to the carina, then the two main bronchi (the right one steeper).
+
+def _airways(grid: _Grid, jittered: Jitter) -> tuple[BoolArray, BoolArray]:
+    """(lumen, lumen and wall): trachea down to the carina, then the two main bronchi (the right one steeper)."""
+    height, half_y, half_x, scale = grid.height, grid.half_y, grid.half_x, grid.scale
     w_carina = jittered(0.62)
-    trachea_top = np.array([height + spacing_mm[0], 0.10 * half_y, 0.0])
+    trachea_top = np.array([height + grid.spacing_mm[0], 0.10 * half_y, 0.0])
     carina = np.array([w_carina * height, 0.10 * half_y, 0.0])
     bronchi_ends = [
         np.array([(w_carina - 0.14) * height, 0.02 * half_y, -0.22 * half_x]),
         np.array([(w_carina - 0.10) * height, 0.02 * half_y, 0.24 * half_x]),
     ]
-    lumen, outer_wall = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
-    wall = max(0.012 * scale, 1.2 * max(spacing_mm[1:]))  # at least one voxel so lumen never touches lung
+    lumen, outer_wall = np.zeros(grid.shape, dtype=bool), np.zeros(grid.shape, dtype=bool)
+    wall = max(
+        0.012 * scale, 1.2 * max(grid.spacing_mm[1:])
+    )  # at least one voxel so lumen never touches lung
     for start, end, radius in [(trachea_top, carina, 0.055 * scale)] + [
         (carina, end, 0.038 * scale) for end in bronchi_ends
     ]:
-        radius = max(radius, min_radius)
-        _paint_tube(lumen, coords, start, end, radius, radius)
-        _paint_tube(outer_wall, coords, start, end, radius + wall, radius + wall)
+        radius = max(radius, grid.min_radius)
+        _paint_tube(lumen, grid.coords_mm, start, end, radius, radius)
+        _paint_tube(outer_wall, grid.coords_mm, start, end, radius + wall, radius + wall)
+    return lumen, outer_wall
 
-    # Bone: vertebral body (cortical shell, cancellous core), neural arch, spinous process, sternum, ribs.
-    y_mm, x_mm = coords[1][None, :, None], coords[2][None, None, :]
+
+def _bones(grid: _Grid, lung: _LungShape, rng: np.random.Generator) -> tuple[BoolArray, BoolArray, BoolArray]:
+    """(cortical, cancellous, rib and sternum) masks.
+
+    Vertebral body (cortical shell, cancellous core), neural arch and spinous
+    process; sternum; eight ribs per side following the lung surface.
+    """
+    half_y, half_x, scale, w, slab = grid.half_y, grid.half_x, grid.scale, grid.w, grid.slab
+    y_mm, x_mm = grid.coords_mm[1][None, :, None], grid.coords_mm[2][None, None, :]
     body_y, body_r = 0.30 * half_y, 0.085 * scale
-    shell = max(0.02 * scale, 1.2 * max(spacing_mm[1:]))
+    shell = max(0.02 * scale, 1.2 * max(grid.spacing_mm[1:]))
     r_vertebra = np.sqrt((y_mm - body_y) ** 2 + x_mm**2)
     canal_y = body_y + body_r + 0.045 * scale
     r_canal = np.sqrt((y_mm - canal_y) ** 2 + x_mm**2)
@@ -200,50 +254,82 @@ def build_anatomy(
     sternum = ((w >= 0.30) & (w <= 0.85)) & (
         ((y_mm + 0.48 * half_y) / (0.03 * scale)) ** 2 + (x_mm / (0.05 * scale)) ** 2 <= 1.0
     )
-    ribs = np.zeros(shape, dtype=bool)
-    rib_r, rib_gap = max(0.028 * scale, min_radius), 0.05
+    ribs = np.zeros(grid.shape, dtype=bool)
+    rib_r, rib_gap = max(0.028 * scale, grid.min_radius), 0.05
     rib_phase = rng.uniform(-0.2, 0.2)
     w_flat = w[:, 0, 0]
-    rib_scale = np.maximum(_lung_profile(w_flat, w_mid, w_apex), 0.5)
-    rib_slices = (w_flat >= 0.05) & (w_flat <= w_apex - 0.02)
+    rib_scale = np.maximum(_lung_profile(w_flat, lung.w_mid, lung.w_apex), 0.5)
+    rib_slices = (w_flat >= 0.05) & (w_flat <= lung.w_apex - 0.02)
     for side in (-1.0, 1.0):
         # Eight ribs per side around the lateral, anterior and posterior lung surface, none medially.
         for theta0 in np.deg2rad(np.linspace(70.0, 290.0, 8)):
             theta = theta0 + rib_phase + 0.5 * (w_flat - 0.5)
-            centre_u = side * lung_cu - side * (lung_a * rib_scale + rib_gap) * np.cos(theta)
-            centre_v = lung_cv + (lung_b * rib_scale + rib_gap) * np.sin(theta)
+            centre_u = side * lung.cu - side * (lung.a * rib_scale + rib_gap) * np.cos(theta)
+            centre_v = lung.cv + (lung.b * rib_scale + rib_gap) * np.sin(theta)
             in_rib = (y_mm - (centre_v * half_y)[:, None, None]) ** 2 + (
                 x_mm - (centre_u * half_x)[:, None, None]
             ) ** 2 <= rib_r**2
             ribs |= in_rib & rib_slices[:, None, None]
-    bone = cortical | cancellous | sternum | ribs
+    return cortical, cancellous, ribs | sternum
 
-    lungs[heart | aorta | outer_wall | bone] = 0
 
-    # Pulmonary vessels: tapered trees from each hilum towards the periphery, kept inside the lung.
-    vessels = np.zeros(shape, dtype=bool)
-    r_hilum, r_tip = max(0.030 * scale, min_radius), max(0.007 * scale, min_radius)
+def _vessels(grid: _Grid, lung: _LungShape, rng: np.random.Generator) -> BoolArray:
+    """Pulmonary vessels: tapered trees from each hilum towards the periphery (not yet clipped to the lungs)."""
+    height, half_y, half_x = grid.height, grid.half_y, grid.half_x
+    vessels = np.zeros(grid.shape, dtype=bool)
+    r_hilum, r_tip = max(0.030 * grid.scale, grid.min_radius), max(0.007 * grid.scale, grid.min_radius)
     for side in (-1.0, 1.0):
-        hilum = np.array([0.50 * height, (lung_cv + 0.02) * half_y, side * 0.16 * half_x])
+        hilum = np.array([0.50 * height, (lung.cv + 0.02) * half_y, side * 0.16 * half_x])
         for _ in range(8):
             target_w = rng.uniform(0.15, 0.88)
-            spread = float(_lung_profile(np.array(target_w), w_mid, w_apex)) * rng.uniform(0.55, 0.9)
+            spread = float(_lung_profile(np.array(target_w), lung.w_mid, lung.w_apex)) * rng.uniform(
+                0.55, 0.9
+            )
             angle = rng.uniform(0.0, 2.0 * np.pi)
             target = np.array(
                 [
                     target_w * height,
-                    (lung_cv + lung_b * spread * np.sin(angle)) * half_y,
-                    (side * lung_cu + lung_a * spread * np.cos(angle)) * half_x,
+                    (lung.cv + lung.b * spread * np.sin(angle)) * half_y,
+                    (side * lung.cu + lung.a * spread * np.cos(angle)) * half_x,
                 ]
             )
-            _paint_tube(vessels, coords, hilum, target, r_hilum, r_tip)
+            _paint_tube(vessels, grid.coords_mm, hilum, target, r_hilum, r_tip)
             for _ in range(2):
                 fraction = rng.uniform(0.35, 0.7)
                 branch_start = hilum + fraction * (target - hilum)
                 branch_end = target + rng.normal(0.0, 0.18, 3) * np.array([height, half_y, half_x])
                 r_branch = max(r_tip, 0.6 * (r_hilum + fraction * (r_tip - r_hilum)))
-                _paint_tube(vessels, coords, branch_start, branch_end, r_branch, r_tip)
-    vessels &= lungs > 0
+                _paint_tube(vessels, grid.coords_mm, branch_start, branch_end, r_branch, r_tip)
+    return vessels
+
+
+def build_anatomy(
+    shape: tuple[int, int, int],
+    spacing_mm: tuple[float, float, float],
+    rng: np.random.Generator,
+    noise_rng: np.random.Generator,
+    noise_hu: float,
+    jitter: float,
+) -> Anatomy:
+    """The lesion-free chest on a (z, y, x) grid of ``spacing_mm`` voxels.
+
+    ``rng`` draws organ sizes (relative ``jitter``), rib phase and vessel paths in a
+    fixed order (torso, lungs, mediastinum, airways, bones, vessels); ``noise_rng``
+    the parenchyma noise of standard deviation ``noise_hu`` (HU). Same seeds, same arrays.
+    """
+
+    def jittered(value: float) -> float:
+        return value * (1.0 + jitter * rng.uniform(-1.0, 1.0))
+
+    grid = _grid(shape, spacing_mm)
+    body, inner, table = _torso(grid, jittered)
+    lungs, lung = _lungs(grid, jittered)
+    mediastinum = _mediastinum(grid, jittered)
+    lumen, outer_wall = _airways(grid, jittered)
+    cortical, cancellous, ribs = _bones(grid, lung, rng)
+    bone = cortical | cancellous | ribs
+    lungs[mediastinum | outer_wall | bone] = 0
+    vessels = _vessels(grid, lung, rng) & (lungs > 0)
 
     tissue = np.zeros(shape, dtype=np.uint8)
     tissue[table] = TABLE
@@ -259,13 +345,13 @@ def build_anatomy(
     )
     hu = hu_by_tissue[tissue]
     hu[cancellous] = CANCELLOUS_BONE_HU
-    hu[ribs | sternum] = RIB_HU
+    hu[ribs] = RIB_HU
     hu[cortical] = CORTICAL_BONE_HU
 
     # Lung parenchyma: −850 HU, denser towards the back (gravity-dependent), plus smooth seeded noise.
     noise = ndimage.gaussian_filter(noise_rng.standard_normal(shape, dtype=np.float32), sigma=(0.6, 1.2, 1.2))
     noise /= max(float(noise.std()), 1e-6)
-    gradient = 25.0 * np.clip((v - lung_cv) / lung_b, -1.0, 1.0)
+    gradient = 25.0 * np.clip((grid.v - lung.cv) / lung.b, -1.0, 1.0)
     parenchyma = np.clip(LUNG_HU + gradient + noise_hu * noise, *LUNG_HU_RANGE)
     is_parenchyma = tissue == LUNG
     hu[is_parenchyma] = np.rint(parenchyma[is_parenchyma]).astype(np.int16)
@@ -274,7 +360,7 @@ def build_anatomy(
         hu=hu,
         tissue=tissue,
         lung_labels=lungs,
-        geometry=geometry,
+        geometry=_canonical_geometry(shape, spacing_mm),
         noise=noise,
-        lung_semi_axes_mm=(lung_b * half_y, lung_a * half_x),
+        lung_semi_axes_mm=(lung.b * grid.half_y, lung.a * grid.half_x),
     )
