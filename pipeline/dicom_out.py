@@ -27,6 +27,7 @@ import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from corona_ct.pipeline import __version__
 from corona_ct.pipeline.atomic import atomic_path
@@ -66,6 +67,13 @@ CUBIC_CM = hd.sr.CodedConcept("cm3", "UCUM", "cubic centimeter")
 PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
 NO_UNIT = hd.sr.CodedConcept("1", "UCUM", "no units")
 
+#: Type 2 attributes of the Patient and General Study modules, which SEG and SR copy from the source:
+#: present but empty where a source leaves them out (COVID-CT-MD has no PatientName); no value is added.
+COPIED_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
+
 IntArray = npt.NDArray[np.intp]
 
 
@@ -82,11 +90,19 @@ def refuse_inputs_without_instances(items: Sequence[StudyInput]) -> None:
 
 
 def source_datasets(item: StudyInput, series_uid: str) -> list[Dataset]:
-    """Headers (no pixel data) of every file of the study's series ``series_uid``, in scan order."""
+    """Headers (no pixel data) of every file of the study's series ``series_uid``, in scan order.
+
+    The copies get the :data:`COPIED_TYPE2` attributes they lack, empty.
+    """
     series = next((info for info in item.series if info.uid == series_uid), None)
     if series is None or not series.headers:
-        raise InputError(f"--dicom-out: the files of series {series_uid} are no longer known")
-    return [pydicom.dcmread(header.path, stop_before_pixels=True) for header in series.headers]
+        raise InputError(f"the files of series {series_uid} are no longer known")
+    datasets = [pydicom.dcmread(header.path, stop_before_pixels=True) for header in series.headers]
+    for ds in datasets:
+        for keyword in COPIED_TYPE2:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    return datasets
 
 
 def frame_indices(ds: Dataset, geometry: Geometry) -> tuple[IntArray, IntArray, IntArray] | None:
@@ -141,11 +157,27 @@ def frames_on_grid(
         indices.append(index)
     if not covered.all():
         raise GeometryError(
-            f"--dicom-out: the source instances cover {int(covered.sum())} of {covered.size} voxels of the "
+            f"the source instances cover {int(covered.sum())} of {covered.size} voxels of the "
             "analysed volume (a gantry tilt was sheared out, or files were dropped); a DICOM SEG would not "
             "lie on the source images, so none is written"
         )
     return kept, indices
+
+
+def check_source_uids(sources: Sequence[Dataset]) -> None:
+    """Raise ``InputError`` when a source instance lacks a valid UID that SEG and SR must reference or copy.
+
+    Some public collections (COVID-CT-MD) carry no SOP Instance UID and GUIDs as study UIDs;
+    a PACS assigns UIDs on import, and the objects must reference those, which only it knows.
+    """
+    for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
+        bad = sum(not pydicom.uid.UID(str(ds.get(keyword) or "")).is_valid for ds in sources)
+        if bad:
+            raise InputError(
+                f"{bad} of {len(sources)} source files carry no valid {keyword} (empty or not a DICOM UID), "
+                "which a DICOM SEG/SR must reference; none is written: run --dicom-out on the series as "
+                "your PACS stores it (with the UIDs it assigned), or run without --dicom-out"
+            )
 
 
 def _algorithm() -> hd.AlgorithmIdentificationSequence:
@@ -154,7 +186,9 @@ def _algorithm() -> hd.AlgorithmIdentificationSequence:
     )
 
 
-def _segment(number: int, label: str, category: object, kind: object) -> hd.seg.SegmentDescription:
+def _segment(
+    number: int, label: str, category: Code | hd.sr.CodedConcept, kind: Code | hd.sr.CodedConcept
+) -> hd.seg.SegmentDescription:
     return hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=label,
@@ -289,15 +323,20 @@ def write_dicom_outputs(
 ) -> list[str]:
     """Write the SEG and SR of an assessable study from a DICOM series; returns the file names written.
 
-    A not-assessable study gets none (no opacity, no measures to report): returns [].
+    A not-assessable study gets none (no opacity, no measures to report): returns []. A series
+    whose instances cannot be referenced (:func:`frames_on_grid`, :func:`check_source_uids`)
+    raises ``StageError`` (stage ``dicom-out``): the study's row is failed and says why.
     """
     if not result.assessable or result.severity is None:
         return []
     series_uid = str(result.volume.meta.get("SeriesInstanceUID", ""))
-    sources, indices = frames_on_grid(source_datasets(item, series_uid), result.volume.geometry)
     try:
+        sources, indices = frames_on_grid(source_datasets(item, series_uid), result.volume.geometry)
+        check_source_uids(sources)
         seg = build_segmentation(result, config, sources, indices)
         sr = build_report(result, seg, sources)
+    except (InputError, GeometryError) as error:
+        raise StageError("dicom-out", result.volume.study_id, str(error)) from error
     except (ValueError, TypeError, AttributeError, KeyError) as error:  # highdicom's checks of the sources
         raise StageError("dicom-out", result.volume.study_id, f"{type(error).__name__}: {error}") from error
     _save(seg, study_dir / SEG_NAME)
