@@ -97,7 +97,9 @@ def source_datasets(item: StudyInput, series_uid: str) -> list[Dataset]:
     series = next((info for info in item.series if info.uid == series_uid), None)
     if series is None or not series.headers:
         raise InputError(f"the files of series {series_uid} are no longer known")
-    datasets = [pydicom.dcmread(header.path, stop_before_pixels=True) for header in series.headers]
+    datasets: list[Dataset] = [
+        pydicom.dcmread(header.path, stop_before_pixels=True) for header in series.headers
+    ]
     for ds in datasets:
         for keyword in COPIED_TYPE2:
             if keyword not in ds:
