@@ -57,7 +57,9 @@ def with_pacs_uids(source: Path, target: Path) -> Path:
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
     }
     for path in sorted(source.iterdir()):
-        ds = pydicom.dcmread(path)
+        with warnings.catch_warnings():  # pydicom: the GUIDs are no valid UIDs (replaced below)
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path)
         for keyword, uid in shared.items():
             setattr(ds, keyword, uid)
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid(
