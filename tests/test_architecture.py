@@ -89,8 +89,8 @@ def _unexplained_lazy_imports(path: Path, root: Path = REPO_ROOT) -> list[str]:
         for node in ast.walk(function):
             if not isinstance(node, ast.Import | ast.ImportFrom) or id(node) in guarded:
                 continue
-            line, above = lines[node.lineno - 1], lines[node.lineno - 2].strip()
-            if "#" not in line and not above.startswith("#"):
+            line, above = lines[node.lineno - 1], lines[node.lineno - 2]
+            if "#" not in line and "#" not in above:
                 found.append(f"{path.relative_to(root)}:{node.lineno}: {line.strip()}")
     return sorted(set(found))
 

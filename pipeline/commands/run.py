@@ -89,6 +89,13 @@ def register(subparsers: Any) -> None:
         "--all-series", action="store_true", help="analyse every usable series of each study, one row each"
     )
     run.add_argument(
+        "--dicom-out",
+        action="store_true",
+        help="also write per study a DICOM SEG (lungs, Corona score opacity) and a DICOM SR (TID 1500 measurements) "
+        "referencing the source series; DICOM inputs only (needs the extra corona-ct[dicom-out]); the patient and "
+        "study modules of the source are copied into them",
+    )
+    run.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress bars: one log line per study instead (the default without a terminal)",
@@ -218,6 +225,7 @@ def _run(args: argparse.Namespace) -> int:
             study_naming=args.study_naming,
             ids_file=args.ids_file,
             ids_file_in_output=args.ids_file_in_output,
+            dicom_out=args.dicom_out,
         )
     _print_rows(outcome.rows)
     not_assessable = len(outcome.not_assessable)
