@@ -37,9 +37,9 @@ unit: $(STAMP)
 
 test: lint typecheck contracts unit
 
-# The inner loop: no slow tests, no real data (CI and `make test` run everything).
+# The inner loop: no slow tests, no real data, two workers (CI and `make test` run everything, serially).
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -q -m "not slow and not realdata"
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile -m "not slow and not realdata"
 
 clean:
 	rm -rf $(VENV) build demo_out .mypy_cache .ruff_cache .pytest_cache

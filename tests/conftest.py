@@ -12,7 +12,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_WEIGHTS_DIR = REPO_ROOT / "models" / "weights"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-SESSION_THREADS = 2  # torch threads of the test process (CI has 2 cores)
+#: torch threads of a test process: CI has 2 cores; under pytest-xdist (``make test-fast``) each worker takes 1.
+SESSION_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 
 
 def pytest_configure(config: pytest.Config) -> None:
