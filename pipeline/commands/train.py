@@ -206,7 +206,7 @@ def run_train_classifier(args: argparse.Namespace) -> int:
     from corona_ct.data.folds import manifest_splits
     from corona_ct.models.metrics import binary_report
     from corona_ct.models.train_classifier import predict_probabilities, train_classifier
-    from corona_ct.pipeline.atomic import write_text
+    from corona_ct.pipeline.atomic import write_json, write_text
     from corona_ct.pipeline.device import resolve_device
 
     config = _train_config(args)
@@ -232,7 +232,7 @@ def run_train_classifier(args: argparse.Namespace) -> int:
         device = resolve_device(config.device)
         probs = predict_probabilities(result.model, test, config.batch_size, device, config.amp)
         report = binary_report(test.labels.numpy(), probs, manifest.class_names)
-        write_text(args.output / "test_metrics.json", json.dumps(report, indent=2, allow_nan=True))
+        write_json(args.output / "test_metrics.json", report)  # an undefined metric is null
         print(f"test: accuracy {report['accuracy']:.3f}, AUC {report['auc']:.3f} (n={report['n']})")
     print(f"checkpoint: {result.checkpoint}")
     return 0
