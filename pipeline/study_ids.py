@@ -48,6 +48,7 @@ class InputIdentity:
 
 
 def _digest(value: object) -> str:
+    """Hex SHA-256 of ``value`` as JSON with sorted keys."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
@@ -93,7 +94,7 @@ def folder_study_id(item: StudyInput) -> str:
 
 
 def load_registry(output: Path) -> dict[str, dict[str, str]]:
-    """``OUT/.corona-ct-ids.json`` as study id → input identity (empty when there is none)."""
+    """``OUT/.corona-ct-ids.json`` as study id → its input's ``key``, ``kind`` and ``naming`` ({} when absent)."""
     path = output / REGISTRY_NAME
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -108,7 +109,7 @@ def load_registry(output: Path) -> dict[str, dict[str, str]]:
 
 
 def write_registry(output: Path, registry: dict[str, dict[str, str]]) -> None:
-    """``OUT/.corona-ct-ids.json``, atomically: every study id ever given in ``output`` and its input."""
+    """``OUT/.corona-ct-ids.json``, atomically: every study id ever given in ``output`` and its input's key."""
     write_json(output / REGISTRY_NAME, {"studies": registry}, sort_keys=True)
 
 
