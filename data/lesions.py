@@ -34,10 +34,9 @@ from PIL import Image
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from corona_ct.data.phantom_anatomy import LUNG_HU, SOFT_TISSUE_HU
 from corona_ct.pipeline.errors import InputError
 
-LUNG_HU = -850.0
-SOFT_TISSUE_HU = 40.0
 GGO_HU = (-700.0, -350.0)
 CONSOLIDATION_HU = (-150.0, 40.0)
 #: Share of lesions drawn from the real texture bank when it is not empty.

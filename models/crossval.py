@@ -17,10 +17,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 import numpy.typing as npt
+from matplotlib.figure import Figure
 
 from corona_ct.data.datasets import SliceDataset
 from corona_ct.data.folds import hold_out_groups, stratified_group_kfold
@@ -218,10 +217,10 @@ def _plot_cv(
     output_dir: Path,
     class_names: Sequence[str],
 ) -> None:
-    matplotlib.use("Agg")
 
     n = len(summary_rows)
-    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False)
+    fig = Figure(figsize=(3.4 * n, 3.2))
+    axes = fig.subplots(1, n, squeeze=False)
     for axis, summary in zip(axes[0], summary_rows, strict=True):
         matrix = np.asarray(summary["confusion_matrix_sum"])
         axis.imshow(matrix, cmap="Blues")
@@ -235,9 +234,9 @@ def _plot_cv(
     fig.tight_layout()
     with atomic_path(output_dir / "confusion.png") as tmp:
         fig.savefig(tmp, dpi=110)
-    plt.close(fig)
 
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
+    fig = Figure(figsize=(3.6 * n, 3.4))
+    axes = fig.subplots(1, n, squeeze=False)
     grid = np.linspace(0.0, 1.0, 101)
     for axis, summary in zip(axes[0], summary_rows, strict=True):
         backbone = str(summary["backbone"])
@@ -257,4 +256,3 @@ def _plot_cv(
     fig.tight_layout()
     with atomic_path(output_dir / "roc.png") as tmp:
         fig.savefig(tmp, dpi=110)
-    plt.close(fig)

@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -150,12 +149,11 @@ def write_history(history: Sequence[Mapping[str, float]], output_dir: Path, titl
     writer.writerows(history)
     write_text(output_dir / "history.csv", buffer.getvalue())
 
-    matplotlib.use("Agg")
-
     epochs = [row["epoch"] for row in history]
     panels = [("loss", "loss"), ("accuracy", "acc"), ("AUC", "auc"), ("Dice", "dice")]
     panels = [(label, key) for label, key in panels if any(c.endswith(f"_{key}") for c in columns)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for axis, (label, key) in zip(axes[0], panels, strict=True):
         for column in columns:
             if column.endswith(f"_{key}"):
@@ -171,7 +169,6 @@ def write_history(history: Sequence[Mapping[str, float]], output_dir: Path, titl
     fig.tight_layout()
     with atomic_path(output_dir / "curves.png") as tmp:
         fig.savefig(tmp, dpi=110)
-    plt.close(fig)
 
 
 def _save_last_state(

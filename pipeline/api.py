@@ -203,6 +203,7 @@ def run_batch(
     study_naming: str = "deidentified",
     ids_file: PathLike | None = None,
     threads: int | None = None,
+    dicom_out: bool = False,
     **settings: Any,
 ) -> BatchOutcome:
     """Analyse every study found under ``inputs``, as ``corona-ct run`` does.
@@ -214,7 +215,8 @@ def run_batch(
     weights and these inputs) or ``overwrite`` (recompute them); without either it raises
     :class:`~corona_ct.pipeline.errors.ConfigError`. ``study_naming``: ``"deidentified"`` or
     ``"folder"`` (as ``--study-id``); ``ids_file``: where to write ``study_id,input,...``
-    (as ``--ids-file``). ``show_progress``: bars (True), log lines (False), or
+    (as ``--ids-file``). ``dicom_out``: also a DICOM SEG and SR per study (as ``--dicom-out``;
+    DICOM inputs only). ``show_progress``: bars (True), log lines (False), or
     bars only when stderr is a terminal (None). Other arguments as :func:`analyse_study`.
 
     Returns:
@@ -237,6 +239,7 @@ def run_batch(
         show_progress=show_progress,
         study_naming=study_naming,  # type: ignore[arg-type]  # checked by run_batch
         ids_file=None if ids_file is None else Path(ids_file),
+        dicom_out=dicom_out,
     )
 
 

@@ -101,6 +101,7 @@ def run_batch(
     study_naming: StudyNaming = "deidentified",
     ids_file: Path | None = None,
     ids_file_in_output: bool = False,
+    dicom_out: bool = False,
 ) -> BatchOutcome:
     """Analyse every study found under ``inputs``; write per-study outputs and summary.csv.
 
@@ -112,6 +113,7 @@ def run_batch(
     either, summary.csv is rewritten atomically after every study. With ``all_series`` every
     usable series of a study is its own row (study id suffixed with the short series UID).
     A failure to write (disk full, permissions) stops the batch with an :class:`OutputError`.
+    ``dicom_out``: also a DICOM SEG and SR per study (:mod:`pipeline.dicom_out`; DICOM inputs only).
     """
     if study_naming not in STUDY_NAMING:
         raise ConfigError(f"--study-id {study_naming!r}: use one of {', '.join(STUDY_NAMING)}")
@@ -122,6 +124,7 @@ def run_batch(
         return _run_locked(
             inputs, output, config, models, resume=resume, overwrite=overwrite, series_uid=series_uid,
             all_series=all_series, show_progress=show_progress, study_naming=study_naming, ids_file=ids_file,
+            dicom_out=dicom_out,
         )  # fmt: skip
 
 
@@ -138,12 +141,17 @@ def _run_locked(
     show_progress: bool | None,
     study_naming: StudyNaming,
     ids_file: Path | None,
+    dicom_out: bool = False,
 ) -> BatchOutcome:
     summary_path = output / SUMMARY_NAME
     remove_stale_temporaries(output)  # a killed run's; we hold the lock
     earlier = read_summary(summary_path) if resume and summary_path.is_file() else {}
     outcome = BatchOutcome()
     items, discovery_failures = _discover_each(inputs, config)
+    if dicom_out:  # before anything is written; highdicom (optional extra) loads only when asked for
+        from corona_ct.pipeline.dicom_out import refuse_inputs_without_instances
+
+        refuse_inputs_without_instances(items)
     identities = [input_identity(item) for item in items]
     registry = load_registry(output)
     study_ids = assign_study_ids(items, identities, registry, study_naming)
@@ -173,6 +181,7 @@ def _run_locked(
     ):
         source = display_source(item)
         expected = expected_record(config, models, identity, series_uid, all_series)
+        expected.update({"dicom_out": True} if dicom_out else {})
         if not all_series and _resumed(output / item.study_id, expected, resume, outcome):
             save_summary()
             continue
@@ -202,6 +211,7 @@ def _run_locked(
                         timings,
                         disable,
                         f"{number}/{len(items)}",
+                        item if dicom_out else None,
                     )
                 )
             except OutputError:
@@ -248,6 +258,7 @@ def _analyze_and_write(
     ingest_timings: dict[str, float],
     disable_progress: bool,
     position: str = "",
+    dicom_source: StudyInput | None = None,
 ) -> dict[str, object]:
     """Analyse one loaded series, write its outputs and then its completion record; returns its summary row.
 
@@ -270,6 +281,10 @@ def _analyze_and_write(
         except Exception as error:
             raise StageError("report", study_id, f"{type(error).__name__}: {error}") from error
         files = [*report["files"], REPORT_JSON_NAME]
+        if dicom_source is not None:  # --dicom-out
+            from corona_ct.pipeline.dicom_out import write_dicom_outputs  # optional dependency: highdicom
+
+            files += write_dicom_outputs(study_dir, result, config, dicom_source)
         for stale in set(STUDY_FILES) - set(files):
             (study_dir / stale).unlink(missing_ok=True)
         write_completion_record(study_dir, expected, files)

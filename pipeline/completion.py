@@ -57,6 +57,7 @@ _WHAT_CHANGED = {
     "config_hash": "the config changed",
     "models_key": "the model weights changed",
     "input": "its input changed (or another series was chosen)",
+    "dicom_out": "--dicom-out was not given when it was written",
 }
 
 

@@ -7,6 +7,7 @@ OUT/
     .corona-ct-ids.json     input identity → study id, so that a rerun keeps the ids
     <study_id>/             :data:`STUDY_FILES` (:data:`NOT_ASSESSABLE_FILES` when no lungs)
         .complete.json      written last: sizes and hashes of the study's files
+        segmentation.dcm, measurements_sr.dcm   with --dicom-out (DICOM SEG and SR)
 OUT/ of ``explain``: predictions.csv (:data:`PREDICTION_COLUMNS`) and one map per image.
 """
 
@@ -23,8 +24,12 @@ HEATMAP_NAME = "heatmap.nii.gz"
 FEATURES_NAME = "features.npz"
 REPORT_HTML_NAME = "report.html"
 REPORT_JSON_NAME = "report.json"
+#: ``run --dicom-out``: a DICOM Segmentation and a TID 1500 measurement report (DICOM series inputs).
+SEGMENTATION_NAME = "segmentation.dcm"
+MEASUREMENTS_SR_NAME = "measurements_sr.dcm"
+DICOM_FILES = (SEGMENTATION_NAME, MEASUREMENTS_SR_NAME)
 #: Every file a study folder may hold, the completion record aside.
-STUDY_FILES = (LUNG_MASK_NAME, HEATMAP_NAME, FEATURES_NAME, REPORT_HTML_NAME, REPORT_JSON_NAME)
+STUDY_FILES = (LUNG_MASK_NAME, HEATMAP_NAME, FEATURES_NAME, REPORT_HTML_NAME, REPORT_JSON_NAME, *DICOM_FILES)
 #: What an assessable study writes (report.json is listed in it by the batch, which writes it last).
 ASSESSABLE_FILES = (LUNG_MASK_NAME, HEATMAP_NAME, FEATURES_NAME, REPORT_HTML_NAME)
 #: What a study without plausible lungs writes: no heat map, no features.

@@ -93,6 +93,37 @@ HU_MEASURE_CAVEAT = (
 HU_REFERENCE_RANGE = "GGO + consolidation in 3 normal lungs: 0.1–1.2 % of the lung, ≤ 2.7 % on 95 % of slices"
 
 
+def positive_slices(scores: SliceScores, threshold: float) -> BoolArray:
+    """(z,) slices the Corona score counts: evaluated, with probability >= ``threshold``."""
+    with np.errstate(invalid="ignore"):  # NaN probabilities of unevaluated slices compare False
+        return np.asarray(scores.evaluated & (scores.probs >= threshold))
+
+
+def counted_region(
+    cam_maps: np.ndarray, positive: np.ndarray, threshold: float = 0.6, within: np.ndarray | None = None
+) -> BoolArray:
+    """(z, y, x) voxels the Corona score counts: map > ``threshold`` on ``positive`` slices, inside ``within``.
+
+    ``cam_maps`` (z, y, x) in [0, 1]; ``positive`` (z,) bool; ``within`` (bool, (z, y, x))
+    restricts the region to a mask, e.g. the lungs (the opacity segment of ``--dicom-out``).
+    """
+    raw = np.asarray(cam_maps)
+    positive = np.asarray(positive, dtype=bool)
+    if raw.ndim != 3 or positive.shape != raw.shape[:1]:
+        raise GeometryError(
+            f"corona_score: maps {raw.shape} and positive-slice flags {positive.shape} do not match"
+        )
+    # compare in the maps' own precision: float32 0.6 must not count as "> 0.6"
+    region = raw > (raw.dtype.type(threshold) if np.issubdtype(raw.dtype, np.floating) else threshold)
+    region &= positive[:, None, None]
+    if within is not None:
+        within = np.asarray(within, dtype=bool)
+        if within.shape != raw.shape:
+            raise GeometryError(f"corona_score: mask {within.shape} differs from the maps {raw.shape}")
+        region &= within
+    return np.asarray(region)
+
+
 def corona_score(
     cam_maps: np.ndarray,
     positive: np.ndarray,
@@ -104,22 +135,8 @@ def corona_score(
 
     ``within`` (bool, (z, y, x)) restricts the sum to a mask, e.g. the lungs.
     """
-    raw = np.asarray(cam_maps)
-    # compare in the maps' own precision: float32 0.6 must not count as "> 0.6"
-    above = raw > (raw.dtype.type(threshold) if np.issubdtype(raw.dtype, np.floating) else threshold)
-    maps = raw.astype(np.float64)
-    positive = np.asarray(positive, dtype=bool)
-    if maps.ndim != 3 or positive.shape != maps.shape[:1]:
-        raise GeometryError(
-            f"corona_score: maps {maps.shape} and positive-slice flags {positive.shape} do not match"
-        )
-    counted = np.where(above, maps, 0.0)
-    counted[~positive] = 0.0
-    if within is not None:
-        within = np.asarray(within, dtype=bool)
-        if within.shape != maps.shape:
-            raise GeometryError(f"corona_score: mask {within.shape} differs from the maps {maps.shape}")
-        counted = np.where(within, counted, 0.0)
+    region = counted_region(cam_maps, positive, threshold, within)
+    counted = np.where(region, np.asarray(cam_maps, dtype=np.float64), 0.0)
     return float(counted.sum() * voxel_volume_mm3 / 1000.0)
 
 
@@ -388,8 +405,7 @@ def severity(
             f"{volume.source}: severity needs the volume {shape}, lung mask {lung_mask.labels.shape}, "
             f"CAM maps {cams.maps.shape} and slice scores {scores.probs.shape} on one grid"
         )
-    with np.errstate(invalid="ignore"):  # NaN probabilities of unevaluated slices compare False
-        positive = scores.evaluated & (scores.probs >= config.classify.positive_threshold)
+    positive = positive_slices(scores, config.classify.positive_threshold)
     voxel_mm3 = volume.geometry.voxel_volume_mm3
     threshold = config.cam.activation_threshold
     has_hu = volume.units == "HU"

@@ -27,7 +27,8 @@ from corona_ct.pipeline.device import resolve_device
 from corona_ct.pipeline.errors import CoronaCTError, OutputError, UnsupportedInputError, one_line
 from corona_ct.pipeline.ingest import SliceImage, collect_slice_images
 from corona_ct.pipeline.ingest.deid import hashed_id
-from corona_ct.pipeline.ingest.slices import read_slice_image, slice_image_problem
+from corona_ct.pipeline.ingest.slice_checks import slice_image_problem
+from corona_ct.pipeline.ingest.slices import read_slice_image
 from corona_ct.pipeline.layout import PREDICTION_COLUMNS, PREDICTIONS_NAME
 from corona_ct.pipeline.modelset import ModelSet
 from corona_ct.pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window

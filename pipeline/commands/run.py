@@ -93,6 +93,13 @@ def register(subparsers: Any) -> None:
         "--all-series", action="store_true", help="analyse every usable series of each study, one row each"
     )
     run.add_argument(
+        "--dicom-out",
+        action="store_true",
+        help="also write per study a DICOM SEG (lungs, Corona score opacity) and a DICOM SR (TID 1500 measurements) "
+        "referencing the source series; DICOM inputs only (needs the extra corona-ct[dicom-out]); the patient and "
+        "study modules of the source are copied into them",
+    )
+    run.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress bars: one log line per study instead (the default without a terminal)",
@@ -132,17 +139,27 @@ def register(subparsers: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    """The pipeline config of ``--config`` and ``--set``; threads limited and the device checked first."""
-    from corona_ct.pipeline.config import load_config
-    from corona_ct.pipeline.device import resolve_device
+    """The pipeline config of ``--config`` and ``--set``, its ranges checked; a GPU asked for is checked too.
 
-    apply_compute_options(args)
+    Settings come first so that a wrong one is named before anything else. Only a GPU device
+    needs torch to be checked; threads are limited (``_compute``) after the quick input checks.
+    """
+    from corona_ct.pipeline.config import load_config
+
     overrides = list(getattr(args, "overrides", []))
     if getattr(args, "device", None):
         overrides.append(f"runtime.device={args.device}")
     config = load_config(getattr(args, "config", None), overrides)
-    resolve_device(config.runtime.device)  # a config file's device, checked before any model loads
+    if config.runtime.device not in ("auto", "cpu"):
+        from corona_ct.pipeline.device import resolve_device
+
+        resolve_device(config.runtime.device)  # torch loads here: a GPU was asked for
     return config
+
+
+def _compute(args: argparse.Namespace) -> None:
+    """``--threads`` and ``--device`` applied (loads torch): after the quick input and output checks."""
+    apply_compute_options(args)
 
 
 def _print_rows(rows: list[dict[str, object]]) -> None:
@@ -171,12 +188,13 @@ def _print_rows(rows: list[dict[str, object]]) -> None:
 def _run(args: argparse.Namespace) -> int:
     from corona_ct.pipeline import preflight
 
-    preflight.check_volume_inputs(args.inputs)  # the quick checks first: torch loads with the config's device
-    preflight.check_output_folder(args.output)
     config = _config(args)
+    preflight.check_volume_inputs(args.inputs)
+    preflight.check_output_folder(args.output)
     from corona_ct.pipeline.ingest import refuse_slice_sets
 
     refuse_slice_sets(args.inputs, config.ingest)  # a slice set is for explain: say so before loading models
+    _compute(args)
     # torch loads with these: after the quick checks
     from corona_ct.pipeline.batch import run_batch
     from corona_ct.pipeline.modelset import load_models
@@ -212,6 +230,7 @@ def _run(args: argparse.Namespace) -> int:
             study_naming=args.study_naming,
             ids_file=args.ids_file,
             ids_file_in_output=args.ids_file_in_output,
+            dicom_out=args.dicom_out,
         )
     _print_rows(outcome.rows)
     not_assessable = len(outcome.not_assessable)
@@ -228,10 +247,11 @@ def _explain(args: argparse.Namespace) -> int:
     from corona_ct.pipeline import preflight
     from corona_ct.pipeline.ingest import collect_slice_images
 
-    preflight.check_image_inputs(args.images)  # the quick checks first: torch loads with the config's device
-    preflight.check_output_folder(args.output)
     config = _config(args)
+    preflight.check_image_inputs(args.images)
+    preflight.check_output_folder(args.output)
     images = collect_slice_images(args.images)  # folders expanded, mask folders refused, before any model
+    _compute(args)
     from corona_ct.pipeline.modelset import load_models  # torch: after the quick checks
     from corona_ct.pipeline.single_slice import explain_images
 
@@ -249,8 +269,9 @@ def _explain(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from corona_ct.pipeline import preflight
 
-    preflight.check_output_folder(args.output)  # before torch loads with the config's device
     config = _config(args)
+    preflight.check_output_folder(args.output)
+    _compute(args)
     return run_demo(args.output, config, cls_weights=args.cls_weights)
 
 

@@ -10,9 +10,10 @@ masks) is found but carries its ``problem``; ``refuse_slice_sets`` raises it
 before models are loaded, ``collect_slice_images`` lists images for ``explain``.
 
 Where the logic lives: ``discovery`` (walking folders, recognising inputs),
-``select`` (which series is analysed), ``load`` (reading), ``slice_sets``
-(slice sets and ``explain`` images), ``dicom/`` (the DICOM reader),
-``nifti`` and ``slices`` (the other readers), ``deid`` (safe ids and names).
+``select`` (which series is analysed), ``load`` (reading), ``slice_checks``
+(one CT, a slice set or masks?), ``slice_sets`` (slice sets and ``explain``
+images), ``dicom/`` (the DICOM reader), ``nifti`` and ``slices`` (the other
+readers), ``deid`` (safe ids and names).
 
 Example::
 

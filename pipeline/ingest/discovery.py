@@ -23,7 +23,8 @@ from corona_ct.pipeline.errors import InputError, NoImageDataError, UnsupportedI
 from corona_ct.pipeline.ingest.deid import derive_study_id, display_path
 from corona_ct.pipeline.ingest.dicom.describe import SeriesInfo, describe_series
 from corona_ct.pipeline.ingest.dicom.header import SliceHeader, scan_file, series_label
-from corona_ct.pipeline.ingest.slices import IMAGE_SUFFIXES, TIFF_SUFFIXES, check_slice_folder
+from corona_ct.pipeline.ingest.slice_checks import check_slice_folder
+from corona_ct.pipeline.ingest.slices import IMAGE_SUFFIXES, TIFF_SUFFIXES
 from corona_ct.pipeline.layout import OUTPUT_MARKER, REPORT_JSON_NAME, SUMMARY_NAME
 
 log = logging.getLogger(__name__)

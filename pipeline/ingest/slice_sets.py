@@ -1,7 +1,7 @@
 """Slice-image inputs that are no CT volume: refusing them for ``run``, collecting them for ``explain``.
 
 A slice-image folder may be a *slice set* of independent 2D images or a folder of
-masks (``slices.check_slice_folder``). ``refuse_slice_sets`` raises before any
+masks (``slice_checks.check_slice_folder``). ``refuse_slice_sets`` raises before any
 model loads when the inputs hold nothing else; ``collect_slice_images`` lists the
 images ``explain`` classifies one by one.
 """
@@ -18,12 +18,8 @@ from pathlib import Path
 from corona_ct.pipeline.config import IngestConfig
 from corona_ct.pipeline.errors import NoImageDataError, UnsupportedInputError
 from corona_ct.pipeline.ingest.discovery import NEVER_DICOM_SUFFIXES, SliceKind, slice_kind, walk_files
-from corona_ct.pipeline.ingest.slices import (
-    SLICE_FILE_SUFFIXES,
-    SliceFolderCheck,
-    check_slice_folder,
-    mask_evidence,
-)
+from corona_ct.pipeline.ingest.slice_checks import SliceFolderCheck, check_slice_folder, mask_evidence
+from corona_ct.pipeline.ingest.slices import SLICE_FILE_SUFFIXES
 
 
 def _rejected_slice_folders(path: Path, config: IngestConfig) -> tuple[list[SliceFolderCheck], bool]:

@@ -233,6 +233,7 @@ def test_wilcoxon_three_groups_runs_kruskal_and_drops_single_study_group(tmp_pat
     assert "critical" in (out / "wilcoxon.md").read_text()
 
 
+@pytest.mark.slow
 def test_cluster_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     scores, _ = _cohort(n=10, seed=5)
     studies = list(scores)
@@ -336,6 +337,7 @@ def test_not_assessable_studies_are_left_out_unless_asked(
     assert n == [24, 26]
 
 
+@pytest.mark.slow
 def test_cluster_leaves_out_not_assessable_studies_with_their_reason(tmp_path: Path) -> None:
     scores, _ = _cohort(n=6, seed=7)
     write_run_output(tmp_path / "run", scores, not_assessable=NOT_ASSESSABLE)
@@ -535,6 +537,7 @@ def _cluster_args(out: Path, *results: Path) -> list[str | Path]:
     ]
 
 
+@pytest.mark.slow
 def test_clusters_that_coincide_with_studies_are_degenerate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -556,6 +559,7 @@ def test_clusters_that_coincide_with_studies_are_degenerate(
     assert _main(*_cluster_args(tmp_path / "ok", run), "--allow-degenerate") == 0
 
 
+@pytest.mark.slow
 def test_clusters_that_coincide_with_sources_are_degenerate(tmp_path: Path) -> None:
     site_a, site_b = tmp_path / "site_a", tmp_path / "site_b"
     rng = np.random.default_rng(4)
@@ -573,6 +577,7 @@ def test_clusters_that_coincide_with_sources_are_degenerate(tmp_path: Path) -> N
     assert all(c["dominant_study"]["share"] == pytest.approx(1 / 3) for c in report["clusters"])
 
 
+@pytest.mark.slow
 def test_clusters_of_a_single_study_are_degenerate(tmp_path: Path) -> None:
     write_run_output(tmp_path / "run", {"ONLY": (10.0, 0.9)}, feature_dim=16, slices=12)
     assert _main(*_cluster_args(tmp_path / "c", tmp_path / "run")) == 3
@@ -599,6 +604,7 @@ def saved_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[str, int, 
     return saved
 
 
+@pytest.mark.slow
 def test_key_slices_claim_an_overlay_only_with_a_colour_bar_and_a_map(tmp_path: Path, saved_figures) -> None:
     scores, _ = _cohort(n=6, seed=10)
     write_run_output(tmp_path / "run", scores)

@@ -221,6 +221,7 @@ def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path: Path) -> Non
 # ----------------------------------------------------------------------------- outputs are never inputs
 
 
+@pytest.mark.slow
 def test_an_output_inside_the_input_is_never_analysed(tmp_path: Path, capsys, caplog) -> None:
     inputs = tmp_path / "in"
     write_dicom_series(make_phantom(seed=5, shape=(8, 80, 96), spacing_mm=(5.0, 3.5, 3.5)), inputs / "chest")
@@ -301,6 +302,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.parametrize(("module", "package"), [("torch", "'torch'"), ("skimage", "'scikit-image'")])
+@pytest.mark.slow
 def test_a_missing_package_is_named_with_the_install_command(
     module: str, package: str, tmp_path: Path, series_folder: Path
 ) -> None:
@@ -314,6 +316,7 @@ def test_a_missing_package_is_named_with_the_install_command(
     assert "internal error" not in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_nothing_is_written_under_home(tmp_path: Path) -> None:
     """matplotlib and torch caches go to a temporary folder of the run, removed at exit."""
     home, scratch = tmp_path / "home", tmp_path / "tmp"

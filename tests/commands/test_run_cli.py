@@ -30,6 +30,7 @@ def test_run_refuses_without_weights_in_one_line(tmp_path: Path, phantom, capsys
     assert len(err) == 1 and "no classifier weights" in err[0] and "--allow-untrained" in err[0]
 
 
+@pytest.mark.slow
 def test_run_exit_code_is_1_when_a_study_fails(tmp_path: Path, phantom, capsys) -> None:
     write_dicom_series(phantom, tmp_path / "in" / "good")
     (tmp_path / "in" / "empty").mkdir()
@@ -53,6 +54,7 @@ def test_run_exit_code_is_1_when_a_study_fails(tmp_path: Path, phantom, capsys) 
     assert "empty" in rows["failed"]["error"].lower() or "no " in rows["failed"]["error"].lower()
 
 
+@pytest.mark.slow
 def test_run_lists_a_study_without_lungs_as_not_assessable_and_exits_0(
     tmp_path: Path, phantom, capsys
 ) -> None:
@@ -77,6 +79,7 @@ def test_run_lists_a_study_without_lungs_as_not_assessable_and_exits_0(
     assert rows["nolungs"]["status"] == "not-assessable" and rows["chest"]["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_explain_writes_maps_at_the_image_size(tmp_path: Path, phantom) -> None:
     files = write_png_slices(phantom, tmp_path / "png")
     picked = [Path(files[len(files) // 2]), Path(files[1])]

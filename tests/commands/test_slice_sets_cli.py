@@ -91,6 +91,7 @@ def test_inspect_names_a_slice_set_and_passes_a_tiff_ct(tmp_path: Path, phantom,
     assert "1 study found; 1 can be analysed" in out
 
 
+@pytest.mark.slow
 def test_run_goes_on_when_a_ct_is_beside_the_slice_set(tmp_path: Path, phantom, capsys) -> None:
     write_dicom_series(phantom, tmp_path / "in" / "chest")
     _slice_set(tmp_path / "in" / "figures", phantom)
@@ -150,6 +151,7 @@ def test_explain_folders_keep_inputs_and_never_collide(
     assert "a/39%2, copy.png: p = " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_explain_failures_stay_with_their_image(
     tmp_path: Path, phantom, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -71,6 +71,7 @@ def test_train_cls_writes_checkpoint_card_curves_and_test_metrics(
     assert json.loads((tmp_path / "test_metrics.json").read_text())["n"] == 4
 
 
+@pytest.mark.slow
 def test_cv_writes_the_comparison_tables(slice_manifest: Path, tmp_path: Path) -> None:
     args = _parser().parse_args(
         ["cv", "--data", str(slice_manifest), "--roi", "none", "--backbones", "resnet50", "--folds", "2",
@@ -101,6 +102,7 @@ def test_data_options_are_checked(slice_manifest: Path, tmp_path: Path) -> None:
         args.handler(args)
 
 
+@pytest.mark.slow
 def test_train_seg_with_classical_pseudo_labels_on_unlabeled_ct(tmp_path: Path) -> None:
     from corona_ct.data.writers import write_nifti
 
@@ -120,6 +122,7 @@ def test_train_seg_with_classical_pseudo_labels_on_unlabeled_ct(tmp_path: Path) 
         args.handler(args)
 
 
+@pytest.mark.slow
 def test_train_seg_from_a_mask_manifest_and_run_with_the_unet(tmp_path: Path) -> None:
     """NIfTI volume + NIfTI mask and PNG slice + PNG mask → U-Net checkpoint → `run --seg-weights`."""
     import nibabel as nib

@@ -6,22 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from corona_ct.data.phantom import (
-    AIR,
-    AIRWAY,
-    BONE,
-    FAT,
-    LESION,
-    LESION_CODE,
-    LUNG,
-    SOFT_TISSUE,
-    TABLE,
-    VESSEL,
-    LesionSpec,
-    Phantom,
-    lesion_specs_for_volume,
-    make_phantom,
-)
+from corona_ct.data.phantom import Phantom, lesion_specs_for_volume, make_phantom
+from corona_ct.data.phantom_anatomy import AIR, AIRWAY, BONE, FAT, LESION, LUNG, SOFT_TISSUE, TABLE, VESSEL
+from corona_ct.data.phantom_lesions import LESION_CODE, LesionSpec
 from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG
 from corona_ct.pipeline.errors import ConfigError
 

@@ -21,13 +21,8 @@ from corona_ct.pipeline.ingest import (
     load_input,
     refuse_slice_sets,
 )
-from corona_ct.pipeline.ingest.slices import (
-    IMAGE_SUFFIXES,
-    SLICE_FILE_SUFFIXES,
-    check_slice_folder,
-    read_slice_image,
-    slice_image_problem,
-)
+from corona_ct.pipeline.ingest.slice_checks import check_slice_folder, slice_image_problem
+from corona_ct.pipeline.ingest.slices import IMAGE_SUFFIXES, SLICE_FILE_SUFFIXES, read_slice_image
 from corona_ct.pipeline.single_slice import output_stems
 
 CONFIG = IngestConfig()

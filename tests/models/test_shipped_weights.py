@@ -97,6 +97,7 @@ def test_runs_use_the_defaults_without_flags() -> None:
     assert models.input_size(config) == read_card(WEIGHTS_DIR / "classifier.json")["input"]["size"]
 
 
+@pytest.mark.slow
 def test_default_unet_measures_phantom_lungs() -> None:
     """A phantom seed the U-Net never saw (it trained on seeds 1000–1002)."""
     config = PipelineConfig()

@@ -84,6 +84,7 @@ def test_resnet50_learns_phantom_lesions_and_card_describes_the_run(
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pth"))  # never pickle
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
     data = phantom_slices(range(200, 201))
     config = quick_config(epochs=2, batch_size=8, optimizer="nadam", recipe="covid-ctset", num_outputs=2)
@@ -99,6 +100,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> N
         train_classifier(data, None, dataclasses.replace(config, lr=0.5), tmp_path / "split", resume=True)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trips_and_is_refused_for_another_architecture(tmp_path: Path) -> None:
     data = phantom_slices(range(300, 301))
     result = train_classifier(data, None, quick_config(epochs=1), tmp_path)
@@ -138,6 +140,7 @@ def test_recipes_and_overrides() -> None:
         TrainConfig.from_recipe("unknown")
 
 
+@pytest.mark.slow
 def test_lesion_mask_loss_trains_and_leaves_no_head_in_the_checkpoint(tmp_path: Path) -> None:
     """The auxiliary heads train with the network but the saved model is a plain classifier."""
     rng = np.random.default_rng(0)

@@ -18,6 +18,7 @@ from corona_ct.pipeline.errors import ConfigError
 from corona_ct.pipeline.preprocess import window
 
 
+@pytest.mark.slow
 def test_segmenter_training_writes_a_card_with_validation_dice(tmp_path: Path) -> None:
     phantom = make_phantom(seed=5, shape=(12, 64, 64), lesions="mixed")
     windowed = torch.from_numpy(window(phantom.hu, "HU", PipelineConfig().window))
@@ -32,6 +33,7 @@ def test_segmenter_training_writes_a_card_with_validation_dice(tmp_path: Path) -
     assert result.best_epoch == 1
 
 
+@pytest.mark.slow
 def test_segmenter_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
     phantom = make_phantom(seed=6, shape=(10, 48, 48), lesions="mixed")
     windowed = torch.from_numpy(window(phantom.hu, "HU", PipelineConfig().window))
@@ -50,6 +52,7 @@ def test_segmenter_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: 
         )
 
 
+@pytest.mark.slow
 def test_segmenter_validation_groups_can_be_named(tmp_path: Path) -> None:
     volumes = [make_phantom(seed=seed, shape=(6, 32, 32), lesions="none") for seed in (8, 9)]
     windowed = torch.from_numpy(

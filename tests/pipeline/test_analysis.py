@@ -14,11 +14,12 @@ from corona_ct.pipeline.analysis import DEFAULT_SCORE
 from corona_ct.pipeline.analysis.cluster_report import ClusterSettings, cluster_report, write_cluster_outputs
 from corona_ct.pipeline.analysis.cohort import load_cohort, match_studies, require_matches, select_scores
 from corona_ct.pipeline.analysis.degenerate import MIN_MATCHED_SHARE, by_reason, unmatched_problem
-from corona_ct.pipeline.analysis.documents import fmt_p, write_json
+from corona_ct.pipeline.analysis.documents import fmt_p
 from corona_ct.pipeline.analysis.group_report import group_order, group_report, write_group_outputs
 from corona_ct.pipeline.analysis.roc_report import roc_console_lines, roc_report, write_roc_outputs
 from corona_ct.pipeline.analysis.slices import load_slices
 from corona_ct.pipeline.analysis.tables import map_labels, read_csv, read_mapping
+from corona_ct.pipeline.atomic import write_json
 from corona_ct.pipeline.errors import ConfigError, InputError
 from corona_ct.pipeline.stats import roc_analysis
 from tests.commands.test_analyze import _cohort, write_run_output

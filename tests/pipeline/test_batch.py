@@ -100,6 +100,7 @@ def test_run_help_documents_the_choice(capsys) -> None:
     assert "is refused (exit 2) unless you pass --resume" in text and "--overwrite" in text
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_the_previous_summary_until_the_new_batch_is_done(
     inputs, config, models, tmp_path, monkeypatch
 ) -> None:
@@ -143,6 +144,7 @@ with output_lock(Path(sys.argv[1])):
 """
 
 
+@pytest.mark.slow
 def test_a_second_run_on_one_output_is_refused_naming_the_holder(inputs, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     holder = subprocess.Popen(
@@ -164,6 +166,7 @@ def test_a_second_run_on_one_output_is_refused_naming_the_holder(inputs, tmp_pat
 # --------------------------------------------------------------------------- 3: ids
 
 
+@pytest.mark.slow
 def test_folder_ids_and_an_ids_file_that_links_them_to_the_inputs(inputs, config, models, tmp_path, capsys):
     named = tmp_path / "in" / "Secret_Patient"
     write_dicom_series(make_phantom(seed=6, lesions="none", **SHAPE), named, patient_name="Secret^Patient")
@@ -282,6 +285,7 @@ def _damage_then_resume(out, study, damage, inputs, config, models, caplog):
     return outcome.recomputed[study], caplog.text
 
 
+@pytest.mark.slow
 def test_resume_verifies_every_output_before_reusing_a_study(
     inputs, config, models, tmp_path, caplog
 ) -> None:

@@ -269,6 +269,7 @@ def test_a_checkpoint_runs_at_its_trained_size_and_is_named_in_the_report(tmp_pa
     ("backbone", "options", "feature_dim"),
     [("vgg16", {}, 512), ("resnet152_lstm", {"lstm_hidden": 16, "input_size": 64}, 2048)],
 )
+@pytest.mark.slow
 def test_other_backbones_checkpoints_run_through_the_pipeline(
     tmp_path, phantom, backbone, options, feature_dim
 ) -> None:

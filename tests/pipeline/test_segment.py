@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from corona_ct.data.phantom import LUNG, VESSEL, make_phantom
+from corona_ct.data.phantom import make_phantom
+from corona_ct.data.phantom_anatomy import LUNG, VESSEL
 from corona_ct.pipeline.config import SegmentConfig, WindowConfig
 from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Volume
 from corona_ct.pipeline.errors import ModelError

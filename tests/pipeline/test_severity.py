@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from corona_ct.data.phantom import LESION_CODE, VESSEL, make_phantom
+from corona_ct.data.phantom import make_phantom
+from corona_ct.data.phantom_anatomy import VESSEL
+from corona_ct.data.phantom_lesions import LESION_CODE
 from corona_ct.pipeline.config import PipelineConfig, SeverityConfig
 from corona_ct.pipeline.datamodel import CamStack, LungMask, SliceScores
 from corona_ct.pipeline.errors import GeometryError
