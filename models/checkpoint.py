@@ -20,7 +20,6 @@ Card schema (``docs/models.md``)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -37,7 +36,7 @@ from torch import nn
 from corona_ct.models.classifier import BackboneSpec, backbone_spec, build_classifier
 from corona_ct.models.segmenter import build_unet
 from corona_ct.pipeline import __version__
-from corona_ct.pipeline.atomic import atomic_path, write_json
+from corona_ct.pipeline.atomic import atomic_path, sha256_file, write_json
 from corona_ct.pipeline.device import resolve_device
 from corona_ct.pipeline.errors import ModelError
 
@@ -70,15 +69,6 @@ def _kind_of(path: Path) -> tuple[Path, Path]:
             f"{path}: not a corona-ct checkpoint; expected a .safetensors file with a .json card beside it"
         )
     return path.with_suffix(".safetensors"), path.with_suffix(".json")
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(chunk_bytes), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def validate_card(card: Mapping[str, Any], source: str = "model card") -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corona_ct.pipeline.batch import BatchOutcome, _display_source
+from corona_ct.pipeline.batch import BatchOutcome
 from corona_ct.pipeline.batch import run_batch as run_studies
 from corona_ct.pipeline.config import PipelineConfig, load_config
 from corona_ct.pipeline.datamodel import StudyResult
@@ -37,6 +37,7 @@ from corona_ct.pipeline.modelset import ModelSet, load_models
 from corona_ct.pipeline.report import write_study_outputs
 from corona_ct.pipeline.run import analyze_study
 from corona_ct.pipeline.single_slice import explain_images as explain_slices
+from corona_ct.pipeline.study_ids import display_source
 from corona_ct.pipeline.summary import summary_values
 
 __all__ = [
@@ -177,7 +178,7 @@ def analyse_study(
     if output is not None:
         values = summary_values(
             volume.study_id,
-            _display_source(item),
+            display_source(item),
             result,
             threshold=pipeline_config.classify.positive_threshold,
         )

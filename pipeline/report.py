@@ -1,7 +1,7 @@
 """Per-study outputs: report.json, a self-contained report.html, NIfTI masks/maps, features.npz.
 
 Every file is written atomically, report.json last; it lists the other files. The
-batch (:mod:`pipeline.batch`) then writes ``.complete.json`` with every file's checksum,
+batch (:mod:`pipeline.batch`) then writes ``.complete.json`` (:mod:`pipeline.completion`) with every file's checksum,
 which is what ``--resume`` checks. The same result gives the same bytes, except the
 ``created`` time and ``timings_s`` in the reports. A not-assessable study (no plausible lungs, see
 :mod:`pipeline.assess`) gets only its lung mask and the two reports: nothing was

@@ -2,16 +2,22 @@
 
 ``summary_values`` reads a :class:`~pipeline.datamodel.StudyResult` (or a failure) into
 ``SUMMARY_COLUMNS``; ``summary_cells`` writes those values as summary.csv text. The batch
-(:mod:`pipeline.batch`) writes the rows; ``corona-ct analyze`` reads them back.
+(:mod:`pipeline.batch`) writes the rows with :func:`write_summary` and, on ``--resume``, reads the
+earlier ones back with :func:`read_summary`; ``corona-ct analyze`` reads them too.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+from corona_ct.pipeline.atomic import write_text
 from corona_ct.pipeline.config import ClassifyConfig
 from corona_ct.pipeline.datamodel import STATUS_FAILED, StudyResult, empty_map_positive_slices
+from corona_ct.pipeline.errors import ConfigError
 from corona_ct.pipeline.layout import SUMMARY_COLUMNS
 
 
@@ -97,3 +103,33 @@ def _cell_text(value: object) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}"
     return str(value)
+
+
+def write_summary(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
+    """summary.csv, atomically, one row per study sorted by study id."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in sorted(rows, key=lambda r: str(r["study_id"])):
+        writer.writerow({k: row.get(k, "") for k in SUMMARY_COLUMNS})
+    write_text(path, buffer.getvalue())
+
+
+def read_summary(path: Path) -> dict[str, dict[str, object]]:
+    """An existing summary.csv as study id → row (text cells); unknown columns are dropped."""
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or "study_id" not in reader.fieldnames:
+                raise ConfigError(
+                    f"{path}: not a corona-ct summary (no study_id column); move it away or pass --overwrite"
+                )
+            return {
+                row["study_id"]: {c: row.get(c) or "" for c in SUMMARY_COLUMNS}
+                for row in reader
+                if row.get("study_id")
+            }
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ConfigError(
+            f"{path}: cannot read the earlier summary ({error}); move it away or pass --overwrite"
+        ) from error

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corona_ct.pipeline.commands.options import add_compute_options, apply_compute_options, set_option_help
+
+if TYPE_CHECKING:
+    from corona_ct.pipeline.config import PipelineConfig
 
 
 def _common(parser: argparse.ArgumentParser, *, weights: bool = True) -> None:
@@ -192,8 +196,9 @@ def _run(args: argparse.Namespace) -> int:
     refuse_slice_sets(args.inputs, config.ingest)  # a slice set is for explain: say so before loading models
     _compute(args)
     # torch loads with these: after the quick checks
-    from corona_ct.pipeline.batch import check_ids_file, check_output, output_lock, run_batch
+    from corona_ct.pipeline.batch import run_batch
     from corona_ct.pipeline.modelset import load_models
+    from corona_ct.pipeline.output_folder import check_ids_file, check_output, output_lock
 
     if args.ids_file is not None:
         check_ids_file(args.ids_file, args.output, inside_output_ok=args.ids_file_in_output)
@@ -267,6 +272,62 @@ def _demo(args: argparse.Namespace) -> int:
     config = _config(args)
     preflight.check_output_folder(args.output)
     _compute(args)
-    from corona_ct.pipeline.batch import run_demo  # torch: after the quick checks
-
     return run_demo(args.output, config, cls_weights=args.cls_weights)
+
+
+def _num(value: object, digits: int) -> str:
+    """A summary cell as a fixed-precision number ("—" when empty)."""
+    try:
+        return f"{float(str(value)):.{digits}f}"
+    except ValueError:
+        return "—"
+
+
+def run_demo(output: Path, config: PipelineConfig, *, cls_weights: Path | None = None) -> int:
+    """Write two phantom studies (with and without lesions) as DICOM and run the pipeline on them."""
+    # torch loads with these: after the quick checks
+    from corona_ct.data.phantom import make_phantom
+    from corona_ct.data.writers import write_dicom_series
+    from corona_ct.pipeline.batch import run_batch
+    from corona_ct.pipeline.layout import SUMMARY_NAME
+    from corona_ct.pipeline.modelset import load_models
+
+    inputs = output / "inputs"
+    phantoms = {
+        "phantom-lesions": make_phantom(seed=1, lesions="mixed"),
+        "phantom-normal": make_phantom(seed=2, lesions="none"),
+    }
+    for number, (name, phantom) in enumerate(phantoms.items(), start=1):
+        # patient strings that the folder names do not contain, so the ids stay readable
+        write_dicom_series(
+            phantom, inputs / name, patient_name=f"Anonymous^{number}", patient_id=f"DEMO-{number}"
+        )
+    print(f"wrote {len(phantoms)} phantom DICOM studies under {inputs}")
+    models = load_models(config, cls_weights, allow_untrained=True)
+    if models.untrained:
+        print(
+            "NOTE: no trained classifier weights are installed (models/weights/ is empty), so the demo runs with "
+            "UNTRAINED random weights: probabilities and Corona scores below are meaningless; lung volumes and "
+            "HU measures are real.",
+            file=sys.stderr,
+        )
+    # the demo's own folder: a rerun replaces its results
+    outcome = run_batch(
+        [inputs / name for name in phantoms], output / "results", config, models, overwrite=True
+    )
+    print(
+        f"{'study':<16} {'status':<14} {'p(case)':>8} {'score cm3':>10} {'lesions cm3 (true)':>18} "
+        f"{'lung cm3':>9} {'lung cm3 (true)':>15} {'GGO %':>6} {'consol. %':>9}"
+    )
+    for row in outcome.rows:
+        truth = phantoms.get(str(row["study_id"]))
+        true_lesion = truth.lesion_volume_ml if truth is not None else math.nan
+        true_lung = truth.lung_volume_ml if truth is not None else math.nan
+        print(
+            f"{row['study_id']!s:<16} {row['status']!s:<14} {_num(row['case_probability'], 3):>8} "
+            f"{_num(row['corona_score_cm3'], 1):>10} {true_lesion:>18.1f} {_num(row['lung_volume_cm3'], 1):>9} "
+            f"{true_lung:>15.1f} {_num(row['ggo_percent'], 2):>6} {_num(row['consolidation_percent'], 2):>9} "
+            f"{row['error'] or row['reason']}"
+        )
+    print(f"reports: {output / 'results'}/<study>/report.html; summary: {output / 'results' / SUMMARY_NAME}")
+    return outcome.exit_code

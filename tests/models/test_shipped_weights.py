@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from corona_ct.data.phantom import make_phantom
-from corona_ct.models.checkpoint import load_classifier, load_segmenter, read_card, sha256_file
+from corona_ct.models.checkpoint import load_classifier, load_segmenter, read_card
 from corona_ct.models.weights import default_weights
+from corona_ct.pipeline.atomic import sha256_file
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.errors import ModelError
 from corona_ct.pipeline.modelset import load_models

@@ -23,19 +23,16 @@ from corona_ct.data.phantom import make_phantom
 from corona_ct.data.writers import write_dicom_series, write_nifti
 from corona_ct.pipeline import batch as batch_module
 from corona_ct.pipeline.analysis.tables import read_mapping
-from corona_ct.pipeline.batch import (
-    COMPLETE_NAME,
-    input_identity,
-    output_lock,
-    run_batch,
-    verify_complete,
-    write_ids_file,
-)
+from corona_ct.pipeline.batch import run_batch
 from corona_ct.pipeline.cli import main
+from corona_ct.pipeline.completion import verify_complete
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.errors import ConfigError, InputError
 from corona_ct.pipeline.ingest import StudyInput, discover
+from corona_ct.pipeline.layout import COMPLETE_NAME
 from corona_ct.pipeline.modelset import load_models
+from corona_ct.pipeline.output_folder import output_lock
+from corona_ct.pipeline.study_ids import input_identity, write_ids_file
 
 SMALL = {"roi.input_size": 64, "runtime.device": "cpu", "segment.method": "classical"}
 SHAPE = {"shape": (10, 96, 96), "spacing_mm": (5.0, 3.2, 3.2)}
@@ -140,7 +137,7 @@ def test_overwrite_keeps_the_previous_summary_until_the_new_batch_is_done(
 LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
-from corona_ct.pipeline.batch import output_lock
+from corona_ct.pipeline.output_folder import output_lock
 with output_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(120)

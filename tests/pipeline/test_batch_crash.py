@@ -32,8 +32,8 @@ import pytest
 
 from corona_ct.data.phantom import make_phantom
 from corona_ct.data.writers import write_dicom_series, write_nifti
-from corona_ct.pipeline.batch import verify_complete
 from corona_ct.pipeline.cli import main
+from corona_ct.pipeline.completion import verify_complete
 from corona_ct.pipeline.layout import COMPLETE_NAME, LOCK_NAME
 from corona_ct.pipeline.threads import THREAD_ENV_VARS
 from tests.conftest import SESSION_THREADS
