@@ -113,14 +113,11 @@ def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
     """Localisation (Grad-CAM vs infection masks) and lung coverage of the infection."""
     from PIL import Image
 
-    from corona_ct.pipeline.classify import classify_slices
-    from corona_ct.pipeline.device import resolve_device
     from corona_ct.pipeline.ingest.slices import read_slice_image
-    from corona_ct.pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
+    from corona_ct.pipeline.preprocess import paste_back
     from corona_ct.pipeline.segment import slice_lung_labels
-    from corona_ct.pipeline.single_slice import slice_lung_mask
+    from corona_ct.pipeline.single_slice import explain_slice, slice_lung_mask
 
-    device = resolve_device(config.runtime.device)
     size = models.input_size(config)
     seg = models.segmenter
     per_slice: list[dict[str, Any]] = []
@@ -142,17 +139,12 @@ def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
         run_lungs = slice_lung_mask(image, units, config, models, image_path.name)
         if seg is not None:
             covered["unet"] += int((infection & run_lungs[0]).sum())
-        box = lung_bounding_box(run_lungs, config.roi)
-        windowed = window(image[None].astype(np.float32), units, config.window)
-        out = classify_slices(
-            models.classifier, models.spec, to_model_input(windowed, box, size), batch_size=1,
-            device=device, amp=config.runtime.amp, explain=True,
-        )  # fmt: skip
-        cam = paste_back(np.asarray(out.fused), box, image.shape)[0]
+        explained = explain_slice(image, units, config, models, source=image_path.name)  # explain's path
+        box, cam = explained.box, explained.cam
         dice_by_threshold.append([dice(cam > t, infection) for t in THRESHOLDS])
         fused_max.append(float(cam.max()))
-        for layer, maps in out.layer_maps.items():
-            layer_map = paste_back(resize_maps(np.asarray(maps), size), box, image.shape)[0]
+        for layer, maps in explained.layer_maps.items():
+            layer_map = paste_back(resize_maps(maps[None], size), box, image.shape)[0]
             layer_dice.setdefault(layer, []).append([dice(layer_map > t, infection) for t in THRESHOLDS])
             spot = np.unravel_index(int(np.argmax(layer_map)), layer_map.shape)
             layer_hits.setdefault(layer, []).append(bool(infection[spot]))
@@ -160,7 +152,7 @@ def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
         per_slice.append(
             {
                 "slice": image_path.stem,
-                "probability": float(np.asarray(out.probabilities)[0]),
+                "probability": explained.probability,
                 "dice_cam_0.6": dice(cam > CAM_THRESHOLD, infection),
                 "pointing_hit": bool(infection[peak]) if infection.any() else None,
                 "lung_mask_dice": dice(classical, infection),

@@ -62,23 +62,13 @@ def dice(prediction: npt.NDArray[np.bool_], truth: npt.NDArray[np.bool_]) -> flo
 
 
 def explain_slice(path: Path, models: Any, config: Any) -> tuple[float, np.ndarray, np.ndarray]:
-    """(probability, fused map on the image grid, image) of one slice image, as ``explain`` makes them."""
-    from corona_ct.pipeline.classify import classify_slices
-    from corona_ct.pipeline.device import resolve_device
+    """(probability, fused map on the image grid, image) of one slice image: ``explain``'s own path."""
     from corona_ct.pipeline.ingest.slices import read_slice_image
-    from corona_ct.pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
-    from corona_ct.pipeline.single_slice import slice_lung_mask
+    from corona_ct.pipeline.single_slice import explain_slice as explain_one
 
     image, units = read_slice_image(path, config.ingest)
-    lungs = slice_lung_mask(image, units, config, models, path.name)
-    box = lung_bounding_box(lungs, config.roi)
-    windowed = window(image[None].astype(np.float32), units, config.window)
-    out = classify_slices(
-        models.classifier, models.spec, to_model_input(windowed, box, models.input_size(config)),
-        batch_size=1, device=resolve_device(config.runtime.device), amp=config.runtime.amp, explain=True,
-    )  # fmt: skip
-    cam = paste_back(np.asarray(out.fused), box, image.shape)[0]
-    return float(np.asarray(out.probabilities)[0]), cam, image
+    explained = explain_one(image, units, config, models, source=path.name)
+    return explained.probability, explained.cam, image
 
 
 def save_montage(result: Any, infected: np.ndarray, path: Path, count: int = 8) -> None:

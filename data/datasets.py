@@ -34,7 +34,8 @@ from corona_ct.pipeline.errors import ConfigError, InputError
 from corona_ct.pipeline.ingest import load_study
 from corona_ct.pipeline.ingest.slices import read_slice_image
 from corona_ct.pipeline.preprocess import Box, lung_bounding_box, to_model_input, window
-from corona_ct.pipeline.segment import segment_lungs, slice_lungs
+from corona_ct.pipeline.segment import segment_lungs
+from corona_ct.pipeline.single_slice import prepare_slice
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +115,13 @@ def slices_to_model_input(
 
 
 def load_slice_input(path: Path, roi: str, size: int, config: PipelineConfig) -> torch.Tensor:
-    """One slice image file → (size, size) grey network input (see module docstring)."""
+    """One slice image file → (size, size) grey network input, by the single-slice path of ``explain``
+    (:func:`~corona_ct.pipeline.single_slice.prepare_slice`, classical lungs)."""
     array, units = read_slice_image(path, config.ingest)
-    windowed = window(array, units, config.window)[None]
-    lungs = None
-    if roi == "lung":
-        lungs = slice_lungs(array, units, config, str(path))
-        if not lungs.any():
-            log.warning("%s: no lung found; the whole slice is used", path)
-    return slices_to_model_input(windowed, lungs, size, config)[0]
+    prepared = prepare_slice(array, units, config, size, roi=roi, source=str(path))
+    if prepared.roi == "image (no lung found)":
+        log.warning("%s: no lung found; the whole slice is used", path)
+    return prepared.batch[0, 0]
 
 
 def build_slice_dataset(

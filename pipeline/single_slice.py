@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from matplotlib import colormaps
 from PIL import Image
 
@@ -31,7 +32,7 @@ from corona_ct.pipeline.ingest.slice_checks import slice_image_problem
 from corona_ct.pipeline.ingest.slices import read_slice_image
 from corona_ct.pipeline.layout import PREDICTION_COLUMNS, PREDICTIONS_NAME
 from corona_ct.pipeline.modelset import ModelSet
-from corona_ct.pipeline.preprocess import lung_bounding_box, paste_back, to_model_input, window
+from corona_ct.pipeline.preprocess import Box, lung_bounding_box, paste_back, to_model_input, window
 from corona_ct.pipeline.segment import slice_lung_labels
 
 
@@ -46,6 +47,43 @@ def slice_lung_mask(
 
 
 @dataclass(frozen=True)
+class PreparedSlice:
+    """One slice image prepared for the classifier, exactly as ``explain`` and training prepare it."""
+
+    batch: torch.Tensor  # (1, 3, size, size) network input
+    windowed: npt.NDArray[np.float32]  # (y, x) the image in the config's window, [0, 1]
+    box: Box | None  # the lung box on the image grid; None: the whole image
+    roi: str  # the crop used: "lung", "image" or "image (no lung found)"
+
+
+def prepare_slice(
+    image: np.ndarray,
+    units: str,
+    config: PipelineConfig,
+    size: int,
+    *,
+    roi: str = "lung",
+    segmenter: torch.nn.Module | None = None,
+    segmenter_input_size: int | None = None,
+    device: str = "cpu",
+    source: str = "slice",
+) -> PreparedSlice:
+    """Window, find the lungs (``segmenter``, else the classical method), crop to their box and resize.
+
+    ``image``: (y, x) CT values in ``units`` (``HU`` or ``windowed``); ``roi="none"`` or no lung
+    found: the whole image. The one single-slice path: ``explain``, the training data sets and
+    the validation scripts all call it.
+    """
+    windowed = window(image[None].astype(np.float32), units, config.window)
+    box, roi_used = None, "image"
+    if roi == "lung":
+        labels = slice_lung_labels(image, units, config, source, segmenter, device, segmenter_input_size)
+        box = lung_bounding_box(labels > 0, config.roi)
+        roi_used = "lung" if box is not None else "image (no lung found)"
+    return PreparedSlice(to_model_input(windowed, box, size), windowed[0], box, roi_used)
+
+
+@dataclass(frozen=True)
 class SliceExplanation:
     """One slice image explained: its probability and fused Grad-CAM map at the image's size."""
 
@@ -53,6 +91,8 @@ class SliceExplanation:
     cam: npt.NDArray[np.float32]  # (y, x) fused Grad-CAM map in [0, 1], zero outside the crop
     windowed: npt.NDArray[np.float32]  # (y, x) the image in the config's window, [0, 1]
     roi: str  # the crop used: "lung", "image" or "image (no lung found)"
+    box: Box | None  # the crop on the image grid; None: the whole image
+    layer_maps: dict[str, npt.NDArray[np.float32]]  # each Grad-CAM layer's map, (h_l, w_l), before fusion
 
 
 def explain_slice(
@@ -64,24 +104,20 @@ def explain_slice(
     roi: str = "lung",
     source: str = "slice",
 ) -> SliceExplanation:
-    """Window, crop to the lung box (``roi="lung"``; the whole image when no lung is found or
-    ``roi="none"``), resize, classify with fused Grad-CAM and paste the map back at the image's size.
-
-    ``image``: (y, x) CT values in ``units`` (``HU`` or ``windowed``); ``source`` names it in errors.
+    """:func:`prepare_slice` with the run's segmenter, then classify with fused Grad-CAM (the config's
+    layers and fusion) and paste the map back at the image's size.
     """
     device = resolve_device(config.runtime.device)
     spec = models.spec
-    windowed = window(image[None].astype(np.float32), units, config.window)
-    box, roi_used = None, "image"
-    if roi == "lung":
-        lungs = slice_lung_mask(image, units, config, models, source)
-        box = lung_bounding_box(lungs, config.roi)
-        roi_used = "lung" if box is not None else "image (no lung found)"
-    batch = to_model_input(windowed, box, models.input_size(config))
+    prepared = prepare_slice(
+        image, units, config, models.input_size(config), roi=roi,
+        segmenter=models.segmenter.module if models.segmenter is not None else None,
+        segmenter_input_size=models.segmenter_input_size, device=str(device), source=source,
+    )  # fmt: skip
     out = classify_slices(
         models.classifier,
         spec,
-        batch,
+        prepared.batch,
         batch_size=1,
         device=device,
         amp=config.runtime.amp,
@@ -89,9 +125,15 @@ def explain_slice(
         layers=config.cam.layers or spec.cam_layers,
         fusion=config.cam.fusion,
     )
-    cam = paste_back(np.asarray(out.fused), box, image.shape)[0].astype(np.float32)
-    probability = float(np.asarray(out.probabilities)[0])
-    return SliceExplanation(probability=probability, cam=cam, windowed=windowed[0], roi=roi_used)
+    cam = paste_back(np.asarray(out.fused), prepared.box, image.shape)[0].astype(np.float32)
+    return SliceExplanation(
+        probability=float(np.asarray(out.probabilities)[0]),
+        cam=cam,
+        windowed=prepared.windowed,
+        roi=prepared.roi,
+        box=prepared.box,
+        layer_maps={name: np.asarray(maps[0], np.float32) for name, maps in out.layer_maps.items()},
+    )
 
 
 #: predictions.csv columns: the input path as given, its file name, ok/failed, the slice probability,

@@ -151,3 +151,22 @@ def test_lung_roi_crop_of_a_ct_slice_matches_the_crop_to_the_true_lungs(tmp_path
     whole = slices_to_model_input(windowed, None, 32, config)[0]
     assert float((cropped - truth).abs().mean()) < 0.03  # segmented box ≈ true lung box
     assert float((whole - truth).abs().mean()) > 0.05  # and the crop really changed the input
+
+
+def test_training_inputs_are_explains_inputs(tmp_path: Path) -> None:
+    """One single-slice path: a training image is what ``explain`` feeds the classifier, bit for bit."""
+    import tifffile
+
+    from corona_ct.data.datasets import load_slice_input
+    from corona_ct.data.phantom import make_phantom
+    from corona_ct.pipeline.ingest.slices import read_slice_image
+    from corona_ct.pipeline.single_slice import prepare_slice
+
+    phantom = make_phantom(seed=1, shape=(12, 96, 96))
+    tifffile.imwrite(tmp_path / "slice.tif", (phantom.hu[5].astype(np.int32) + 1024).astype(np.uint16))
+    config = PipelineConfig()
+    image, units = read_slice_image(tmp_path / "slice.tif", config.ingest)
+    for roi in ("lung", "none"):
+        prepared = prepare_slice(image, units, config, 32, roi=roi)
+        assert torch.equal(load_slice_input(tmp_path / "slice.tif", roi, 32, config), prepared.batch[0, 0])
+    assert prepared.roi == "image" and prepare_slice(image, units, config, 32).roi == "lung"
