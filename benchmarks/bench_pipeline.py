@@ -1,18 +1,231 @@
-"""Pipeline speed: seconds per slice for each stage and per study, batched vs one slice at a time.
+"""Pipeline speed on CPU: seconds per stage of one study, and the whole run against its bare model passes.
 
-    python benchmarks/bench_pipeline.py [--study ../shared/data/dicom/LIDC-IDRI-0001] [--device cpu]
+    python benchmarks/bench_pipeline.py [--study ../shared/data/dicom/LIDC-IDRI-0001] [--threads 2]
+        [--repeats 2] [--batch-sizes 1,16]
 
-Random classifier weights are used (speed does not depend on the weights). Prints a table
-of seconds per slice per stage for each batch size and the one-batch / one-slice ratio.
+Loads the shipped default models (models/weights; speed does not depend on the weights) and
+prints, for each repeat (the first repeat follows one warm-up batch of each network):
+
+* the stage timings ``analyze_study`` records itself (``StudyResult.timings_s``), plus reading
+  the study and writing its outputs (NIfTI, features.npz, report.html/json);
+* the same stages taken apart: each sub-step run on its own on the same arrays, at the
+  pipeline's batch sizes, among them the bare passes of the two networks — the U-Net forward
+  on the same windowed slices already resized to its input, and the ResNet-50 forward plus the
+  Grad-CAM backward (``autograd.grad`` of the summed score w.r.t. the same hooked layers) on
+  the same crops;
+* the ratio of the whole run (``analyze_study``, and reading + analysis + writing) to the sum
+  of those bare passes. The target (issue 13) is under 1.5.
+
+``--batch-sizes`` additionally compares whole-study times at several classifier batch sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from corona_ct.models.classifier import BackboneSpec, positive_score
+from corona_ct.models.segmenter import is_binary_unet, predict_lung_labels
+from corona_ct.pipeline.assess import check_lungs
+from corona_ct.pipeline.classify import case_probability
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.datamodel import CamStack, LungMask, SliceScores, Volume
+from corona_ct.pipeline.explain import explain_batch
+from corona_ct.pipeline.ingest import load_study
+from corona_ct.pipeline.modelset import ModelSet, load_models
+from corona_ct.pipeline.preprocess import (
+    evaluable_slices,
+    lung_bounding_box,
+    paste_back,
+    resize_batch,
+    to_model_input,
+    window,
+)
+from corona_ct.pipeline.report import write_study_outputs
+from corona_ct.pipeline.run import _thumbnail, analyze_study
+from corona_ct.pipeline.segment.cleanup import clean_lung_mask, keep_plausible_lung, trim_dense_rim
+from corona_ct.pipeline.segment.regions import low_density
+from corona_ct.pipeline.segment.sides import split_sides
+from corona_ct.pipeline.severity import hu_maps, severity
+from corona_ct.pipeline.summary import summary_values
 
 DEFAULT_STUDY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom" / "LIDC-IDRI-0001"
+T = TypeVar("T")
+#: Sub-steps that are bare network passes (the denominator of the ratio).
+BARE = ("U-Net forward (bare)", "ResNet-50 fwd + Grad-CAM bwd (bare)")
+
+
+def timed(seconds: dict[str, float], name: str, work: Callable[[], T]) -> T:
+    """Run ``work()``, add its wall time (s) to ``seconds[name]`` and return its result."""
+    start = time.perf_counter()
+    value = work()
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+    return value
+
+
+def bare_unet_seconds(
+    model: torch.nn.Module, windowed: np.ndarray, batch: int, size: int
+) -> tuple[float, float]:
+    """U-Net forward alone (s) on ``windowed`` slices resized to ``size`` beforehand, ``batch`` at a time,
+    and the time (s) to resize its class scores back to the slice size and take the argmax."""
+    inputs = resize_batch(torch.from_numpy(np.ascontiguousarray(windowed, np.float32)), (size, size))[:, None]
+    image_shape = (int(windowed.shape[1]), int(windowed.shape[2]))
+    forward = back = 0.0
+    with torch.inference_mode():
+        for start in range(0, inputs.shape[0], batch):
+            part = inputs[start : start + batch].contiguous()
+            began = time.perf_counter()
+            logits = model(part).float()
+            forward += time.perf_counter() - began
+            began = time.perf_counter()
+            n, classes = logits.shape[:2]
+            scores = resize_batch(logits.reshape(n * classes, size, size), image_shape)
+            scores.reshape(n, classes, *image_shape).argmax(dim=1).to(torch.uint8).numpy()
+            back += time.perf_counter() - began
+    return forward, back
+
+
+def bare_gradcam_pass(
+    model: torch.nn.Module, spec: BackboneSpec, inputs: torch.Tensor, layers: Sequence[str]
+) -> None:
+    """ResNet forward + one backward to the hooked layers' activations, nothing else (no maps, no copies)."""
+    captured: dict[str, torch.Tensor] = {}
+    names = list(dict.fromkeys([*layers, spec.feature_layer]))
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _a, out, name=name: captured.__setitem__(name, out)
+        )
+        for name in names
+    ]
+    try:
+        with torch.enable_grad():
+            batch = inputs.clone().requires_grad_(True)
+            logits = model(batch)
+            torch.autograd.grad(positive_score(logits).sum(), [captured[name] for name in names])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def whole_run(volume: Volume, models: ModelSet, config: PipelineConfig, out_dir: Path) -> dict[str, float]:
+    """``analyze_study``'s own stage timings, the total, and the time to write the outputs (s)."""
+    start = time.perf_counter()
+    result = analyze_study(volume, models, config)
+    seconds = {f"analyze: {name}": value for name, value in result.timings_s.items()}
+    seconds["analyze_study total"] = time.perf_counter() - start
+    values = summary_values(
+        volume.study_id, str(volume.source), result, threshold=config.classify.positive_threshold
+    )
+    timed(seconds, "write outputs", lambda: write_study_outputs(out_dir, result, models, config, values))
+    return seconds
+
+
+def stage_breakdown(volume: Volume, models: ModelSet, config: PipelineConfig) -> dict[str, float]:
+    """``analyze_study``'s steps run one by one on the same arrays (s), bare passes included."""
+    s: dict[str, float] = {}
+    assert models.segmenter is not None
+    unet = models.segmenter.module.eval()
+    seg_size = models.segmenter_input_size or 256
+    seg = config.segment
+    spacing = volume.geometry.spacing_mm
+    hu = volume.array
+
+    windowed = timed(s, "seg: window", lambda: window(hu, volume.units, config.window))
+    raw = timed(
+        s, "seg: U-Net incl. resize in/out + argmax",
+        lambda: predict_lung_labels(unet, windowed, seg.batch_size, "cpu", input_size=seg_size),
+    )  # fmt: skip
+    s[BARE[0]], s["  of which: scores resized to slice + argmax"] = bare_unet_seconds(
+        unet, windowed, seg.batch_size, seg_size
+    )
+    if is_binary_unet(unet) and raw.any():
+        raw = timed(s, "seg: split_sides", lambda: split_sides(raw > 0, windowed))
+    rim_px = int(np.ceil(max(hu.shape[1:]) / seg_size))
+    low = timed(s, "seg: low_density", lambda: low_density(hu, volume.units, seg))
+    raw = timed(s, "seg: trim_dense_rim", lambda: trim_dense_rim(raw, low, rim_px))
+    raw = timed(
+        s, "seg: keep_plausible_lung", lambda: keep_plausible_lung(raw, hu, volume.units, spacing, low)
+    )
+    labels = timed(s, "seg: clean_lung_mask", lambda: clean_lung_mask(raw, spacing, seg, intensity=hu))
+    lung_mask = LungMask(labels=labels, method="unet")
+    timed(s, "assess", lambda: check_lungs(volume, lung_mask, seg))
+
+    lungs = lung_mask.lungs
+    box = timed(s, "roi: lung box", lambda: lung_bounding_box(lungs, config.roi))
+    evaluated = timed(s, "roi: evaluable slices", lambda: evaluable_slices(lungs, config.roi))
+    windowed = timed(s, "roi: window (again)", lambda: window(hu, volume.units, config.window))
+
+    classifier = models.classifier.module.eval()
+    spec = models.spec
+    size = models.input_size(config)
+    layers = tuple(config.cam.layers or spec.cam_layers)
+    batch = config.classify.batch_size
+    eval_index = np.flatnonzero(evaluated)
+    probs = np.full(volume.n_slices, np.nan, np.float32)
+    cam_volume = timed(s, "paste: allocate cam volume", lambda: np.zeros(hu.shape, np.float32))
+    for start in range(0, len(eval_index), batch):
+        chunk = eval_index[start : start + batch]
+        inputs = timed(
+            s, "cls: crop + resize (to_model_input)", partial(to_model_input, windowed[chunk], box, size)
+        )
+        out = timed(
+            s, "cls: explain_batch (fwd + bwd + maps)",
+            partial(explain_batch, classifier, spec, inputs, layers=layers, fusion=config.cam.fusion),
+        )  # fmt: skip
+        timed(s, BARE[1], partial(bare_gradcam_pass, classifier, spec, inputs, layers))
+        fused = torch.as_tensor(out.fused)
+        probs[chunk] = out.probabilities
+        cam_volume[chunk] = timed(s, "paste: paste_back", partial(paste_back, fused, box, hu.shape[1:]))
+        timed(s, "paste: thumbnails", partial(_thumbnails, inputs[:, 0], fused))
+    scores = SliceScores(probs=probs, evaluated=evaluated)
+    cams = CamStack(maps=cam_volume, layers=layers, fusion=config.cam.fusion)
+    timed(s, "severity", lambda: severity(volume, lung_mask, cams, scores, config))
+    if volume.units == "HU":
+        timed(
+            s, "  of which: hu_maps (GGO/consolidation)",
+            lambda: hu_maps(volume.hu, lungs, spacing, config.severity),
+        )  # fmt: skip
+    timed(s, "case probability", lambda: case_probability(probs[evaluated], config.classify))
+    return s
+
+
+def _thumbnails(images: torch.Tensor, maps: torch.Tensor) -> None:
+    """The two thumbnail stacks the runner keeps per batch (slices and fused maps)."""
+    _thumbnail(images)
+    _thumbnail(maps)
+
+
+def print_table(title: str, runs: Sequence[dict[str, float]], n_slices: int) -> None:
+    """One row per key, one column (s/study) per repeat, and s/slice of the last repeat."""
+    print(f"\n{title}")
+    header = "".join(f"{'run ' + str(i + 1):>9}" for i in range(len(runs)))
+    print(f"  {'stage':<44}{header} {'s/slice':>9}")
+    for key in runs[0]:
+        cells = "".join(f"{run.get(key, 0.0):>9.3f}" for run in runs)
+        print(f"  {key:<44}{cells} {runs[-1].get(key, 0.0) / n_slices:>9.4f}")
+
+
+def warm_up(volume: Volume, models: ModelSet, config: PipelineConfig) -> None:
+    """One batch through each network: allocator, kernels and page cache before the first timing."""
+    assert models.segmenter is not None
+    windowed = window(volume.array[: config.segment.batch_size], volume.units, config.window)
+    seg_size = models.segmenter_input_size or 256
+    _ = bare_unet_seconds(models.segmenter.module.eval(), windowed, config.segment.batch_size, seg_size)
+    inputs = to_model_input(
+        window(volume.array[: config.classify.batch_size], volume.units, config.window),
+        None,
+        models.input_size(config),
+    )
+    spec = models.spec
+    explain_batch(models.classifier.module, spec, inputs, layers=spec.cam_layers)
 
 
 def main() -> None:
@@ -20,49 +233,63 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--study", type=Path, default=DEFAULT_STUDY)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    parser.add_argument("--batch-sizes", default="1,16", help="comma-separated classifier batch sizes")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats of every measurement")
+    parser.add_argument(
+        "--batch-sizes", default="", help="also compare whole runs at these classifier batch sizes, e.g. 1,16"
+    )
     args = parser.parse_args()
-
-    import torch
-
-    from corona_ct.pipeline.config import PipelineConfig
-    from corona_ct.pipeline.ingest import load_study
-    from corona_ct.pipeline.modelset import load_models
-    from corona_ct.pipeline.run import analyze_study
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    volume = load_study(args.study)
-    load_s = time.perf_counter() - start
-    n = volume.n_slices
-    print(
-        f"study {args.study.name}: {volume.array.shape} slices, loaded in {load_s:.2f} s ({load_s / n:.4f} s/slice)"
-    )
-    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-
-    per_batch: dict[int, float] = {}
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-        config = PipelineConfig().replace({"runtime.device": args.device, "classify.batch_size": batch})
-        models = load_models(config, allow_untrained=True)
-        analyze_study(volume, models, config)  # warm-up: allocator, kernels, page cache
+    config = PipelineConfig().replace({"runtime.device": "cpu"})
+    reads: list[float] = []
+    for _ in range(args.repeats):
         start = time.perf_counter()
-        result = analyze_study(volume, models, config)
-        total = time.perf_counter() - start
-        per_batch[batch] = total
-        evaluated = int(result.scores.evaluated.sum())
-        print(f"\nbatch size {batch}: {total:.2f} s per study, {evaluated}/{n} slices evaluated")
-        print(f"  {'stage':<18} {'s/study':>9} {'s/slice':>9}")
-        for stage, seconds in result.timings_s.items():
-            print(f"  {stage:<18} {seconds:>9.3f} {seconds / n:>9.4f}")
-        print(f"  {'total':<18} {total:>9.3f} {total / n:>9.4f}")
-    if len(per_batch) >= 2:
-        sizes = sorted(per_batch)
-        smallest, largest = sizes[0], sizes[-1]
-        ratio = per_batch[smallest] / per_batch[largest]
-        print(f"\nbatch {largest} vs batch {smallest}: {ratio:.2f}× faster per study")
+        volume = load_study(args.study)
+        reads.append(time.perf_counter() - start)
+    n = volume.n_slices
+    models = load_models(config, None, None)
+    print(
+        f"study {args.study.name}: {volume.array.shape} voxels, read in "
+        + ", ".join(f"{r:.2f}" for r in reads)
+        + " s"
+    )
+    print(
+        f"torch {torch.__version__}, cpu, threads {torch.get_num_threads()}; U-Net input "
+        f"{models.segmenter_input_size} px, batch {config.segment.batch_size}; {models.spec.name} input "
+        f"{models.input_size(config)} px, batch {config.classify.batch_size}, Grad-CAM layers "
+        f"{', '.join(config.cam.layers or models.spec.cam_layers)}"
+    )
+    warm_up(volume, models, config)
+
+    wholes: list[dict[str, float]] = []
+    parts: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            whole = {"read study (load_study)": reads[repeat]}
+            whole.update(whole_run(volume, models, config, Path(tmp) / f"run{repeat}"))
+            wholes.append(whole)
+            parts.append(stage_breakdown(volume, models, config))
+    for whole, part in zip(wholes, parts, strict=True):
+        bare = part[BARE[0]] + part[BARE[1]]
+        whole["bare passes (sum)"] = bare
+        whole["ratio analyze_study / bare"] = whole["analyze_study total"] / bare
+        end_to_end = whole["read study (load_study)"] + whole["analyze_study total"] + whole["write outputs"]
+        whole["read + analyze + write"] = end_to_end
+        whole["ratio read+analyze+write / bare"] = end_to_end / bare
+        part["sum of sub-steps (bare rows excluded)"] = sum(
+            v for k, v in part.items() if k not in BARE and not k.startswith(" ")
+        )
+    print_table("whole run (StudyResult.timings_s; the two ratio rows are plain ratios)", wholes, n)
+    print_table("stages taken apart (same arrays, same batch sizes)", parts, n)
+
+    if args.batch_sizes:
+        for size in (int(b) for b in args.batch_sizes.split(",")):
+            sized = config.replace({"classify.batch_size": size})
+            start = time.perf_counter()
+            analyze_study(volume, models, sized)
+            print(f"classifier batch {size}: analyze_study {time.perf_counter() - start:.2f} s")
 
 
 if __name__ == "__main__":
