@@ -165,6 +165,9 @@ class World:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # A shell's background job (`make test &`, nohup) ignores SIGINT, and children inherit
+            # that: give the child Ctrl-C's default so that the SIGINT test sends what a user would.
+            preexec_fn=_default_sigint,
         )
 
     def pause_plan(self, name: str, nth: int, when: str, tag: str) -> dict[str, object]:
@@ -221,6 +224,10 @@ def _snapshot(output: Path) -> dict[str, bytes]:
                 report, why = verify_complete(path.parent, expected)
                 assert report is not None, f"{path}: {why}"
     return files
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _assert_same_as_baseline(world: World, output: Path) -> None:
