@@ -142,7 +142,7 @@ def _config(args: argparse.Namespace) -> Any:
     """The pipeline config of ``--config`` and ``--set``, its ranges checked; a GPU asked for is checked too.
 
     Settings come first so that a wrong one is named before anything else. Only a GPU device
-    needs torch to be checked; threads are limited (``_compute``) after the quick input checks.
+    needs torch to be checked; threads are limited (``apply_compute_options``) after the quick input checks.
     """
     from corona_ct.pipeline.config import load_config
 
@@ -155,11 +155,6 @@ def _config(args: argparse.Namespace) -> Any:
 
         resolve_device(config.runtime.device)  # torch loads here: a GPU was asked for
     return config
-
-
-def _compute(args: argparse.Namespace) -> None:
-    """``--threads`` and ``--device`` applied (loads torch): after the quick input and output checks."""
-    apply_compute_options(args)
 
 
 def _print_rows(rows: list[dict[str, object]]) -> None:
@@ -194,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
     from corona_ct.pipeline.ingest import refuse_slice_sets
 
     refuse_slice_sets(args.inputs, config.ingest)  # a slice set is for explain: say so before loading models
-    _compute(args)
+    apply_compute_options(args)  # threads and device (loads torch): after the quick checks
     # torch loads with these: after the quick checks
     from corona_ct.pipeline.batch import run_batch
     from corona_ct.pipeline.modelset import load_models
@@ -251,7 +246,7 @@ def _explain(args: argparse.Namespace) -> int:
     preflight.check_image_inputs(args.images)
     preflight.check_output_folder(args.output)
     images = collect_slice_images(args.images)  # folders expanded, mask folders refused, before any model
-    _compute(args)
+    apply_compute_options(args)  # threads and device (loads torch): after the quick checks
     from corona_ct.pipeline.modelset import load_models  # torch: after the quick checks
     from corona_ct.pipeline.single_slice import explain_images
 
@@ -271,7 +266,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     config = _config(args)
     preflight.check_output_folder(args.output)
-    _compute(args)
+    apply_compute_options(args)  # threads and device (loads torch): after the quick checks
     return run_demo(args.output, config, cls_weights=args.cls_weights)
 
 
