@@ -19,32 +19,31 @@ What it guarantees:
 - **summary.csv is complete or the previous one.** It is written atomically; with
   ``overwrite`` the previous one stays until the new batch has finished.
 
-One study's outputs and its completion record are written by :func:`_analyze_and_write`.
+One study's outputs and its completion record are written by :func:`pipeline.study_job.run_study_job`,
+in this process or, with ``ray``, on the workers of a Ray cluster (:mod:`pipeline.ray_batch`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
 from corona_ct.pipeline.atomic import remove_stale_temporaries
-from corona_ct.pipeline.completion import expected_record, verify_complete, write_completion_record
+from corona_ct.pipeline.completion import expected_record
 from corona_ct.pipeline.config import PipelineConfig
-from corona_ct.pipeline.datamodel import STATUS_NOT_ASSESSABLE, StudyFailure, Volume
-from corona_ct.pipeline.errors import ConfigError, CoronaCTError, OutputError, StageError, one_line
-from corona_ct.pipeline.ingest import StudyInput, discover, load_all_series, load_input
+from corona_ct.pipeline.datamodel import STATUS_NOT_ASSESSABLE, StudyFailure
+from corona_ct.pipeline.errors import ConfigError, CoronaCTError, one_line
+from corona_ct.pipeline.ingest import StudyInput, discover
 from corona_ct.pipeline.ingest.deid import clean_text, hashed_id
-from corona_ct.pipeline.layout import COMPLETE_NAME, REPORT_JSON_NAME, STUDY_FILES, SUMMARY_NAME
+from corona_ct.pipeline.layout import SUMMARY_NAME
 from corona_ct.pipeline.modelset import ModelSet
 from corona_ct.pipeline.output_folder import check_ids_file, check_output, output_lock, writing
-from corona_ct.pipeline.progress import bars_wanted, progress_log, study_line
-from corona_ct.pipeline.report import write_study_outputs
-from corona_ct.pipeline.run import _stage, analyze_study
+from corona_ct.pipeline.progress import bars_wanted, progress_log
+from corona_ct.pipeline.ray_batch import RayOptions, run_on_ray
 from corona_ct.pipeline.study_ids import (
     STUDY_NAMING,
     StudyNaming,
@@ -55,7 +54,8 @@ from corona_ct.pipeline.study_ids import (
     write_ids_file,
     write_registry,
 )
-from corona_ct.pipeline.summary import read_summary, summary_cells, summary_row, summary_values, write_summary
+from corona_ct.pipeline.study_job import JobOptions, JobOutcome, StudyJob, reuse_finished, run_study_job
+from corona_ct.pipeline.summary import read_summary, summary_row, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,12 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- outcome
 
 
-@dataclass
-class BatchOutcome:
+class BatchOutcome(JobOutcome):
     """What a batch run did; ``rows`` are this run's summary.csv rows, ``kept`` the earlier ones it kept."""
 
-    rows: list[dict[str, object]] = field(default_factory=list)
-    failures: list[StudyFailure] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    kept: list[dict[str, object]] = field(default_factory=list)
-    recomputed: dict[str, str] = field(default_factory=dict)  # study id → why it was not reused
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[dict[str, object]] = []
 
     @property
     def not_assessable(self) -> list[dict[str, object]]:
@@ -102,6 +99,7 @@ def run_batch(
     ids_file: Path | None = None,
     ids_file_in_output: bool = False,
     dicom_out: bool = False,
+    ray: RayOptions | None = None,
 ) -> BatchOutcome:
     """Analyse every study found under ``inputs``; write per-study outputs and summary.csv.
 
@@ -114,6 +112,7 @@ def run_batch(
     usable series of a study is its own row (study id suffixed with the short series UID).
     A failure to write (disk full, permissions) stops the batch with an :class:`OutputError`.
     ``dicom_out``: also a DICOM SEG and SR per study (:mod:`pipeline.dicom_out`; DICOM inputs only).
+    ``ray``: spread the studies over a Ray cluster (:mod:`pipeline.ray_batch`), same guarantees.
     """
     if study_naming not in STUDY_NAMING:
         raise ConfigError(f"--study-id {study_naming!r}: use one of {', '.join(STUDY_NAMING)}")
@@ -124,7 +123,7 @@ def run_batch(
         return _run_locked(
             inputs, output, config, models, resume=resume, overwrite=overwrite, series_uid=series_uid,
             all_series=all_series, show_progress=show_progress, study_naming=study_naming, ids_file=ids_file,
-            dicom_out=dicom_out,
+            dicom_out=dicom_out, ray=ray,
         )  # fmt: skip
 
 
@@ -142,6 +141,7 @@ def _run_locked(
     study_naming: StudyNaming,
     ids_file: Path | None,
     dicom_out: bool = False,
+    ray: RayOptions | None = None,
 ) -> BatchOutcome:
     summary_path = output / SUMMARY_NAME
     remove_stale_temporaries(output)  # a killed run's; we hold the lock
@@ -174,50 +174,33 @@ def _run_locked(
         with writing(output):
             write_summary(summary_path, [*kept, *ours.values()])
 
-    disable = not bars_wanted(show_progress)  # bars on a terminal; else one log line per study
-    for number, (item, identity) in enumerate(
-        tqdm(list(zip(items, identities, strict=True)), desc="studies", unit="study", disable=disable),
-        start=1,
-    ):
-        source = display_source(item)
+    bars = bars_wanted(show_progress)  # bars on a terminal; else one log line per study
+    jobs: list[StudyJob] = []
+    for number, (item, identity) in enumerate(zip(items, identities, strict=True), start=1):
         expected = expected_record(config, models, identity, series_uid, all_series)
         expected.update({"dicom_out": True} if dicom_out else {})
-        if not all_series and _resumed(output / item.study_id, expected, resume, outcome):
-            save_summary()
+        if not all_series and reuse_finished(output / item.study_id, expected, resume, outcome):
             continue
-        timings: dict[str, float] = {}
-        try:
-            with _stage("ingest", item.study_id, timings):
-                volumes = (
-                    load_all_series(item, config.ingest)
-                    if all_series
-                    else [load_input(item, config.ingest, series_uid=series_uid)]
-                )
-        except CoronaCTError as error:
-            _record_failure(outcome, item.study_id, source, error)
-            volumes = []
-        for volume in volumes:
-            if all_series and _resumed(output / volume.study_id, expected, resume, outcome):
-                continue
-            try:
-                outcome.rows.append(
-                    _analyze_and_write(
-                        volume,
-                        source,
-                        output,
-                        models,
-                        config,
-                        expected,
-                        timings,
-                        disable,
-                        f"{number}/{len(items)}",
-                        item if dicom_out else None,
-                    )
-                )
-            except OutputError:
-                raise
-            except CoronaCTError as error:
-                _record_failure(outcome, volume.study_id, source, error)
+        jobs.append(StudyJob(item, display_source(item), expected, f"{number}/{len(items)}"))
+    if outcome.rows:
+        save_summary()
+    options = JobOptions(
+        output=output,
+        series_uid=series_uid,
+        all_series=all_series,
+        resume=resume,
+        dicom_out=dicom_out,
+        slice_bars=bars and ray is None,  # Ray workers have no terminal
+    )
+    finished = (
+        run_on_ray(jobs, models, config, options, ray, allow_untrained=models.untrained)
+        if ray is not None
+        else (run_study_job(job, models, config, options) for job in jobs)
+    )
+    for job_outcome in tqdm(finished, total=len(jobs), desc="studies", unit="study", disable=not bars):
+        outcome.merge(job_outcome)
+        for line in job_outcome.lines if not bars else ():
+            progress_log.info(line)
         save_summary()
     if earlier:
         ours = {str(row["study_id"]) for row in outcome.rows}
@@ -229,80 +212,6 @@ def _run_locked(
             )  # fmt: skip
     save_summary(final=True)
     return outcome
-
-
-def _resumed(study_dir: Path, expected: Mapping[str, object], resume: bool, outcome: BatchOutcome) -> bool:
-    """With resume: reuse a verified study's summary row instead of recomputing; log why when not."""
-    if not resume:
-        return False
-    report, why = verify_complete(study_dir, expected)
-    if report is None:
-        if why:
-            log.warning("%s: recomputing: %s", study_dir.name, why)
-            outcome.recomputed[study_dir.name] = why
-        return False
-    summary = report["summary"]
-    assert isinstance(summary, dict)
-    outcome.rows.append(summary_cells(summary))
-    outcome.skipped.append(study_dir.name)
-    return True
-
-
-def _analyze_and_write(
-    volume: Volume,
-    source: str,
-    output: Path,
-    models: ModelSet,
-    config: PipelineConfig,
-    expected: Mapping[str, object],
-    ingest_timings: dict[str, float],
-    disable_progress: bool,
-    position: str = "",
-    dicom_source: StudyInput | None = None,
-) -> dict[str, object]:
-    """Analyse one loaded series, write its outputs and then its completion record; returns its summary row.
-
-    Without progress bars it logs one line: ``study 3/12 P002: ok, p=0.91, score 34.2 cm3, 61.3 s``.
-    """
-    study_id = volume.study_id
-    study_dir = output / study_id
-    with tqdm(
-        total=volume.n_slices, desc=study_id, unit="slice", leave=False, disable=disable_progress
-    ) as bar:
-        result = analyze_study(volume, models, config, progress=bar.update)
-    result.timings_s.update(ingest_timings)
-    values = summary_values(study_id, source, result, threshold=config.classify.positive_threshold)
-    with writing(output):
-        (study_dir / COMPLETE_NAME).unlink(missing_ok=True)  # not complete until the new record is written
-        try:
-            report = write_study_outputs(study_dir, result, models, config, values)
-        except (OSError, CoronaCTError):
-            raise
-        except Exception as error:
-            raise StageError("report", study_id, f"{type(error).__name__}: {error}") from error
-        files = [*report["files"], REPORT_JSON_NAME]
-        if dicom_source is not None:  # --dicom-out
-            from corona_ct.pipeline.dicom_out import write_dicom_outputs  # optional dependency: highdicom
-
-            files += write_dicom_outputs(study_dir, result, config, dicom_source)
-        for stale in set(STUDY_FILES) - set(files):
-            (study_dir / stale).unlink(missing_ok=True)
-        write_completion_record(study_dir, expected, files)
-    if disable_progress:
-        score = result.severity.corona_score_cm3 if result.severity is not None else None
-        seconds = sum(result.timings_s.values())
-        progress_log.info(
-            study_line(position, study_id, result.status, result.case_probability, score, seconds)
-        )
-    return summary_cells(values)
-
-
-def _record_failure(outcome: BatchOutcome, study_id: str, source: str, error: CoronaCTError) -> None:
-    stage = getattr(error, "stage", "run")
-    message = one_line(str(error))
-    outcome.failures.append(StudyFailure(study_id, source, stage, type(error).__name__, message))
-    outcome.rows.append(summary_row(study_id, source, error=message))
-    log.warning("%s: failed: %s", study_id, message)
 
 
 def _discover_each(

@@ -110,14 +110,16 @@ def load_models(
     seg_weights: Path | None = None,
     *,
     allow_untrained: bool = False,
+    use_defaults: bool = True,
 ) -> ModelSet:
     """Load the classifier and (when configured) the U-Net segmenter.
 
-    Explicit paths win over the project's default weights in ``models/weights``.
+    Explicit paths win over the project's default weights in ``models/weights``; with
+    ``use_defaults=False`` only the given paths load (a Ray worker loads exactly the driver's files).
     Without classifier weights this refuses unless ``allow_untrained`` is set.
     """
     device = str(resolve_device(config.runtime.device))
-    cls_path = cls_weights or weights.default_weights("classifier")
+    cls_path = cls_weights or (weights.default_weights("classifier") if use_defaults else None)
     if cls_path is None and not allow_untrained:
         raise ModelError(
             "no classifier weights: pass --cls-weights RUN/model.safetensors (train one with "
@@ -131,7 +133,9 @@ def load_models(
     method = config.segment.method
     if method not in SEGMENT_METHODS:
         raise ModelError(f"segment.method={method!r}; use auto, unet or classical")
-    seg_path = seg_weights if seg_weights is not None else weights.default_weights("segmenter")
+    seg_path = (
+        seg_weights if seg_weights is not None or not use_defaults else weights.default_weights("segmenter")
+    )
     if method == "unet" and seg_path is None:
         raise ModelError("segment.method=unet needs --seg-weights (train one with `corona-ct train-seg`)")
     segmenter = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -99,6 +100,34 @@ def register(subparsers: Any) -> None:
         "referencing the source series; DICOM inputs only (needs the extra corona-ct[dicom-out]); the patient and "
         "study modules of the source are copied into them",
     )
+    cluster = run.add_argument_group("batch on a Ray cluster (needs the extra corona-ct[ray])")
+    cluster.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="spread the studies over Ray workers, each loading the models once; without ADDRESS a local cluster "
+        "is started for this run, with one (from `ray start --head`, or auto) that cluster is joined. Every node "
+        "must see the inputs and the output folder at the same paths. A study that fails or whose worker dies "
+        "is retried once; summary.csv, --resume and atomic writes work as in a local run",
+    )
+    cluster.add_argument(
+        "--ray-workers", type=int, metavar="N", help="number of Ray workers (default: the cluster's CPUs)"
+    )
+    cluster.add_argument(
+        "--ray-cpus-per-worker",
+        type=float,
+        default=1.0,
+        metavar="N",
+        help="CPUs (and torch threads) per Ray worker (default 1)",
+    )
+    cluster.add_argument(
+        "--ray-gpus-per-worker",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="GPUs per Ray worker on a GPU cluster (1, or 0.5 to share one; default 0)",
+    )
     run.add_argument(
         "--no-progress",
         action="store_true",
@@ -190,6 +219,7 @@ def _run(args: argparse.Namespace) -> int:
 
     refuse_slice_sets(args.inputs, config.ingest)  # a slice set is for explain: say so before loading models
     apply_compute_options(args)  # threads and device (loads torch): after the quick checks
+    ray_options = _ray_options(args)
     # torch loads with these: after the quick checks
     from corona_ct.pipeline.batch import run_batch
     from corona_ct.pipeline.modelset import load_models
@@ -226,6 +256,7 @@ def _run(args: argparse.Namespace) -> int:
             ids_file=args.ids_file,
             ids_file_in_output=args.ids_file_in_output,
             dicom_out=args.dicom_out,
+            ray=ray_options,
         )
     _print_rows(outcome.rows)
     not_assessable = len(outcome.not_assessable)
@@ -236,6 +267,25 @@ def _run(args: argparse.Namespace) -> int:
         f"{len(outcome.skipped)} resumed{kept}; summary: {args.output / 'summary.csv'}"
     )
     return outcome.exit_code  # not-assessable studies are answers, not failures: exit 0
+
+
+def _ray_options(args: argparse.Namespace) -> Any:
+    """The --ray options, checked before any model loads; None without --ray."""
+    from corona_ct.pipeline.errors import ConfigError
+    from corona_ct.pipeline.ray_batch import INSTALL_HINT, RayOptions
+
+    if args.ray is None:
+        if args.ray_workers is not None:
+            raise ConfigError("--ray-workers needs --ray")
+        return None
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(f"--ray: Ray is not installed. {INSTALL_HINT}")
+    return RayOptions(
+        address=None if args.ray == "local" else args.ray,  # as in ray.init: "local" starts a new cluster
+        workers=args.ray_workers,
+        cpus_per_worker=args.ray_cpus_per_worker,
+        gpus_per_worker=args.ray_gpus_per_worker,
+    )
 
 
 def _explain(args: argparse.Namespace) -> int:

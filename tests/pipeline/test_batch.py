@@ -21,7 +21,7 @@ import pytest
 
 from corona_ct.data.phantom import make_phantom
 from corona_ct.data.writers import write_dicom_series, write_nifti
-from corona_ct.pipeline import batch as batch_module
+from corona_ct.pipeline import study_job as study_job_module
 from corona_ct.pipeline.analysis.tables import read_mapping
 from corona_ct.pipeline.batch import run_batch
 from corona_ct.pipeline.cli import main
@@ -107,7 +107,7 @@ def test_overwrite_keeps_the_previous_summary_until_the_new_batch_is_done(
     out = tmp_path / "out"
     run_batch([inputs.a, inputs.c], out, config, models, show_progress=False)
     before = (out / "summary.csv").read_bytes()
-    real = batch_module.analyze_study
+    real = study_job_module.analyze_study
     calls = {"n": 0}
 
     def interrupt_second(*args, **kwargs):
@@ -116,7 +116,7 @@ def test_overwrite_keeps_the_previous_summary_until_the_new_batch_is_done(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(batch_module, "analyze_study", interrupt_second)
+    monkeypatch.setattr(study_job_module, "analyze_study", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         run_batch([inputs.a, inputs.c], out, config, models, overwrite=True, show_progress=False)
     assert (out / "summary.csv").read_bytes() == before  # not empty, not partial: the previous one
@@ -126,7 +126,7 @@ def test_overwrite_keeps_the_previous_summary_until_the_new_batch_is_done(
         run_batch([inputs.c], tmp_path / "fresh", config, models, show_progress=False)
     assert not (tmp_path / "fresh" / "summary.csv").exists()  # no empty summary.csv either
 
-    monkeypatch.setattr(batch_module, "analyze_study", real)
+    monkeypatch.setattr(study_job_module, "analyze_study", real)
     run_batch([inputs.c], out, config, models, overwrite=True, show_progress=False)
     assert sorted(_rows(out)) == ["c"]  # --overwrite: this run's studies only
 

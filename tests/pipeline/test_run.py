@@ -213,12 +213,12 @@ def test_resume_skips_complete_studies_and_reruns_on_config_change(batch, models
 
 
 def test_an_interrupted_batch_keeps_finished_studies(tmp_path, phantom, models, config, monkeypatch) -> None:
-    import corona_ct.pipeline.batch as batch_module
+    import corona_ct.pipeline.study_job as study_job_module
 
     inputs = tmp_path / "in"
     write_nifti(phantom, inputs / "a.nii.gz")
     write_nifti(phantom, inputs / "b.nii.gz")
-    real = batch_module.analyze_study
+    real = study_job_module.analyze_study
     calls = {"n": 0}
 
     def interrupt_second(*args, **kwargs):
@@ -227,7 +227,7 @@ def test_an_interrupted_batch_keeps_finished_studies(tmp_path, phantom, models, 
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(batch_module, "analyze_study", interrupt_second)
+    monkeypatch.setattr(study_job_module, "analyze_study", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         run_batch(
             [inputs / "a.nii.gz", inputs / "b.nii.gz"], tmp_path / "out", config, models, show_progress=False
