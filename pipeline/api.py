@@ -34,6 +34,7 @@ from corona_ct.pipeline.errors import ConfigError
 from corona_ct.pipeline.ingest import discover, load_input, load_study
 from corona_ct.pipeline.layout import PREDICTIONS_NAME
 from corona_ct.pipeline.modelset import ModelSet, load_models
+from corona_ct.pipeline.ray_batch import RayOptions
 from corona_ct.pipeline.report import write_study_outputs
 from corona_ct.pipeline.run import analyze_study
 from corona_ct.pipeline.single_slice import explain_images as explain_slices
@@ -42,6 +43,7 @@ from corona_ct.pipeline.summary import summary_values
 
 __all__ = [
     "ExplainedImages",
+    "RayOptions",
     "analyse_study",
     "build_config",
     "explain_images",
@@ -204,6 +206,7 @@ def run_batch(
     ids_file: PathLike | None = None,
     threads: int | None = None,
     dicom_out: bool = False,
+    ray: RayOptions | None = None,
     **settings: Any,
 ) -> BatchOutcome:
     """Analyse every study found under ``inputs``, as ``corona-ct run`` does.
@@ -216,7 +219,8 @@ def run_batch(
     :class:`~corona_ct.pipeline.errors.ConfigError`. ``study_naming``: ``"deidentified"`` or
     ``"folder"`` (as ``--study-id``); ``ids_file``: where to write ``study_id,input,...``
     (as ``--ids-file``). ``dicom_out``: also a DICOM SEG and SR per study (as ``--dicom-out``;
-    DICOM inputs only). ``show_progress``: bars (True), log lines (False), or
+    DICOM inputs only). ``ray``: spread the studies over a Ray cluster, e.g.
+    ``RayOptions(address="auto", workers=8)`` (as ``--ray``). ``show_progress``: bars (True), log lines (False), or
     bars only when stderr is a terminal (None). Other arguments as :func:`analyse_study`.
 
     Returns:
@@ -240,6 +244,7 @@ def run_batch(
         study_naming=study_naming,  # type: ignore[arg-type]  # checked by run_batch
         ids_file=None if ids_file is None else Path(ids_file),
         dicom_out=dicom_out,
+        ray=ray,
     )
 
 

@@ -26,6 +26,7 @@ import ray
 from corona_ct.data.phantom import make_phantom
 from corona_ct.data.writers import write_dicom_series
 from corona_ct.pipeline.batch import BatchOutcome, run_batch
+from corona_ct.pipeline.cli import main
 from corona_ct.pipeline.completion import verify_complete
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.device import set_threads
@@ -34,8 +35,6 @@ from corona_ct.pipeline.layout import COMPLETE_NAME
 from corona_ct.pipeline.modelset import load_models
 from corona_ct.pipeline.ray_batch import RayOptions
 from corona_ct.pipeline.threads import THREAD_ENV_VARS
-
-pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"roi.input_size": 64, "runtime.device": "cpu", "segment.method": "classical"}
@@ -94,6 +93,7 @@ def _wait_for(condition, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_costs_one_retry_and_the_results_match_a_local_run(studies, tmp_path, caplog) -> None:
     config = PipelineConfig().replace(SMALL)
     models = load_models(config, allow_untrained=True)
@@ -183,6 +183,7 @@ def _cli(output: Path, inputs: list[Path], *extra: str) -> subprocess.Popen[str]
     )
 
 
+@pytest.mark.slow
 def test_an_interrupted_ray_batch_resumes_with_every_study_done_once(studies, tmp_path) -> None:
     output = tmp_path / "out"
     first = _cli(output, studies.good)
@@ -227,3 +228,9 @@ def test_joining_a_cluster_that_is_not_there_says_how_to_start_one(studies, tmp_
             show_progress=False,
             ray=RayOptions(address="127.0.0.1:1"),
         )
+
+
+def test_ray_settings_without_ray_are_refused_before_models_load(studies, tmp_path, capsys) -> None:
+    code = main(["run", str(studies.good[0]), "--output", str(tmp_path / "out"), "--ray-workers", "2"])
+    assert code == 2
+    assert "--ray-workers needs --ray" in capsys.readouterr().err
