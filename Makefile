@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-CHECKED := pipeline models data tests benchmarks run_pipeline.py
+CHECKED := pipeline models data tests benchmarks tools run_pipeline.py
 
 .PHONY: venv demo test test-fast lint typecheck unit contracts clean
 

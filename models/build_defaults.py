@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--run", type=Path, required=True, help="run folder holding model.safetensors")
     i.add_argument("--weights-dir", type=Path, default=Path(__file__).resolve().parent / "weights")
     i.add_argument("--validation", action="append", default=[], help="validation.json to store in the card")
-    i.add_argument("--cohort", type=Path, help="metrics.json of benchmarks/phantom_cohort.py")
+    i.add_argument("--cohort", type=Path, help="metrics.json of python -m tools.phantom_cohort")
     c = sub.add_parser("calibrate", help="shift a run's output bias to a specificity on the held-out groups")
     c.add_argument("--run", type=Path, required=True)
     c.add_argument("--prepared", type=Path, required=True, help="the prepared set the run was trained from")

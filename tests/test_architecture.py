@@ -1,7 +1,8 @@
 """The house rules that code review would otherwise have to remember.
 
-- Every module of the package sits in a layer of the import-linter contract in setup.cfg
-  (``make contracts`` checks the layers; this test checks that no module escapes them).
+- Every module of the package and of the release tools in ``tools/`` sits in a layer of the
+  import-linter contract in setup.cfg (``make contracts`` checks the layers; this test checks
+  that no module escapes them).
 - Library code imports at module top; only the CLI imports lazily (for ``--help`` speed).
   A library import inside a function must say why in a comment on its line or the line above
   (an optional dependency, or a reader that keeps ``ingest`` quick to import).
@@ -15,7 +16,12 @@ from pathlib import Path
 
 from tests.conftest import REPO_ROOT
 
-PACKAGES = {"pipeline": "corona_ct.pipeline", "models": "corona_ct.models", "data": "corona_ct.data"}
+PACKAGES = {
+    "pipeline": "corona_ct.pipeline",
+    "models": "corona_ct.models",
+    "data": "corona_ct.data",
+    "tools": "tools",
+}
 CLI_FILES = ("pipeline/cli.py", "pipeline/__main__.py")
 CLI_FOLDERS = ("pipeline/commands/",)
 

@@ -2,10 +2,10 @@
 
 Three steps, each one command (docs/models.md):
 
-    python benchmarks/default_models.py prepare --data ../shared/data --output runs/defaults
+    python -m tools.default_models prepare --data ../shared/data --output runs/defaults
     corona-ct train-cls --data runs/defaults/classifier.csv --output runs/defaults/classifier ...
     corona-ct train-seg --data runs/defaults/segmenter.csv --output runs/defaults/segmenter ...
-    python benchmarks/default_models.py install --output runs/defaults
+    python -m tools.default_models install --output runs/defaults
 
 ``prepare`` writes
 
@@ -31,16 +31,22 @@ import io
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from PIL import Image
 
 from corona_ct.data.manifest import group_of, group_rule, image_files
+from corona_ct.data.phantom import make_phantom
+from corona_ct.models.checkpoint import load_classifier, load_segmenter, read_card, save_checkpoint
+from corona_ct.models.weights import WEIGHTS_DIR
 from corona_ct.pipeline.atomic import write_text
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.ingest import load_study
+from corona_ct.pipeline.ingest.nifti import write_nifti
+from corona_ct.pipeline.ingest.slices import read_slice_image
+from corona_ct.pipeline.segment import segment_lungs, slice_lung_labels
 
 VAL_FRACTION = 0.2
 SEMISEG_SLICES_PER_VOLUME = 20
@@ -127,12 +133,6 @@ def assign_splits(rows: list[dict[str, str]], seed: int = 0) -> None:
 
 def pseudo_label_rows(data: Path, output: Path) -> list[dict[str, str]]:
     """Classical right/left lung pseudo-labels of SemiSeg unlabeled slices, saved as label PNGs."""
-    from PIL import Image
-
-    from corona_ct.pipeline.config import PipelineConfig
-    from corona_ct.pipeline.ingest.slices import read_slice_image
-    from corona_ct.pipeline.segment import slice_lung_labels
-
     config = PipelineConfig()
     mask_dir = output / "pseudo_masks"
     mask_dir.mkdir(parents=True, exist_ok=True)
@@ -151,11 +151,6 @@ def pseudo_label_rows(data: Path, output: Path) -> list[dict[str, str]]:
 
 def lidc_rows(data: Path, output: Path) -> list[dict[str, str]]:
     """LIDC series as NIfTI volumes with classical 3D pseudo-labels (HU input, as at inference)."""
-    from corona_ct.pipeline.config import PipelineConfig
-    from corona_ct.pipeline.ingest import load_study
-    from corona_ct.pipeline.ingest.nifti import write_nifti
-    from corona_ct.pipeline.segment import segment_lungs
-
     config = PipelineConfig()
     rows = []
     for series in sorted((data / "dicom").glob("LIDC-IDRI-*")):
@@ -168,16 +163,14 @@ def lidc_rows(data: Path, output: Path) -> list[dict[str, str]]:
 
 
 def phantom_rows(output: Path) -> list[dict[str, str]]:
-    from corona_ct.data.phantom import make_phantom
-    from corona_ct.pipeline.ingest.nifti import write_nifti as write_nifti_array
-
+    """The seeded phantom volumes (``SEG_PHANTOM_SEEDS``) as NIfTI with their exact lung labels."""
     rows = []
     for seed in SEG_PHANTOM_SEEDS:
         phantom = make_phantom(seed=seed, lesions="mixed", lesion_volume_ml=40.0 + 60.0 * (seed % 3))
-        image = write_nifti_array(
+        image = write_nifti(
             output / "volumes" / f"phantom-{seed}.nii.gz", phantom.hu, phantom.to_volume(), dtype=np.int16
         )
-        mask = write_nifti_array(
+        mask = write_nifti(
             output / "volumes" / f"phantom-{seed}-lungs.nii.gz", phantom.lung_labels, phantom.to_volume()
         )
         rows.append({"image": str(image), "mask": str(mask), "group": f"phantom-{seed}"})
@@ -237,32 +230,22 @@ TRAINING_DATA = {
 
 
 def install(output: Path, weights_dir: Path, validation: Path | None, cohort: Path | None) -> None:
-    from corona_ct.models.checkpoint import load_checkpoint, read_card, save_checkpoint
-    from corona_ct.models.classifier import build_classifier
-    from corona_ct.models.segmenter import build_unet
-
+    """Each run's ``model.safetensors`` → ``weights_dir/<kind>.safetensors`` (fp16) with the training
+    data, intended use and validation figures added to its card."""
     figures: dict[str, Any] = json.loads(validation.read_text()) if validation else {}
     if cohort is not None:
         figures.setdefault("classifier", {})["phantom_cohort"] = json.loads(cohort.read_text())
     for kind in ("classifier", "segmenter"):
         source = output / kind / "model.safetensors"
-        card = read_card(source)
-        state, _ = load_checkpoint(source, expected_architecture=card["architecture"])
-        if kind == "classifier":
-            model = build_classifier(
-                card["backbone"], card["num_outputs"], **card.get("backbone_options", {})
-            )
-        else:
-            model = build_unet(num_classes=card["num_classes"], in_channels=1)
-        model.load_state_dict(state)
+        loaded = load_classifier(source) if kind == "classifier" else load_segmenter(source)
         card = {
-            **card,
+            **loaded.card,
             "training_data": TRAINING_DATA[kind],
             "intended_use": "research only; the training images are not a clinical population",
         }
         if kind in figures:
             card["validation"] = figures[kind]
-        path = save_checkpoint(model, weights_dir / f"{kind}.safetensors", card, half=True)
+        path = save_checkpoint(loaded.module, weights_dir / f"{kind}.safetensors", card, half=True)
         size_mb = path.stat().st_size / 1e6
         print(f"{kind}: {path} ({size_mb:.1f} MB, sha256 {read_card(path)['sha256'][:16]}…)")
 
@@ -275,9 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--output", type=Path, default=Path("runs/defaults"))
     inst = sub.add_parser("install", help="copy the trained runs to models/weights as fp16")
     inst.add_argument("--output", type=Path, default=Path("runs/defaults"))
-    inst.add_argument(
-        "--weights-dir", type=Path, default=Path(__file__).resolve().parents[1] / "models/weights"
-    )
+    inst.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR)
     inst.add_argument("--validation", type=Path, help="validation.json from validate_defaults.py")
     inst.add_argument("--cohort", type=Path, help="metrics.json from phantom_cohort.py")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Do the weights-free HU measures separate infected from clean lung? Old vs new, on real CT.
 
-    python benchmarks/hu_measures.py --data ../shared/data --output runs/hu-measures
+    python -m tools.hu_measures --data ../shared/data --output runs/hu-measures
 
 Prints and writes ``hu_measures.json``:
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,11 +37,19 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pydicom
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The series: CTMD_PATIENTS (COVID-19, pneumonia, normal; one Siemens scanner), LIDC_SERIES (nodules, no COVID).
+from corona_ct.data.source_matched import CTMD_PATIENTS, LIDC_SERIES, ctmd_infection_labels
+from corona_ct.pipeline.config import PipelineConfig, SeverityConfig, load_config
+from corona_ct.pipeline.datamodel import Volume
+from corona_ct.pipeline.ingest import load_study
+from corona_ct.pipeline.ingest.slices import read_slice_image
+from corona_ct.pipeline.modelset import load_models
+from corona_ct.pipeline.segment import segment_lungs, slice_lung_labels
+from corona_ct.pipeline.severity import hu_maps, raw_hu_fractions
+from corona_ct.pipeline.stats import roc_analysis
 
-CTMD_PATIENTS = ("P002", "cap002", "normal001")  # COVID-19, pneumonia, normal; one Siemens scanner
-LIDC_STUDIES = ("LIDC-IDRI-0001", "LIDC-IDRI-0002")  # lung nodules, no COVID
 MIN_SLICE_LUNG_CM2 = 10.0  # slices with less lung area than this (cm², after the edge margin) are not scored
 
 BoolArray = npt.NDArray[np.bool_]
@@ -66,9 +73,7 @@ def _cached_labels(
 class Lungs:
     """Loads the series of the benchmark and their (cached) lung labels: shipped U-Net or classical."""
 
-    def __init__(self, data: Path, cache: Path, config: Any, kind: str = "unet") -> None:
-        from corona_ct.pipeline.modelset import load_models
-
+    def __init__(self, data: Path, cache: Path, config: PipelineConfig, kind: str = "unet") -> None:
         self.data, self.cache, self.config, self.kind = data, cache, config, kind
         self.models = load_models(config) if kind == "unet" else None
         if self.models is not None and self.models.segmenter is None:
@@ -92,10 +97,7 @@ class Lungs:
             self._loaded[name] = self._load(folder, name)
         return self._loaded[name]
 
-    def _load(self, folder: Path, name: str) -> tuple[Any, npt.NDArray[np.uint8]]:
-        from corona_ct.pipeline.ingest import load_study
-        from corona_ct.pipeline.segment import segment_lungs
-
+    def _load(self, folder: Path, name: str) -> tuple[Volume, npt.NDArray[np.uint8]]:
         volume = load_study(folder, self.config.ingest)
         module, size = self._segmenter()
 
@@ -113,11 +115,6 @@ class Lungs:
         self,
     ) -> list[tuple[str, str, npt.NDArray[np.float32], tuple[float, float], npt.NDArray[np.uint8]]]:
         """(patient, file, HU (y, x), pixel spacing mm, lung labels (y, x)) of every TCGA slice."""
-        import pydicom
-
-        from corona_ct.pipeline.ingest.slices import read_slice_image
-        from corona_ct.pipeline.segment import slice_lung_labels
-
         module, size = self._segmenter()
         out = []
         for path in sorted((self.data / "tcga-slices").glob("*/*.dcm")):
@@ -141,7 +138,7 @@ class Lungs:
         return out
 
 
-def raw_slice_percent(hu: FloatArray, lungs: BoolArray, config: Any) -> FloatArray:
+def raw_slice_percent(hu: FloatArray, lungs: BoolArray, config: SeverityConfig) -> FloatArray:
     """Per slice (z,): the old measure, % of lung voxels with raw HU in ground glass or consolidation range."""
     ggo_lo, _ = config.ggo_hu
     _, cons_hi = config.consolidation_hu
@@ -151,11 +148,9 @@ def raw_slice_percent(hu: FloatArray, lungs: BoolArray, config: Any) -> FloatArr
 
 
 def measure(
-    hu: npt.ArrayLike, labels: npt.ArrayLike, spacing_mm: tuple[float, float, float], config: Any
+    hu: npt.ArrayLike, labels: npt.ArrayLike, spacing_mm: tuple[float, float, float], config: PipelineConfig
 ) -> dict[str, Any]:
     """Old and new measures of one series: whole-lung % and per-slice arrays."""
-    from corona_ct.pipeline.severity import hu_maps, raw_hu_fractions
-
     hu = np.asarray(hu, dtype=np.float32)
     lungs = np.asarray(labels) > 0
     start = time.perf_counter()
@@ -189,8 +184,6 @@ def measure(
 
 def auc_figures(labels: npt.NDArray[np.int64], scores: FloatArray) -> dict[str, Any]:
     """AUC with its DeLong 95 % CI (None when one class is missing)."""
-    from corona_ct.pipeline.stats import roc_analysis
-
     out: dict[str, Any] = {"n": int(labels.size), "n_infected": int(labels.sum())}
     if 0 < labels.sum() < labels.size:
         roc = roc_analysis(labels, scores)
@@ -226,10 +219,8 @@ def whole(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(lungs: Lungs, config: Any) -> dict[str, Any]:
+def run(lungs: Lungs, config: PipelineConfig) -> dict[str, Any]:
     """Every figure of the benchmark for one configuration."""
-    from corona_ct.data.source_matched import ctmd_infection_labels
-
     data = lungs.data
     figures: dict[str, Any] = {
         "config": config.to_dict()["severity"],
@@ -281,7 +272,7 @@ def run(lungs: Lungs, config: Any) -> dict[str, Any]:
     reference: dict[str, Any] = {}
     ref_old, ref_new = [], []
     lidc_slices: dict[str, dict[str, FloatArray]] = {}
-    for study in LIDC_STUDIES:
+    for study in LIDC_SERIES:
         volume, labels = lungs.volume(data / "dicom" / study, study)
         result = measure(volume.hu, labels, volume.geometry.spacing_mm, config)
         scored = result["_lung_cm2"] >= MIN_SLICE_LUNG_CM2
@@ -324,7 +315,7 @@ def run(lungs: Lungs, config: Any) -> dict[str, Any]:
     operating: dict[str, Any] = {}
     for name in ("old", "new"):
         normal = np.concatenate(
-            [ctmd_slices["normal001"][name], *(lidc_slices[s][name] for s in LIDC_STUDIES)]
+            [ctmd_slices["normal001"][name], *(lidc_slices[s][name] for s in LIDC_SERIES)]
         )
         limit = float(np.percentile(normal, 95))
         values = np.concatenate([ctmd_slices[p][name] for p in ("P002", "cap002")])
@@ -360,10 +351,8 @@ SENSITIVITY = (
 )
 
 
-def sensitivity(lungs: Lungs, config: Any) -> list[dict[str, Any]]:
+def sensitivity(lungs: Lungs, config: PipelineConfig) -> list[dict[str, Any]]:
     """Slice AUCs of the new measure on COVID-CT-MD (pooled, P002, cap002) for each one-at-a-time change."""
-    from corona_ct.data.source_matched import ctmd_infection_labels
-
     cases = []
     for patient in CTMD_PATIENTS:
         volume, labels = lungs.volume(lungs.data / "covid-ct-md" / patient, patient)
@@ -437,7 +426,7 @@ def summary_table(figures: dict[str, Any]) -> str:
         "| whole lungs | old GGO % | old consolidation % | new GGO % | new consolidation % | new opacity % |",
         "|---|---|---|---|---|---|",
     ]
-    rows = [(p, ctmd[p]) for p in CTMD_PATIENTS] + [(s, figures["reference"][s]) for s in LIDC_STUDIES]
+    rows = [(p, ctmd[p]) for p in CTMD_PATIENTS] + [(s, figures["reference"][s]) for s in LIDC_SERIES]
     for name, entry in rows:
         o, n = entry["old"], entry["new"]
         lines.append(
@@ -461,7 +450,7 @@ def summary_table(figures: dict[str, Any]) -> str:
                     f"{trio(ctmd[name]['slice_old'][state])} | {trio(ctmd[name]['slice_new'][state])} |"
                 )
     ref = figures["reference"]
-    for study in LIDC_STUDIES:
+    for study in LIDC_SERIES:
         lines.append(
             f"| {study} ({ref[study]['slice_old']['n']} slices) | {trio(ref[study]['slice_old'])} | {trio(ref[study]['slice_new'])} |"
         )
@@ -485,7 +474,7 @@ def summary_table(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -500,13 +489,9 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="section.field=value", help="config override"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import pydicom  # noqa: F401  (its import sets its logger's level; quieten it afterwards)
-
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # non-conformant UIDs of COVID-CT-MD, once per file
-
-    from corona_ct.pipeline.config import load_config
 
     config = load_config(None, args.set)
     start = time.perf_counter()

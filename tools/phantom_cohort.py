@@ -1,6 +1,6 @@
 """Phantom cohort: does the pipeline measure what was put in?
 
-    python benchmarks/phantom_cohort.py --output runs/phantom-cohort [--n 20] [--cls-weights W]
+    python -m tools.phantom_cohort --output runs/phantom-cohort [--n 20] [--cls-weights W]
 
 Writes N seeded phantom studies as DICOM (a quarter without lesions, the rest with
 ground-glass and consolidation lesions from 10 to 300 cm³), runs the pipeline on
@@ -19,9 +19,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import pearsonr
+
+from corona_ct.data.phantom import make_phantom
+from corona_ct.data.writers import write_dicom_series
+from corona_ct.pipeline.batch import run_batch
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.modelset import load_models
+from corona_ct.pipeline.stats import roc_auc
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -32,16 +40,7 @@ def main() -> None:
     parser.add_argument("--allow-untrained", action="store_true")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--resume", action="store_true", help="reuse finished studies")
-    args = parser.parse_args()
-
-    from scipy.stats import pearsonr
-
-    from corona_ct.data.phantom import make_phantom
-    from corona_ct.data.writers import write_dicom_series
-    from corona_ct.pipeline.batch import run_batch
-    from corona_ct.pipeline.config import PipelineConfig
-    from corona_ct.pipeline.modelset import load_models
-    from corona_ct.pipeline.stats import roc_auc
+    args = parser.parse_args(argv)
 
     n_normal = max(1, args.n // 4)
     volumes_ml = np.concatenate([np.zeros(n_normal), np.linspace(10.0, args.max_ml, args.n - n_normal)])

@@ -1,21 +1,23 @@
 """Validate the default models on real data; every figure of docs/models.md comes from here.
 
-    python benchmarks/validate_defaults.py --data ../shared/data --manifest runs/defaults/classifier.csv \\
+    python -m tools.validate_defaults --data ../shared/data --manifest runs/defaults/classifier.csv \\
         --output runs/defaults/validation [--cls-weights W] [--seg-weights W]
 
 Without weight options the shipped defaults in ``models/weights/`` are used. Prints
 and writes ``validation.json``:
 
 * classifier on the grouped validation split of the manifest: AUC (DeLong 95 % CI),
-  accuracy, sensitivity, specificity at p ≥ 0.5, overall and per source;
+  accuracy, sensitivity, specificity at p ≥ ``classify.positive_threshold`` (0.5),
+  overall and per source;
 * localisation on COVID-SemiSeg train (50 slices, radiologists' infection masks,
-  never trained on): Dice of fused Grad-CAM > 0.6 against the mask, the best
+  never trained on): Dice of fused Grad-CAM > ``cam.activation_threshold`` (0.6)
+  against the mask (the key names the threshold: ``dice_cam_0.6``), the best
   single-threshold Dice, the pointing game (map maximum inside the infection), and
   the whole-lung-mask Dice as a reference a map must beat;
 * lungs: fraction of infection pixels inside the lung mask, U-Net vs classical;
 * LIDC series (no COVID): fraction of evaluated slices called positive.
 
-The phantom cohort (Corona score vs true lesion volume) is ``benchmarks/phantom_cohort.py``.
+The phantom cohort (Corona score vs true lesion volume) is ``python -m tools.phantom_cohort``.
 """
 
 from __future__ import annotations
@@ -24,25 +26,40 @@ import argparse
 import csv
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from corona_ct.data.datasets import build_slice_dataset
+from corona_ct.data.manifest import read_manifest_csv
+from corona_ct.models.train_classifier import predict_probabilities
+from corona_ct.pipeline.atomic import write_text
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.datamodel import Severity, StudyResult
+from corona_ct.pipeline.device import resolve_device
+from corona_ct.pipeline.ingest import load_study
+from corona_ct.pipeline.ingest.slices import read_slice_image
+from corona_ct.pipeline.modelset import ModelSet, load_models
+from corona_ct.pipeline.preprocess import paste_back
+from corona_ct.pipeline.run import analyze_study
+from corona_ct.pipeline.segment import slice_lung_labels
+from corona_ct.pipeline.single_slice import explain_slice, slice_lung_mask
+from corona_ct.pipeline.stats import roc_analysis
 
-CAM_THRESHOLD = 0.6  # Gozes et al.: the Corona score counts map values above 0.6
+#: Map thresholds of the best-threshold Dice search (the fixed one is ``cam.activation_threshold``).
 THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
 
 
-def binary_figures(labels: npt.NDArray[np.int64], probs: npt.NDArray[np.float64]) -> dict[str, Any]:
-    """AUC with DeLong CI and the p ≥ 0.5 operating point."""
-    from corona_ct.pipeline.stats import roc_analysis
-
-    called = probs >= 0.5
+def binary_figures(
+    labels: npt.NDArray[np.int64], probs: npt.NDArray[np.float64], threshold: float
+) -> dict[str, Any]:
+    """AUC with DeLong CI and the operating point p ≥ ``threshold`` (``classify.positive_threshold``)."""
+    called = probs >= threshold
     positive, negative = labels == 1, labels == 0
     out: dict[str, Any] = {
         "n": int(labels.size),
@@ -57,12 +74,8 @@ def binary_figures(labels: npt.NDArray[np.int64], probs: npt.NDArray[np.float64]
     return out
 
 
-def validate_classifier(manifest_path: Path, models: Any, config: Any) -> dict[str, Any]:
-    from corona_ct.data.datasets import build_slice_dataset
-    from corona_ct.data.manifest import read_manifest_csv
-    from corona_ct.models.train_classifier import predict_probabilities
-    from corona_ct.pipeline.device import resolve_device
-
+def validate_classifier(manifest_path: Path, models: ModelSet, config: PipelineConfig) -> dict[str, Any]:
+    """Figures of the classifier on the manifest's ``split=val`` rows, overall and per source."""
     manifest = read_manifest_csv(manifest_path)
     with manifest_path.open(encoding="utf-8") as handle:
         sources = [row.get("source", "") for row in csv.DictReader(handle)]
@@ -75,30 +88,33 @@ def validate_classifier(manifest_path: Path, models: Any, config: Any) -> dict[s
     probs = predict_probabilities(models.classifier.module, dataset, 32, device, config.runtime.amp)
     labels = manifest.labels[val]
     source = np.array(sources)[val]
-    figures: dict[str, Any] = {"all": binary_figures(labels, probs)}
+    threshold = config.classify.positive_threshold
+    figures: dict[str, Any] = {"all": binary_figures(labels, probs, threshold)}
     # Per source: UCSD has both classes; SemiSeg (all COVID) and LIDC (none) only make sense together.
-    figures["ucsd"] = binary_figures(labels[source == "ucsd"], probs[source == "ucsd"])
+    ucsd = source == "ucsd"
+    figures["ucsd"] = binary_figures(labels[ucsd], probs[ucsd], threshold)
     ct = np.isin(source, ["semiseg", "lidc"])
-    figures["semiseg_vs_lidc"] = binary_figures(labels[ct], probs[ct])
+    figures["semiseg_vs_lidc"] = binary_figures(labels[ct], probs[ct], threshold)
+    figures["positive_threshold"] = threshold
     figures["n_groups"] = int(np.unique(manifest.groups[val]).size)
     return figures
 
 
 def resize_maps(maps: npt.NDArray[np.float32], size: int) -> npt.NDArray[np.float32]:
     """(n, h, w) layer maps → (n, size, size), bilinear, like the fused map's upsampling."""
-    import torch
-
     tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
     resized = torch.nn.functional.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
     return resized[:, 0].numpy()
 
 
 def dice(prediction: npt.NDArray[np.bool_], truth: npt.NDArray[np.bool_]) -> float:
+    """Dice overlap of two masks (1.0 when both are empty)."""
     total = int(prediction.sum() + truth.sum())
     return 2.0 * int((prediction & truth).sum()) / total if total else 1.0
 
 
 def semiseg_pairs(data: Path) -> list[tuple[Path, Path]]:
+    """(image, infection mask) of every COVID-SemiSeg train slice that has a mask."""
     images = data / "covid-semiseg" / "train" / "Imgs"
     masks = data / "covid-semiseg" / "train" / "GT"
     pairs = []
@@ -109,15 +125,10 @@ def semiseg_pairs(data: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
+def validate_semiseg(data: Path, models: ModelSet, config: PipelineConfig) -> dict[str, Any]:
     """Localisation (Grad-CAM vs infection masks) and lung coverage of the infection."""
-    from PIL import Image
-
-    from corona_ct.pipeline.ingest.slices import read_slice_image
-    from corona_ct.pipeline.preprocess import paste_back
-    from corona_ct.pipeline.segment import slice_lung_labels
-    from corona_ct.pipeline.single_slice import explain_slice, slice_lung_mask
-
+    cam_threshold = config.cam.activation_threshold
+    dice_key = f"dice_cam_{cam_threshold:g}"
     size = models.input_size(config)
     seg = models.segmenter
     per_slice: list[dict[str, Any]] = []
@@ -153,7 +164,7 @@ def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
             {
                 "slice": image_path.stem,
                 "probability": explained.probability,
-                "dice_cam_0.6": dice(cam > CAM_THRESHOLD, infection),
+                dice_key: dice(cam > cam_threshold, infection),
                 "pointing_hit": bool(infection[peak]) if infection.any() else None,
                 "lung_mask_dice": dice(classical, infection),
                 "infection_in_classical_lungs": float(
@@ -167,7 +178,8 @@ def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
     probabilities = np.array([row["probability"] for row in per_slice])
     return {
         "n_slices": len(per_slice),
-        "mean_dice_cam_0.6": float(np.mean([row["dice_cam_0.6"] for row in per_slice])),
+        "cam_threshold": cam_threshold,
+        f"mean_{dice_key}": float(np.mean([row[dice_key] for row in per_slice])),
         "best_threshold": float(THRESHOLDS[best]),
         "mean_dice_best_threshold": float(by_threshold[best]),
         "pointing_game_hit_rate": float(np.mean(hits)),
@@ -181,34 +193,43 @@ def validate_semiseg(data: Path, models: Any, config: Any) -> dict[str, Any]:
             }
             for layer, rows in layer_dice.items()
         },
-        "fraction_called_covid": float(np.mean(probabilities >= 0.5)),
+        "fraction_called_covid": float(np.mean(probabilities >= config.classify.positive_threshold)),
         "infection_in_lungs_classical": covered["classical"] / infection_total,
         "infection_in_lungs_unet": covered["unet"] / infection_total if seg is not None else None,
         "per_slice": per_slice,
     }
 
 
-def validate_lidc(data: Path, models: Any, config: Any) -> dict[str, Any]:
-    from corona_ct.pipeline.ingest import load_study
-    from corona_ct.pipeline.run import analyze_study
+def require_assessed(result: StudyResult, source: Path) -> tuple[Severity, float]:
+    """(severity, case probability) of a study the figures need; exits naming it when its lungs failed the gate."""
+    if result.severity is None or result.case_probability is None:
+        raise SystemExit(
+            f"{source}: not assessable ({result.not_assessable_reason}); the validation needs every study "
+            "assessed: check the series (or the segmenter weights) before quoting figures"
+        )
+    return result.severity, result.case_probability
 
+
+def validate_lidc(data: Path, models: ModelSet, config: PipelineConfig) -> dict[str, Any]:
+    """Per LIDC series (no COVID), run end to end: positive slice fraction, case figures, lung volume."""
     out: dict[str, Any] = {}
     for series in sorted((data / "dicom").glob("LIDC-IDRI-*")):
         result = analyze_study(load_study(series, config.ingest), models, config)
         probabilities = np.asarray(result.scores.probs)
         evaluated = np.asarray(result.scores.evaluated)
         positive = probabilities[evaluated] >= config.classify.positive_threshold
+        severity, case_probability = require_assessed(result, series)
         out[series.name] = {
             "evaluated_slices": int(evaluated.sum()),
             "positive_fraction": float(positive.mean()) if positive.size else None,
-            "case_probability": float(result.case_probability),
-            "corona_score_cm3": float(result.severity.corona_score_cm3),
-            "lung_volume_cm3": float(result.severity.lung_volume_cm3),
+            "case_probability": float(case_probability),
+            "corona_score_cm3": float(severity.corona_score_cm3),
+            "lung_volume_cm3": float(severity.lung_volume_cm3),
         }
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -218,12 +239,8 @@ def main() -> None:
     parser.add_argument("--cls-weights", type=Path)
     parser.add_argument("--seg-weights", type=Path)
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-
-    from corona_ct.pipeline.atomic import write_text
-    from corona_ct.pipeline.config import PipelineConfig
-    from corona_ct.pipeline.modelset import load_models
 
     config = PipelineConfig().replace({"runtime.device": args.device})
     models = load_models(config, args.cls_weights, args.seg_weights)
@@ -262,7 +279,10 @@ def main() -> None:
     for name in ("all", "ucsd", "semiseg_vs_lidc"):
         print(f"  {name:<16} {fmt(classifier[name])}")
     print(f"\nlocalisation on COVID-SemiSeg train ({semiseg['n_slices']} slices)")
-    print(f"  Dice (fused Grad-CAM > {CAM_THRESHOLD}):     {semiseg['mean_dice_cam_0.6']:.3f}")
+    cam_threshold = config.cam.activation_threshold
+    print(
+        f"  Dice (fused Grad-CAM > {cam_threshold:g}):     {semiseg[f'mean_dice_cam_{cam_threshold:g}']:.3f}"
+    )
     print(
         f"  Dice at the best threshold ({semiseg['best_threshold']:.2f}): {semiseg['mean_dice_best_threshold']:.3f}"
     )
@@ -274,7 +294,9 @@ def main() -> None:
             f"  {layer} alone: best Dice {row['mean_dice_best_threshold']:.3f} "
             f"(threshold {row['best_threshold']:.2f}), pointing game {row['pointing_game_hit_rate']:.3f}"
         )
-    print(f"  slices called COVID (p >= 0.5):  {semiseg['fraction_called_covid']:.3f}")
+    print(
+        f"  slices called COVID (p >= {config.classify.positive_threshold:g}):  {semiseg['fraction_called_covid']:.3f}"
+    )
     unet = semiseg["infection_in_lungs_unet"]
     print("\ninfection pixels inside the lung mask")
     print(

@@ -1,6 +1,6 @@
 """Validate the source-matched classifier where the image source cannot separate the classes.
 
-    python benchmarks/validate_source_matched.py --data ../shared/data --runs runs/sm \\
+    python -m tools.validate_source_matched --data ../shared/data --runs runs/sm \\
         --output runs/sm/validation [--final models/weights/classifier.safetensors]
 
 Every figure comes from data the scored model never trained on:
@@ -14,13 +14,14 @@ Every figure comes from data the scored model never trained on:
   ``models.build_defaults.VAL_GROUPS``: LIDC-IDRI-0002 and four TCGA patients), plus each
   LOPO model on its held-out normal001: share of evaluated slices called positive.
 * **Localisation** on the COVID-SemiSeg masked slices of texture fold B, whose textures
-  no LOPO model saw: Dice of the fused map > 0.6, best-threshold Dice, pointing game,
-  and the count of positive slices whose map is empty.
+  no LOPO model saw: Dice of the fused map > ``cam.activation_threshold`` (0.6; the key
+  names it: ``mean_dice_cam_0.6``), best-threshold Dice, pointing game, and the count of
+  positive slices whose map is empty.
 * **UCSD COVID-CT** (figure crops, never trained on) with the final model: AUC with its
   DeLong 95 % CI, overall (the stretch goal: another source entirely).
 
-Writes ``validation.json``; prints a summary. The phantom cohort is
-``benchmarks/phantom_cohort.py``.
+Slices are called positive at p ≥ ``classify.positive_threshold``. Writes ``validation.json``;
+prints a summary. The phantom cohort is ``python -m tools.phantom_cohort``.
 """
 
 from __future__ import annotations
@@ -28,23 +29,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from matplotlib.figure import Figure
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-CAM_THRESHOLD = 0.6
-THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
+from corona_ct.data.source_matched import CTMD_PATIENTS, ctmd_infection_labels
+from corona_ct.models.build_defaults import VAL_GROUPS, texture_fold
+from corona_ct.models.weights import default_weights
+from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.datamodel import StudyResult
+from corona_ct.pipeline.ingest import load_study
+from corona_ct.pipeline.ingest.slices import read_slice_image
+from corona_ct.pipeline.modelset import ModelSet, load_models
+from corona_ct.pipeline.run import analyze_study
+from corona_ct.pipeline.single_slice import explain_slice as explain_one
+from corona_ct.pipeline.stats import roc_analysis
+from tools.validate_defaults import THRESHOLDS, dice, require_assessed
 
 
 def auc_with_ci(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64]) -> dict[str, Any] | None:
-    from corona_ct.pipeline.stats import roc_analysis
-
+    """AUC with its DeLong 95 % CI, or None when one class is missing."""
     if labels.min(initial=1) == labels.max(initial=0) or labels.size < 2:
         return None
     roc = roc_analysis(labels, scores)
@@ -56,31 +65,21 @@ def auc_with_ci(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64]) 
     }
 
 
-def dice(prediction: npt.NDArray[np.bool_], truth: npt.NDArray[np.bool_]) -> float:
-    total = int(prediction.sum() + truth.sum())
-    return 2.0 * int((prediction & truth).sum()) / total if total else 1.0
-
-
-def explain_slice(path: Path, models: Any, config: Any) -> tuple[float, np.ndarray, np.ndarray]:
+def explain_slice(
+    path: Path, models: ModelSet, config: PipelineConfig
+) -> tuple[float, np.ndarray, np.ndarray]:
     """(probability, fused map on the image grid, image) of one slice image: ``explain``'s own path."""
-    from corona_ct.pipeline.ingest.slices import read_slice_image
-    from corona_ct.pipeline.single_slice import explain_slice as explain_one
-
     image, units = read_slice_image(path, config.ingest)
     explained = explain_one(image, units, config, models, source=path.name)
     return explained.probability, explained.cam, image
 
 
-def save_montage(result: Any, infected: np.ndarray, path: Path, count: int = 8) -> None:
+def save_montage(result: StudyResult, infected: np.ndarray, path: Path, count: int = 8) -> None:
     """The ``count`` evaluated slices with the highest probability, fused Grad-CAM over the CT."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     probs = np.nan_to_num(np.asarray(result.scores.probs, dtype=np.float64), nan=-1.0)
     chosen = np.sort(np.argsort(probs)[::-1][:count])
-    fig, axes = plt.subplots(1, count, figsize=(2.2 * count, 2.6))
+    fig = Figure(figsize=(2.2 * count, 2.6))  # matplotlib's object API: no pyplot state, no backend switch
+    axes = fig.subplots(1, count)
     for ax, z in zip(np.atleast_1d(axes), chosen, strict=False):
         ax.imshow(np.clip(result.volume.array[z], -1000, 0), cmap="gray")
         cam = np.ma.masked_less_equal(result.cams.maps[z], 0.05)
@@ -89,20 +88,18 @@ def save_montage(result: Any, infected: np.ndarray, path: Path, count: int = 8) 
         ax.set_title(f"z{z} p={probs[z]:.2f} {'inf' if infected[z] else 'clean'}", fontsize=7)
         ax.axis("off")
     fig.savefig(path, dpi=70, bbox_inches="tight")
-    plt.close(fig)
 
 
-def lopo(data: Path, runs: Path, config: Any, output: Path, only: list[str] | None = None) -> dict[str, Any]:
-    from corona_ct.data.source_matched import CTMD_PATIENTS, ctmd_infection_labels
-    from corona_ct.pipeline.ingest import load_study
-    from corona_ct.pipeline.modelset import load_models
-    from corona_ct.pipeline.run import analyze_study
-
+def lopo(
+    data: Path, runs: Path, config: PipelineConfig, output: Path, only: list[str] | None = None
+) -> dict[str, Any]:
+    """Each COVID-CT-MD patient run end to end by the model of ``runs/lopo-<patient>`` trained without it."""
     out: dict[str, Any] = {"patients": {}}
     for patient in only or CTMD_PATIENTS:
         weights = runs / f"lopo-{patient}" / "model.safetensors"
         models = load_models(config, weights)
-        volume = load_study(data / "covid-ct-md" / patient, config.ingest)
+        folder = data / "covid-ct-md" / patient
+        volume = load_study(folder, config.ingest)
         infected = ctmd_infection_labels(volume, data / "covid-ct-md" / "slice_labels.csv", patient)
         started = time.perf_counter()
         result = analyze_study(volume, models, config)
@@ -110,7 +107,7 @@ def lopo(data: Path, runs: Path, config: Any, output: Path, only: list[str] | No
         probs = np.asarray(result.scores.probs, dtype=np.float64)[evaluated]
         labels = infected[evaluated]
         called = probs >= config.classify.positive_threshold
-        sev = result.severity
+        sev, case_probability = require_assessed(result, folder)
         positive_maps = np.asarray(result.cams.maps)[evaluated][called]
         out["patients"][patient] = {
             "weights": str(weights),
@@ -119,7 +116,7 @@ def lopo(data: Path, runs: Path, config: Any, output: Path, only: list[str] | No
             "slice_auc": auc_with_ci(labels, probs),
             "clean_called_positive": float(called[labels == 0].mean()) if (labels == 0).any() else None,
             "infected_called_positive": float(called[labels == 1].mean()) if (labels == 1).any() else None,
-            "case_probability": result.case_probability,
+            "case_probability": case_probability,
             "corona_score_cm3": sev.corona_score_cm3,
             "affected_percent": sev.affected_percent,
             "lung_volume_cm3": sev.lung_volume_cm3,
@@ -149,13 +146,8 @@ def lopo_summary(patients: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def clean_ct(data: Path, weights: Path, config: Any) -> dict[str, Any]:
+def clean_ct(data: Path, weights: Path | None, config: PipelineConfig) -> dict[str, Any]:
     """Slices called positive on non-COVID CT no model trained on (the epoch-selection patients)."""
-    from corona_ct.models.build_defaults import VAL_GROUPS
-    from corona_ct.pipeline.ingest import load_study
-    from corona_ct.pipeline.modelset import load_models
-    from corona_ct.pipeline.run import analyze_study
-
     models = load_models(config, weights)
     out: dict[str, Any] = {}
     called_all: list[bool] = []
@@ -181,16 +173,13 @@ def clean_ct(data: Path, weights: Path, config: Any) -> dict[str, Any]:
     return out
 
 
-def localisation(data: Path, runs: Path, config: Any) -> dict[str, Any]:
-    from PIL import Image
-
-    from corona_ct.data.source_matched import CTMD_PATIENTS
-    from corona_ct.models.build_defaults import texture_fold
-    from corona_ct.pipeline.modelset import load_models
-
+def localisation(data: Path, runs: Path, config: PipelineConfig) -> dict[str, Any]:
+    """Grad-CAM of each LOPO model against the infection masks of texture fold B (never trained on)."""
+    cam_threshold, positive = config.cam.activation_threshold, config.classify.positive_threshold
+    dice_key = f"mean_dice_cam_{cam_threshold:g}"
     images = data / "covid-semiseg" / "train" / "Imgs"
     fold_b = [p for p in sorted(images.iterdir()) if texture_fold(p.stem) == "B"]
-    out: dict[str, Any] = {"slices": [p.stem for p in fold_b], "models": {}}
+    out: dict[str, Any] = {"slices": [p.stem for p in fold_b], "cam_threshold": cam_threshold, "models": {}}
     for patient in CTMD_PATIENTS:
         weights = runs / f"lopo-{patient}" / "model.safetensors"
         if not weights.is_file():
@@ -203,32 +192,32 @@ def localisation(data: Path, runs: Path, config: Any) -> dict[str, Any]:
                 infection = np.asarray(handle.convert("L")) > 127
             probability, cam, _ = explain_slice(path, models, config)
             probabilities.append(probability)
-            dices.append(dice(cam > CAM_THRESHOLD, infection))
+            dices.append(dice(cam > cam_threshold, infection))
             by_threshold.append([dice(cam > t, infection) for t in THRESHOLDS])
             peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
             hits.append(bool(infection[peak]) and cam.max() > 0)
-            empty_positive += int(probability >= config.classify.positive_threshold and not (cam > 0).any())
+            empty_positive += int(probability >= positive and not (cam > 0).any())
         mean_by_threshold = np.mean(by_threshold, axis=0)
         out["models"][f"lopo-{patient}"] = {
-            "mean_dice_cam_0.6": float(np.mean(dices)),
+            dice_key: float(np.mean(dices)),
             "best_threshold": float(THRESHOLDS[int(np.argmax(mean_by_threshold))]),
             "mean_dice_best_threshold": float(mean_by_threshold.max()),
             "pointing_game": float(np.mean(hits)),
-            "called_positive": float(np.mean(np.asarray(probabilities) >= 0.5)),
+            "called_positive": float(np.mean(np.asarray(probabilities) >= positive)),
             "positive_slices_with_empty_map": empty_positive,
         }
         logging.info("localisation lopo-%s: %s", patient, out["models"][f"lopo-{patient}"])
     values = list(out["models"].values())
     out["mean"] = {
         k: float(np.mean([v[k] for v in values]))
-        for k in ("mean_dice_cam_0.6", "mean_dice_best_threshold", "pointing_game", "called_positive")
+        for k in (dice_key, "mean_dice_best_threshold", "pointing_game", "called_positive")
     }
     return out
 
 
-def ucsd(data: Path, weights: Path, config: Any) -> dict[str, Any]:
-    from corona_ct.pipeline.modelset import load_models
-
+def ucsd(data: Path, weights: Path | None, config: PipelineConfig) -> dict[str, Any]:
+    """The final model on the UCSD COVID-CT figure crops (another source entirely): AUC and calls."""
+    positive = config.classify.positive_threshold
     models = load_models(config, weights)
     labels, probs = [], []
     for label, folder in ((1, "CT_COVID"), (0, "CT_NonCOVID")):
@@ -236,12 +225,12 @@ def ucsd(data: Path, weights: Path, config: Any) -> dict[str, Any]:
             probs.append(explain_slice(path, models, config)[0])
             labels.append(label)
     y, p = np.asarray(labels), np.asarray(probs)
-    return {"all": auc_with_ci(y, p), "accuracy_at_0.5": float(np.mean((p >= 0.5) == (y == 1))),
-            "covid_called_positive": float((p[y == 1] >= 0.5).mean()),
-            "noncovid_called_positive": float((p[y == 0] >= 0.5).mean())}  # fmt: skip
+    return {"all": auc_with_ci(y, p), f"accuracy_at_{positive:g}": float(np.mean((p >= positive) == (y == 1))),
+            "covid_called_positive": float((p[y == 1] >= positive).mean()),
+            "noncovid_called_positive": float((p[y == 0] >= positive).mean())}  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -253,12 +242,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--only", action="append", choices=("lopo", "clean", "localisation", "ucsd"))
     parser.add_argument("--patient", action="append", help="LOPO: only these held-out patients (repeatable)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
-
-    from corona_ct.models.weights import default_weights
-    from corona_ct.pipeline.config import PipelineConfig
 
     config = PipelineConfig().replace({"runtime.device": "cpu"})
     final = args.final or default_weights("classifier")
