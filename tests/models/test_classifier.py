@@ -56,8 +56,15 @@ def test_cam_and_feature_layers_have_the_documented_sizes_at_native_input(name: 
     assert shapes[spec.feature_layer][1] == spec.feature_dim
 
 
+#: Backbones whose training step takes seconds on a CPU (VGG: 138 M parameters, most in the
+#: classifier head; ResNet-152): ``make test`` runs them, ``make test-fast`` keeps one of each
+#: other family (ResNet-152 still runs there inside the ResNet-152 + LSTM hybrid).
+SLOW_STEPS = {"vgg16", "vgg19", "resnet152"}
 #: Every backbone with the 1-logit head; the 2-logit head (the same Linear swap) on two families.
-STEP_CASES = [(name, 1) for name in sorted(BACKBONES)] + [("resnet50", 2), ("vgg16", 2)]
+STEP_CASES = [
+    pytest.param(name, outputs, marks=[pytest.mark.slow] if name in SLOW_STEPS else [])
+    for name, outputs in [(name, 1) for name in sorted(BACKBONES)] + [("resnet50", 2), ("vgg16", 2)]
+]
 
 
 @pytest.mark.parametrize(("name", "num_outputs"), STEP_CASES)

@@ -98,8 +98,6 @@ def test_binary_model_is_split_into_sides_like_the_classical_path() -> None:
 def test_real_unet_runs_through_segment_lungs(unet: nn.Module) -> None:
     hu = np.where(_two_blobs(2, 64) < 0.5, -850.0, 40.0).astype(np.float32)
     volume = Volume(hu, "HU", Geometry(hu.shape, (5.0, 1.5, 1.5)), "s", "synthetic")
-    mask = segment_lungs(
-        volume, SegmentConfig(batch_size=2), WindowConfig(), model=build_unet(3), device="cpu"
-    )
+    mask = segment_lungs(volume, SegmentConfig(batch_size=2), WindowConfig(), model=unet, device="cpu")
     assert mask.method == "unet"
     assert mask.labels.shape == hu.shape and mask.labels.dtype == np.uint8

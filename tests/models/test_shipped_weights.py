@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from corona_ct.data.phantom import make_phantom
-from corona_ct.models.checkpoint import load_classifier, load_segmenter, read_card
+from corona_ct.models.checkpoint import load_classifier, read_card
 from corona_ct.models.weights import default_weights
 from corona_ct.pipeline.atomic import sha256_file
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.errors import ModelError
-from corona_ct.pipeline.modelset import load_models
+from corona_ct.pipeline.modelset import ModelSet, load_models
 from corona_ct.pipeline.run import analyze_study
+from tests.conftest import SHIPPED_WEIGHTS_DIR
 
 pytestmark = pytest.mark.shipped_weights
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "models" / "weights"
@@ -59,13 +60,23 @@ def test_classifier_card_states_its_input_contract_and_held_out_figures() -> Non
     assert not {"P002", "cap002", "normal001"} & set(card["training_details"]["validation_groups"])
 
 
-def test_cards_load_and_networks_run() -> None:
-    classifier = load_classifier(default_weights("classifier"))
+@pytest.fixture(scope="module")
+def defaults() -> ModelSet:
+    """The shipped models as ``run`` loads them without flags, loaded once for the module."""
+    with pytest.MonkeyPatch.context() as patch:  # the session hides them (tests/conftest.py)
+        patch.setattr("corona_ct.models.weights.WEIGHTS_DIR", SHIPPED_WEIGHTS_DIR)
+        return load_models(PipelineConfig())  # no allow_untrained: trained defaults exist
+
+
+def test_cards_load_and_networks_run(defaults: ModelSet) -> None:
+    classifier = defaults.classifier
+    assert classifier.path == WEIGHTS_DIR / "classifier.safetensors"
     size = int(classifier.card["input"]["size"])
     with torch.no_grad():
         logits = classifier.module(torch.rand(2, 3, size, size))
     assert classifier.trained and torch.isfinite(logits).all()
-    segmenter = load_segmenter(default_weights("segmenter"))  # type: ignore[arg-type]
+    segmenter = defaults.segmenter
+    assert segmenter is not None and segmenter.path == WEIGHTS_DIR / "segmenter.safetensors"
     seg_size = int(segmenter.card["input"]["size"])
     with torch.no_grad():
         scores = segmenter.module(torch.rand(1, 1, seg_size, seg_size))
@@ -87,9 +98,8 @@ def test_a_corrupted_copy_is_refused(tmp_path: Path) -> None:
         load_classifier(copy)
 
 
-def test_runs_use_the_defaults_without_flags() -> None:
-    config = PipelineConfig()
-    models = load_models(config)  # no allow_untrained: trained defaults exist
+def test_runs_use_the_defaults_without_flags(defaults: ModelSet) -> None:
+    config, models = PipelineConfig(), defaults
     assert not models.untrained and models.segmenter is not None
     described = models.describe()
     assert described["classifier"]["weights"] == "project default (models/weights)"  # type: ignore[index]
@@ -98,10 +108,9 @@ def test_runs_use_the_defaults_without_flags() -> None:
 
 
 @pytest.mark.slow
-def test_default_unet_measures_phantom_lungs() -> None:
+def test_default_unet_measures_phantom_lungs(defaults: ModelSet) -> None:
     """A phantom seed the U-Net never saw (it trained on seeds 1000–1002)."""
-    config = PipelineConfig()
-    models = load_models(config)
+    config, models = PipelineConfig(), defaults
     phantom = make_phantom(seed=7, lesions="mixed", lesion_volume_ml=120.0)
     result = analyze_study(phantom.to_volume(), models, config)
     assert result.lung_mask.method == "unet"

@@ -106,6 +106,27 @@ def _write(
     return report, (tmp_path / "report.html").read_text()
 
 
+@pytest.fixture(scope="module")
+def written(  # type: ignore[no-untyped-def]
+    tmp_path_factory: pytest.TempPathFactory, result, models: ModelSet, config: PipelineConfig
+) -> tuple[dict[str, Any], str]:
+    """(report.json, report.html) of the unchanged result, written once for the tests that only read them."""
+    return _write(tmp_path_factory.mktemp("plain"), result, models, config)
+
+
+#: A 1×1 PNG, base64: what :func:`pictures_not_encoded` puts in place of each rendered picture.
+ONE_PIXEL_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+
+
+@pytest.fixture
+def pictures_not_encoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The figures are drawn but not encoded as PNG (two thirds of a report's time), for tests of the
+    page's text; ``written``, the figure tests and the self-contained-page test encode them for real."""
+    monkeypatch.setattr(report_figures, "_png", lambda fig: ONE_PIXEL_PNG)
+
+
 def _text(page: str) -> str:
     """The page's visible text on one line (tags dropped, entities decoded)."""
     return " ".join(html_module.unescape(re.sub(r"<[^>]+>", " ", page)).split())
@@ -143,8 +164,8 @@ def _modified(
 # --------------------------------------------------------------------------- numbers in report.json
 
 
-def test_summary_holds_numbers_and_the_csv_keeps_its_text(tmp_path, result, models, config) -> None:
-    report, _ = _write(tmp_path, result, models, config)
+def test_summary_holds_numbers_and_the_csv_keeps_its_text(written, result) -> None:
+    report, _ = written
     summary = report["summary"]
     for key in ("n_slices", "slices_evaluated", "positive_slices", "empty_cam_positive_slices"):
         assert isinstance(summary[key], int) and not isinstance(summary[key], bool), key
@@ -158,6 +179,7 @@ def test_summary_holds_numbers_and_the_csv_keeps_its_text(tmp_path, result, mode
     assert summary_cells(cells) == cells  # an older report (text summary) resumes unchanged
 
 
+@pytest.mark.usefixtures("pictures_not_encoded")
 def test_nan_is_written_as_null_never_as_nan(tmp_path, result, models, config) -> None:
     values = summary_values("phantom", "synthetic", result)
     values["ggo_percent"] = math.nan
@@ -172,6 +194,7 @@ def test_nan_is_written_as_null_never_as_nan(tmp_path, result, models, config) -
 # --------------------------------------------------------------------------- model cards
 
 
+@pytest.mark.usefixtures("pictures_not_encoded")
 def test_the_shipped_cards_are_shown_next_to_the_key_numbers(tmp_path, result, models, config) -> None:
     classifier, segmenter = _shipped_card("classifier"), _shipped_card("segmenter")
     report, page = _write(tmp_path, result, _with_cards(models, classifier, segmenter), config)
@@ -193,6 +216,7 @@ def test_the_shipped_cards_are_shown_next_to_the_key_numbers(tmp_path, result, m
     assert "e-07" not in page and "e-05" not in page  # tiny numbers read "< 0.001" in HTML
 
 
+@pytest.mark.usefixtures("pictures_not_encoded")
 def test_a_card_in_the_new_layout_is_summarised(tmp_path, result, models, config) -> None:
     entries = {entry["section"]: entry for entry in validation_figures(NEW_CARD)}
     assert list(entries) == ["lopo", "clean_ct_final", "localisation_fold_b", "phantom_cohort", "ucsd_final"]
@@ -240,6 +264,7 @@ def test_a_card_in_the_new_layout_is_summarised(tmp_path, result, models, config
         {"validation": {"flag": {"auc": True}}, "intended_use": ["research", "teaching"]},
     ],
 )
+@pytest.mark.usefixtures("pictures_not_encoded")
 def test_cards_without_usable_figures_say_so_and_never_crash(
     tmp_path, result, models, config, card: dict[str, Any]
 ) -> None:
@@ -249,11 +274,11 @@ def test_cards_without_usable_figures_say_so_and_never_crash(
     assert "No validation figures recorded for these weights." in _text(page)
 
 
-def test_untrained_weights_have_no_validation(tmp_path, result, models, config) -> None:
+def test_untrained_weights_have_no_validation(written, models) -> None:
     limits = model_limits(models.classifier)
     assert limits["trained"] is False and limits["validation"] == []
     assert limits["validation_note"] == f"untrained random weights: {NO_VALIDATION}"
-    _, page = _write(tmp_path, result, models, config)
+    _, page = written
     assert f"Untrained random weights: {NO_VALIDATION}." in _text(page)
 
 
@@ -307,6 +332,7 @@ def test_positive_slices_with_empty_maps_are_stated(tmp_path, result, models, co
     assert figure_axes[-1][0] == 3  # MIPs: two views and their colour bar
 
 
+@pytest.mark.usefixtures("pictures_not_encoded")
 def test_no_empty_map_claim_when_every_map_has_evidence(tmp_path, result, models, config) -> None:
     def all_positive(probs: np.ndarray) -> np.ndarray:
         probs[result.scores.evaluated] = 0.95
@@ -329,6 +355,7 @@ def test_an_all_empty_map_gets_no_colour_scale(tmp_path, result, models, config,
     assert figure_axes[-1] == (2, "axial MIP (Grad-CAM map empty)")
 
 
+@pytest.mark.usefixtures("pictures_not_encoded")
 def test_probabilities_below_a_thousandth_are_not_shown_as_exponents(
     tmp_path, result, models, config
 ) -> None:
@@ -348,8 +375,9 @@ def test_probabilities_below_a_thousandth_are_not_shown_as_exponents(
 # --------------------------------------------------------------------------- coverage, HU, config labels
 
 
-def test_a_slab_says_it_covers_only_part_of_the_chest(tmp_path, result, models, config) -> None:
-    report, page = _write(tmp_path, result, models, config)
+@pytest.mark.usefixtures("pictures_not_encoded")
+def test_a_slab_says_it_covers_only_part_of_the_chest(tmp_path, written, result, models, config) -> None:
+    report, page = written
     note = "the series covers 50 mm, part of the chest: lung volume is that of the slab"
     coverage = report["coverage"]
     assert coverage["slab_mm"] == 50.0 and coverage["partial_chest"] is True and coverage["note"] == note
@@ -372,6 +400,7 @@ def test_a_slab_says_it_covers_only_part_of_the_chest(tmp_path, result, models, 
     assert "slice spacing unknown" in report["coverage"]["note"]
 
 
+@pytest.mark.usefixtures("pictures_not_encoded")
 def test_labels_come_from_the_config(tmp_path, result, models, config) -> None:
     changed_config = config.replace(
         {
@@ -399,6 +428,7 @@ def test_labels_come_from_the_config(tmp_path, result, models, config) -> None:
     assert report["gradcam"]["activation_threshold"] == 0.45
 
 
+@pytest.mark.usefixtures("pictures_not_encoded")
 def test_the_severity_modules_hu_caveat_is_shown_beside_the_hu_numbers(
     tmp_path, result, models, config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -421,6 +451,7 @@ def test_the_severity_modules_hu_caveat_is_shown_beside_the_hu_numbers(
     )
 
 
+@pytest.mark.usefixtures("pictures_not_encoded")
 def test_a_not_assessable_report_shows_the_segmenters_limits_only(tmp_path, phantom, models, config) -> None:
     no_lungs = np.where(phantom.lung_labels > 0, 40, phantom.hu).astype(np.int16)
     volume = dataclasses.replace(phantom, hu=no_lungs).to_volume("nolung")
@@ -490,8 +521,8 @@ def test_empty_maps_count_only_on_evaluated_slices_at_or_above_the_threshold(res
     )  # empty but not positive / unevaluated
 
 
-def test_report_json_holds_numbers_as_numbers_throughout(tmp_path, result, models, config) -> None:
-    report, _ = _write(tmp_path, result, models, config)
+def test_report_json_holds_numbers_as_numbers_throughout(written) -> None:
+    report, _ = written
     text_keys = {
         "study_id",
         "config_hash",
@@ -541,6 +572,7 @@ def test_the_page_is_rendered_from_report_json_alone_and_is_self_contained(
     assert len(sources) == 6 and all(src.startswith("data:image/png;base64,") for src in sources)
 
 
+@pytest.mark.usefixtures("pictures_not_encoded")
 def test_one_grad_cam_layer_is_named_without_a_fusion(tmp_path, result, models, config) -> None:
     one = dataclasses.replace(result, cams=dataclasses.replace(result.cams, layers=("layer4",)))
     _, page = _write(tmp_path, one, models, config)
