@@ -32,12 +32,13 @@ typecheck: $(STAMP)
 contracts: $(STAMP)
 	$(VENV)/bin/lint-imports
 
+# Every test, on two workers (a test module stays on one worker: its fixtures are built once).
 unit: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 test: lint typecheck contracts unit
 
-# The inner loop: no slow tests, no real data, two workers (CI and `make test` run everything, serially).
+# The inner loop: no slow tests, no real data, two workers (CI and `make test` run everything).
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile -m "not slow and not realdata"
 
