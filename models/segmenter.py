@@ -75,12 +75,17 @@ def predict_lung_labels(
             batch = torch.from_numpy(np.array(windowed[start : start + batch_size], dtype=np.float32))
             batch = resize_batch(batch.to(torch_device), (input_size, input_size))
             logits = model(batch[:, None]).float()
-            n, classes = logits.shape[:2]
-            # resize the class scores, not the labels, so boundaries stay smooth at native size
-            scores = resize_batch(logits.reshape(n * classes, input_size, input_size), image_shape)
-            argmax = scores.reshape(n, classes, *image_shape).argmax(dim=1)
-            labels[start : start + n] = argmax.to(torch.uint8).cpu().numpy()
+            labels[start : start + logits.shape[0]] = labels_from_scores(logits, image_shape)
     return labels
+
+
+def labels_from_scores(logits: torch.Tensor, image_shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """(n, classes, s, s) U-Net class scores → (n, *image_shape) uint8 argmax labels at the slice size."""
+    n, classes, height, width = logits.shape
+    # resize the class scores, not the labels, so boundaries stay smooth at native size
+    scores = resize_batch(logits.reshape(n * classes, height, width), image_shape)
+    argmax = scores.reshape(n, classes, *image_shape).argmax(dim=1)
+    return np.asarray(argmax.to(torch.uint8).cpu().numpy())
 
 
 def is_binary_unet(model: nn.Module) -> bool:
