@@ -12,7 +12,7 @@ dilation from the border pixel by pixel.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -124,38 +124,6 @@ def erode_rows(mask: BoolArray, half_widths: np.ndarray) -> BoolArray:
     )
     height, width = outside.shape[1:]
     return ~dilate_rows(outside, half_widths)[:, reach_y : height - reach_y, reach_x : width - reach_x]
-
-
-def grey_open_rows(values: np.ndarray, half_widths: np.ndarray) -> np.ndarray:
-    """``ndimage.grey_opening(values, footprint=...)`` of (z, y, x) ``values`` by the in-plane footprint
-    of :func:`dilate_rows` (edges mirrored, scipy's ``reflect``), row by row of the footprint: a 1D
-    minimum (maximum) filter along x per distinct row width, moved by ``dy``."""
-    height, width = values.shape[1:]
-    reach = len(half_widths) // 2
-    if reach >= height or int(half_widths.max()) >= width:  # mirrored more than once: leave it to scipy
-        rows = np.zeros((len(half_widths), 2 * int(half_widths.max()) + 1), dtype=bool)
-        for index, w in enumerate(half_widths):
-            rows[index, rows.shape[1] // 2 - w : rows.shape[1] // 2 + w + 1] = w >= 0
-        return np.asarray(ndimage.grey_opening(values, footprint=rows[None]))
-    eroded = _grey_rows(values, half_widths, ndimage.minimum_filter1d, np.minimum)
-    return _grey_rows(eroded, half_widths, ndimage.maximum_filter1d, np.maximum)
-
-
-def _grey_rows(
-    values: np.ndarray, half_widths: np.ndarray, filter1d: Callable[..., np.ndarray], combine: np.ufunc
-) -> np.ndarray:
-    """Minimum or maximum of ``values`` over the footprint of :func:`dilate_rows`, edges mirrored."""
-    height = values.shape[1]
-    reach = len(half_widths) // 2
-    padded = np.pad(values, ((0, 0), (reach, reach), (0, 0)), mode="symmetric")  # = scipy's reflect
-    out: np.ndarray | None = None
-    for w in sorted({int(w) for w in half_widths if w >= 0}):
-        along_x = filter1d(padded, size=2 * w + 1, axis=-1, mode="reflect") if w else padded
-        for dy in np.flatnonzero(half_widths == w) - reach:
-            rows = along_x[:, reach + dy : reach + dy + height]
-            out = rows.copy() if out is None else combine(out, rows, out=out)
-    assert out is not None
-    return out
 
 
 def dilate_in_plane(mask: BoolArray, radius_mm: float, spacing_yx_mm: tuple[float, float]) -> BoolArray:

@@ -72,7 +72,6 @@ from corona_ct.pipeline.morphology import (
     erode_rows,
     fill_holes_in_plane,
     footprint_half_widths,
-    grey_open_rows,
 )
 
 BoolArray = npt.NDArray[np.bool_]
@@ -144,8 +143,9 @@ def corona_score(
     ``within`` (bool, (z, y, x)) restricts the sum to a mask, e.g. the lungs.
     """
     region = counted_region(cam_maps, positive, threshold, within)
-    counted = np.where(region, np.asarray(cam_maps, dtype=np.float64), 0.0)
-    return float(counted.sum() * voxel_volume_mm3 / 1000.0)
+    # summed in float64 over the counted voxels only (no float64 copy of the whole volume)
+    counted = np.sum(np.asarray(cam_maps)[region], dtype=np.float64)
+    return float(counted * voxel_volume_mm3 / 1000.0)
 
 
 def _percent(part: float, whole: float) -> float:
@@ -316,7 +316,9 @@ def hu_maps(
         # dim thin structures too: small or obliquely cut vessels in partial volume (−600 HU) stand
         # out of their surroundings by more than ``vessel_contrast_hu`` (white top-hat)
         level = np.where(lungs_box, light, _slice_median(light, lungs_box)[:, None, None])
-        tophat = level - grey_open_rows(level, width_rows)
+        tophat = level - ndimage.grey_opening(
+            level, footprint=_disk(config.vessel_width_mm / 2.0, spacing_yx)
+        )
         thin |= lungs_box & (tophat > config.vessel_contrast_hu)
     left_out = thin | bright
     near_bright = dilate_rows(left_out, margin_disk) if margin_disk is not None else left_out

@@ -15,7 +15,6 @@ from corona_ct.pipeline.morphology import (
     erode_rows,
     fill_holes_in_plane,
     footprint_half_widths,
-    grey_open_rows,
 )
 
 SPACINGS = [(0.7, 0.7), (0.6, 0.9), (1.0, 0.55)]
@@ -57,8 +56,6 @@ def test_row_morphology_matches_ndimage(spacing: tuple[float, float], radius_mm:
     assert np.array_equal(erode_rows(mask, widths), ndimage.binary_erosion(mask, footprint))
     opened = dilate_rows(erode_rows(mask, widths), widths)
     assert np.array_equal(opened, ndimage.binary_opening(mask, footprint))
-    values = np.random.default_rng(1).normal(size=mask.shape).astype(np.float32)
-    assert np.array_equal(grey_open_rows(values, widths), ndimage.grey_opening(values, footprint=footprint))
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)
