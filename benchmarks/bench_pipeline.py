@@ -281,20 +281,43 @@ def main() -> None:
             )
             whole["read + analyze + write" + suffix] = end_to_end
             whole["ratio read+analyze+write / bare" + suffix] = end_to_end / bare
-            part["sum of sub-steps (bare rows excluded)" + suffix] = sum(
+            steps = sum(
                 v
                 for k, v in part.items()
                 if k.endswith(CPU) == bool(suffix)
                 and k.removesuffix(CPU) not in BARE
-                and not k.startswith(" ")
-                and not k.startswith("sum of")
+                and not k.startswith((" ", "sum of", "ratio"))
             )
+            part["sum of sub-steps (bare rows excluded)" + suffix] = steps
+            # each step beside its bare pass, moments apart: less exposed to a changing load
+            part["ratio sub-steps / bare (interleaved)" + suffix] = steps / bare
     print_table(
         "whole run (StudyResult.timings_s: wall only; the ratio rows are plain ratios of wall, of CPU)",
         wholes,
         n,
     )
     print_table("stages taken apart (same arrays, same batch sizes)", parts, n)
+    best = {
+        key: min(run[key] for run in runs)
+        for runs, key in [
+            (wholes, "analyze_study total"),
+            (wholes, "analyze_study total" + CPU),
+            (parts, BARE[0]),
+            (parts, BARE[0] + CPU),
+            (parts, BARE[1]),
+            (parts, BARE[1] + CPU),
+        ]
+    }
+    print(
+        f"\nbest of {len(wholes)} (s, wall / CPU): analyze_study {best['analyze_study total']:.2f} / "
+        f"{best['analyze_study total' + CPU]:.2f}, bare passes "
+        + " / ".join(f"{best[BARE[0] + suffix] + best[BARE[1] + suffix]:.2f}" for suffix in ("", CPU))
+        + ", ratio "
+        + " / ".join(
+            f"{best['analyze_study total' + suffix] / (best[BARE[0] + suffix] + best[BARE[1] + suffix]):.3f}"
+            for suffix in ("", CPU)
+        )
+    )
 
     if args.batch_sizes:
         for size in (int(b) for b in args.batch_sizes.split(",")):

@@ -1,12 +1,13 @@
-"""In-plane binary morphology of (z, y, x) stacks: each slice on its own, Euclidean disks in mm.
+"""In-plane binary morphology of (z, y, x) stacks: each slice on its own, disks in mm.
 
 Shared by the lung-mask clean-up (:mod:`pipeline.segment`) and the HU measures
-(:mod:`pipeline.severity`). Disks are exact Euclidean disks in mm on the pixel grid, done with
-distance transforms (linear time, whatever the radius, unlike a structuring element). The slices
-that need work are stacked along y into one 2D image, each with a margin wider than the radius,
-so one 2D transform serves the whole stack and no slice reaches into its neighbour; slices without
-a mask pixel are skipped. Hole filling labels the background once instead of propagating a
-dilation from the border pixel by pixel.
+(:mod:`pipeline.severity`). A disk is taken row by row: each row of the footprint (offset ``dy``,
+half width ``w``) is a dilation along x, moved by ``dy`` rows, so the cost grows with the disk's
+height, not its area, and the result is exactly that of ``ndimage.binary_dilation`` with the same
+footprint. :func:`disk_half_widths` gives the disk a distance transform would (``sqrt((dy·sy)² +
+(dx·sx)²) ≤ r``, the same floating-point steps), :func:`footprint_half_widths` the rows of any
+centred footprint. Hole filling labels the background once instead of propagating a dilation from
+the border pixel by pixel.
 """
 
 from __future__ import annotations
