@@ -16,6 +16,11 @@ prints, for each repeat (the first repeat follows one warm-up batch of each netw
 * the ratio of the whole run (``analyze_study``, and reading + analysis + writing) to the sum
   of those bare passes. The target (issue 13) is under 1.5.
 
+Every figure comes as wall time and process CPU time (s, all threads): on a shared machine the
+CPU time is the steadier one. The whole run and the bare passes are minutes apart, so the bench
+also gives the steps taken apart over the bare passes run beside them ("interleaved") and, after
+the tables, the best of the repeats (least analyze_study over least bare passes).
+
 ``--batch-sizes`` additionally compares whole-study times at several classifier batch sizes.
 """
 
