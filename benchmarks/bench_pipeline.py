@@ -16,6 +16,11 @@ prints, for each repeat (the first repeat follows one warm-up batch of each netw
 * the ratio of the whole run (``analyze_study``, and reading + analysis + writing) to the sum
   of those bare passes. The target (issue 13) is under 1.5.
 
+Every figure comes as wall time and process CPU time (s, all threads): on a shared machine the
+CPU time is the steadier one. The whole run and the bare passes are minutes apart, so the bench
+also gives the steps taken apart over the bare passes run beside them ("interleaved") and, after
+the tables, the best of the repeats (least analyze_study over least bare passes).
+
 ``--batch-sizes`` additionally compares whole-study times at several classifier batch sizes.
 """
 
@@ -33,7 +38,7 @@ import numpy as np
 import torch
 
 from corona_ct.models.classifier import BackboneSpec, positive_score
-from corona_ct.models.segmenter import is_binary_unet, predict_lung_labels
+from corona_ct.models.segmenter import is_binary_unet, labels_from_scores, predict_lung_labels
 from corona_ct.pipeline.assess import check_lungs
 from corona_ct.pipeline.classify import case_probability
 from corona_ct.pipeline.config import PipelineConfig
@@ -61,36 +66,35 @@ DEFAULT_STUDY = Path(__file__).resolve().parents[1].parent / "shared" / "data" /
 T = TypeVar("T")
 #: Sub-steps that are bare network passes (the denominator of the ratio).
 BARE = ("U-Net forward (bare)", "ResNet-50 fwd + Grad-CAM bwd (bare)")
+#: Key suffix of the process CPU time (s, summed over threads) that goes with a wall time.
+CPU = " [cpu]"
+#: Sub-step: U-Net class scores → labels at the slice size.
+UNET_LABELS = "  of which: U-Net scores → labels at slice size"
 
 
 def timed(seconds: dict[str, float], name: str, work: Callable[[], T]) -> T:
-    """Run ``work()``, add its wall time (s) to ``seconds[name]`` and return its result."""
-    start = time.perf_counter()
+    """Run ``work()``, add its wall time (s) to ``seconds[name]`` and its process CPU time (s, all
+    threads) to ``seconds[name + CPU]``, and return its result."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     value = work()
     seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+    seconds[name + CPU] = seconds.get(name + CPU, 0.0) + time.process_time() - cpu_start
     return value
 
 
 def bare_unet_seconds(
-    model: torch.nn.Module, windowed: np.ndarray, batch: int, size: int
-) -> tuple[float, float]:
-    """U-Net forward alone (s) on ``windowed`` slices resized to ``size`` beforehand, ``batch`` at a time,
-    and the time (s) to resize its class scores back to the slice size and take the argmax."""
+    seconds: dict[str, float], model: torch.nn.Module, windowed: np.ndarray, batch: int, size: int
+) -> None:
+    """Add to ``seconds`` the U-Net forward alone (s, ``BARE[0]``) on ``windowed`` slices resized to
+    ``size`` beforehand, ``batch`` at a time, and the time (s, ``UNET_LABELS``) to turn its class
+    scores into labels at the slice size as :func:`predict_lung_labels` does."""
     inputs = resize_batch(torch.from_numpy(np.ascontiguousarray(windowed, np.float32)), (size, size))[:, None]
     image_shape = (int(windowed.shape[1]), int(windowed.shape[2]))
-    forward = back = 0.0
     with torch.inference_mode():
         for start in range(0, inputs.shape[0], batch):
             part = inputs[start : start + batch].contiguous()
-            began = time.perf_counter()
-            logits = model(part).float()
-            forward += time.perf_counter() - began
-            began = time.perf_counter()
-            n, classes = logits.shape[:2]
-            scores = resize_batch(logits.reshape(n * classes, size, size), image_shape)
-            scores.reshape(n, classes, *image_shape).argmax(dim=1).to(torch.uint8).numpy()
-            back += time.perf_counter() - began
-    return forward, back
+            logits = timed(seconds, BARE[0], lambda part=part: model(part).float())
+            timed(seconds, UNET_LABELS, partial(labels_from_scores, logits, image_shape))
 
 
 def bare_gradcam_pass(
@@ -117,10 +121,9 @@ def bare_gradcam_pass(
 
 def whole_run(volume: Volume, models: ModelSet, config: PipelineConfig, out_dir: Path) -> dict[str, float]:
     """``analyze_study``'s own stage timings, the total, and the time to write the outputs (s)."""
-    start = time.perf_counter()
-    result = analyze_study(volume, models, config)
-    seconds = {f"analyze: {name}": value for name, value in result.timings_s.items()}
-    seconds["analyze_study total"] = time.perf_counter() - start
+    seconds: dict[str, float] = {}
+    result = timed(seconds, "analyze_study total", lambda: analyze_study(volume, models, config))
+    seconds.update({f"analyze: {name}": value for name, value in result.timings_s.items()})
     values = summary_values(
         volume.study_id, str(volume.source), result, threshold=config.classify.positive_threshold
     )
@@ -143,9 +146,7 @@ def stage_breakdown(volume: Volume, models: ModelSet, config: PipelineConfig) ->
         s, "seg: U-Net incl. resize in/out + argmax",
         lambda: predict_lung_labels(unet, windowed, seg.batch_size, "cpu", input_size=seg_size),
     )  # fmt: skip
-    s[BARE[0]], s["  of which: scores resized to slice + argmax"] = bare_unet_seconds(
-        unet, windowed, seg.batch_size, seg_size
-    )
+    bare_unet_seconds(s, unet, windowed, seg.batch_size, seg_size)
     if is_binary_unet(unet) and raw.any():
         raw = timed(s, "seg: split_sides", lambda: split_sides(raw > 0, windowed))
     rim_px = int(np.ceil(max(hu.shape[1:]) / seg_size))
@@ -204,13 +205,18 @@ def _thumbnails(images: torch.Tensor, maps: torch.Tensor) -> None:
 
 
 def print_table(title: str, runs: Sequence[dict[str, float]], n_slices: int) -> None:
-    """One row per key, one column (s/study) per repeat, and s/slice of the last repeat."""
+    """One row per stage; per repeat its wall and process CPU time (s/study; "-": not measured), and
+    the wall s/slice of the last repeat."""
     print(f"\n{title}")
-    header = "".join(f"{'run ' + str(i + 1):>9}" for i in range(len(runs)))
-    print(f"  {'stage':<44}{header} {'s/slice':>9}")
-    for key in runs[0]:
-        cells = "".join(f"{run.get(key, 0.0):>9.3f}" for run in runs)
-        print(f"  {key:<44}{cells} {runs[-1].get(key, 0.0) / n_slices:>9.4f}")
+    header = "".join(f"{'wall ' + str(i + 1):>9}{'cpu ' + str(i + 1):>9}" for i in range(len(runs)))
+    print(f"  {'stage':<48}{header} {'s/slice':>9}")
+    for key in (k for k in runs[0] if not k.endswith(CPU)):
+        cells = "".join(
+            f"{run.get(key, 0.0):>9.3f}" + (f"{run[key + CPU]:>9.3f}" if key + CPU in run else f"{'-':>9}")
+            for run in runs
+        )
+        per_slice = f"{runs[-1].get(key, 0.0) / n_slices:>9.4f}" if not key.startswith("ratio") else ""
+        print(f"  {key:<48}{cells} {per_slice}")
 
 
 def warm_up(volume: Volume, models: ModelSet, config: PipelineConfig) -> None:
@@ -218,7 +224,7 @@ def warm_up(volume: Volume, models: ModelSet, config: PipelineConfig) -> None:
     assert models.segmenter is not None
     windowed = window(volume.array[: config.segment.batch_size], volume.units, config.window)
     seg_size = models.segmenter_input_size or 256
-    _ = bare_unet_seconds(models.segmenter.module.eval(), windowed, config.segment.batch_size, seg_size)
+    bare_unet_seconds({}, models.segmenter.module.eval(), windowed, config.segment.batch_size, seg_size)
     inputs = to_model_input(
         window(volume.array[: config.classify.batch_size], volume.units, config.window),
         None,
@@ -243,16 +249,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = PipelineConfig().replace({"runtime.device": "cpu"})
-    reads: list[float] = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        volume = load_study(args.study)
-        reads.append(time.perf_counter() - start)
+    reads: list[dict[str, float]] = [{} for _ in range(args.repeats)]
+    for read in reads:
+        volume = timed(read, "read study (load_study)", partial(load_study, args.study))
     n = volume.n_slices
     models = load_models(config, None, None)
     print(
         f"study {args.study.name}: {volume.array.shape} voxels, read in "
-        + ", ".join(f"{r:.2f}" for r in reads)
+        + ", ".join(f"{r['read study (load_study)']:.2f}" for r in reads)
         + " s"
     )
     print(
@@ -267,22 +271,58 @@ def main() -> None:
     parts: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            whole = {"read study (load_study)": reads[repeat]}
+            whole = dict(reads[repeat])
             whole.update(whole_run(volume, models, config, Path(tmp) / f"run{repeat}"))
             wholes.append(whole)
             parts.append(stage_breakdown(volume, models, config))
     for whole, part in zip(wholes, parts, strict=True):
-        bare = part[BARE[0]] + part[BARE[1]]
-        whole["bare passes (sum)"] = bare
-        whole["ratio analyze_study / bare"] = whole["analyze_study total"] / bare
-        end_to_end = whole["read study (load_study)"] + whole["analyze_study total"] + whole["write outputs"]
-        whole["read + analyze + write"] = end_to_end
-        whole["ratio read+analyze+write / bare"] = end_to_end / bare
-        part["sum of sub-steps (bare rows excluded)"] = sum(
-            v for k, v in part.items() if k not in BARE and not k.startswith(" ")
-        )
-    print_table("whole run (StudyResult.timings_s; the two ratio rows are plain ratios)", wholes, n)
+        for suffix in ("", CPU):  # wall, then process CPU time
+            bare = part[BARE[0] + suffix] + part[BARE[1] + suffix]
+            whole["bare passes (sum)" + suffix] = bare
+            whole["ratio analyze_study / bare" + suffix] = whole["analyze_study total" + suffix] / bare
+            end_to_end = sum(
+                whole[key + suffix]
+                for key in ("read study (load_study)", "analyze_study total", "write outputs")
+            )
+            whole["read + analyze + write" + suffix] = end_to_end
+            whole["ratio read+analyze+write / bare" + suffix] = end_to_end / bare
+            steps = sum(
+                v
+                for k, v in part.items()
+                if k.endswith(CPU) == bool(suffix)
+                and k.removesuffix(CPU) not in BARE
+                and not k.startswith((" ", "sum of", "ratio"))
+            )
+            part["sum of sub-steps (bare rows excluded)" + suffix] = steps
+            # each step beside its bare pass, moments apart: less exposed to a changing load
+            part["ratio sub-steps / bare (interleaved)" + suffix] = steps / bare
+    print_table(
+        "whole run (StudyResult.timings_s: wall only; the ratio rows are plain ratios of wall, of CPU)",
+        wholes,
+        n,
+    )
     print_table("stages taken apart (same arrays, same batch sizes)", parts, n)
+    best = {
+        key: min(run[key] for run in runs)
+        for runs, key in [
+            (wholes, "analyze_study total"),
+            (wholes, "analyze_study total" + CPU),
+            (parts, BARE[0]),
+            (parts, BARE[0] + CPU),
+            (parts, BARE[1]),
+            (parts, BARE[1] + CPU),
+        ]
+    }
+    print(
+        f"\nbest of {len(wholes)} (s, wall / CPU): analyze_study {best['analyze_study total']:.2f} / "
+        f"{best['analyze_study total' + CPU]:.2f}, bare passes "
+        + " / ".join(f"{best[BARE[0] + suffix] + best[BARE[1] + suffix]:.2f}" for suffix in ("", CPU))
+        + ", ratio "
+        + " / ".join(
+            f"{best['analyze_study total' + suffix] / (best[BARE[0] + suffix] + best[BARE[1] + suffix]):.3f}"
+            for suffix in ("", CPU)
+        )
+    )
 
     if args.batch_sizes:
         for size in (int(b) for b in args.batch_sizes.split(",")):

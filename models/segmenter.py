@@ -75,12 +75,24 @@ def predict_lung_labels(
             batch = torch.from_numpy(np.array(windowed[start : start + batch_size], dtype=np.float32))
             batch = resize_batch(batch.to(torch_device), (input_size, input_size))
             logits = model(batch[:, None]).float()
-            n, classes = logits.shape[:2]
-            # resize the class scores, not the labels, so boundaries stay smooth at native size
-            scores = resize_batch(logits.reshape(n * classes, input_size, input_size), image_shape)
-            argmax = scores.reshape(n, classes, *image_shape).argmax(dim=1)
-            labels[start : start + n] = argmax.to(torch.uint8).cpu().numpy()
+            labels[start : start + logits.shape[0]] = labels_from_scores(logits, image_shape)
     return labels
+
+
+def labels_from_scores(logits: torch.Tensor, image_shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """(n, classes, s, s) U-Net class scores → (n, *image_shape) uint8 argmax labels at the slice size."""
+    n, classes, height, width = logits.shape
+    # resize the class scores, not the labels, so boundaries stay smooth at native size
+    scores = resize_batch(logits.reshape(n * classes, height, width), image_shape)
+    scores = scores.reshape(n, classes, *image_shape)
+    # the argmax one class at a time (torch's argmax over a short dim is ~10x slower on CPU);
+    # "greater than" keeps the lower class on ties, as argmax does
+    best = scores[:, 0]
+    labels = torch.zeros((n, *image_shape), dtype=torch.uint8, device=scores.device)
+    for k in range(1, classes):
+        labels.masked_fill_(scores[:, k] > best, k)
+        best = torch.maximum(best, scores[:, k])
+    return np.asarray(labels.cpu().numpy())
 
 
 def is_binary_unet(model: nn.Module) -> bool:

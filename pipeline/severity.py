@@ -66,6 +66,13 @@ from corona_ct.pipeline.datamodel import (
     Volume,
 )
 from corona_ct.pipeline.errors import GeometryError
+from corona_ct.pipeline.morphology import (
+    close_in_plane,
+    dilate_rows,
+    erode_rows,
+    fill_holes_in_plane,
+    footprint_half_widths,
+)
 
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float64]
@@ -136,8 +143,9 @@ def corona_score(
     ``within`` (bool, (z, y, x)) restricts the sum to a mask, e.g. the lungs.
     """
     region = counted_region(cam_maps, positive, threshold, within)
-    counted = np.where(region, np.asarray(cam_maps, dtype=np.float64), 0.0)
-    return float(counted.sum() * voxel_volume_mm3 / 1000.0)
+    # summed in float64 over the counted voxels only (no float64 copy of the whole volume)
+    counted = np.sum(np.asarray(cam_maps)[region], dtype=np.float64)
+    return float(counted * voxel_volume_mm3 / 1000.0)
 
 
 def _percent(part: float, whole: float) -> float:
@@ -211,6 +219,12 @@ def _disk(radius_mm: float, spacing_yx: tuple[float, float]) -> BoolArray | None
     return inside[None]
 
 
+def _disk_rows(radius_mm: float, spacing_yx: tuple[float, float]) -> np.ndarray | None:
+    """The rows of :func:`_disk` as half widths for :func:`pipeline.morphology.dilate_rows`; None below half a pixel."""
+    disk = _disk(radius_mm, spacing_yx)
+    return None if disk is None else footprint_half_widths(disk)
+
+
 def _smooth_within(
     hu: npt.NDArray[np.floating[Any]], support: BoolArray, sigma_mm: float, spacing_yx: tuple[float, float]
 ) -> npt.NDArray[np.floating[Any]]:
@@ -226,28 +240,6 @@ def _smooth_within(
     numerator = ndimage.gaussian_filter(hu * weight, sigma, mode="constant")
     denominator = ndimage.gaussian_filter(weight, sigma, mode="constant")
     return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 1e-3)
-
-
-def _closing_in_plane(mask: BoolArray, radius_mm: float, spacing_yx: tuple[float, float]) -> BoolArray:
-    """Morphological closing of each slice of ``mask`` with a disk of ``radius_mm`` (exact, by distance maps)."""
-    # Each slice gets a margin of outside (False) wider than the radius, so the array's edge closes
-    # nothing; the slices, stacked along y, are then one 2D image whose slices cannot interact.
-    py, px = (math.ceil(radius_mm / d) + 1 for d in spacing_yx)
-    padded = np.pad(mask, ((0, 0), (py, py), (px, px)))
-    n, height, width = padded.shape
-    stacked = padded.reshape(n * height, width)
-    dilated = ndimage.distance_transform_edt(~stacked, sampling=spacing_yx) <= radius_mm
-    closed = ndimage.distance_transform_edt(dilated, sampling=spacing_yx) > radius_mm
-    return np.asarray(closed.reshape(n, height, width)[:, py:-py, px:-px])
-
-
-def _fill_holes_in_plane(mask: BoolArray) -> BoolArray:
-    """``mask`` with the holes of each slice filled (in-plane 4-connectivity)."""
-    structure = np.zeros((3, 3, 3), dtype=bool)
-    structure[1] = ndimage.generate_binary_structure(2, 1)
-    # one all-True slice before and after: the first and last slices are no array border then
-    padded = np.pad(mask, ((1, 1), (0, 0), (0, 0)), constant_values=True)
-    return np.asarray(ndimage.binary_fill_holes(padded, structure)[1:-1])
 
 
 def _through_plane_core(lungs: BoolArray, margin_slices: int) -> BoolArray:
@@ -306,8 +298,9 @@ def hu_maps(
 
     # Rim: partial volume with chest wall, mediastinum and heart in-plane, and through the
     # slice thickness with the diaphragm dome and the apex (neighbour slices not lung).
-    rim_disk = _disk(config.edge_margin_mm, spacing_yx)
-    core = ndimage.binary_erosion(lungs_box, rim_disk) if rim_disk is not None else lungs_box.copy()
+    # binary morphology with the disks row by row (pipeline.morphology: exact, linear in the disk's height)
+    rim_disk = _disk_rows(config.edge_margin_mm, spacing_yx)
+    core = erode_rows(lungs_box, rim_disk) if rim_disk is not None else lungs_box.copy()
     core &= _through_plane_core(lungs_all, config.edge_margin_slices)[box]
     # Bright structures (> vessel_hu after light smoothing): thin ones (gone after an opening as
     # wide as ``vessel_width_mm``: vessels, airway walls, fissures) are left out; broad ones are
@@ -315,18 +308,20 @@ def hu_maps(
     # (partial volume, which would otherwise read as ground glass).
     light = _smooth_within(hu_box, lungs_box, config.vessel_smoothing_mm, spacing_yx)
     bright = lungs_box & (light > config.vessel_hu)
-    width_disk = _disk(config.vessel_width_mm / 2.0, spacing_yx)
-    broad = ndimage.binary_opening(bright, width_disk) if width_disk is not None else bright
-    margin_disk = _disk(config.vessel_margin_mm, spacing_yx)
+    width_rows = _disk_rows(config.vessel_width_mm / 2.0, spacing_yx)
+    broad = dilate_rows(erode_rows(bright, width_rows), width_rows) if width_rows is not None else bright
+    margin_disk = _disk_rows(config.vessel_margin_mm, spacing_yx)
     thin = bright & ~broad
-    if width_disk is not None and config.vessel_contrast_hu > 0:
+    if width_rows is not None and config.vessel_contrast_hu > 0:
         # dim thin structures too: small or obliquely cut vessels in partial volume (−600 HU) stand
         # out of their surroundings by more than ``vessel_contrast_hu`` (white top-hat)
         level = np.where(lungs_box, light, _slice_median(light, lungs_box)[:, None, None])
-        tophat = level - ndimage.grey_opening(level, footprint=width_disk)
+        tophat = level - ndimage.grey_opening(
+            level, footprint=_disk(config.vessel_width_mm / 2.0, spacing_yx)
+        )
         thin |= lungs_box & (tophat > config.vessel_contrast_hu)
     left_out = thin | bright
-    near_bright = ndimage.binary_dilation(left_out, margin_disk) if margin_disk is not None else left_out
+    near_bright = dilate_rows(left_out, margin_disk) if margin_disk is not None else left_out
     excluded = lungs_box & near_bright & ~broad
     assessed = core & ~excluded
     parenchyma = assessed & ~broad  # where ground glass is looked for
@@ -363,14 +358,14 @@ def hu_maps(
     if config.ggo_contrast_hu > 0 and np.isfinite(aerated_level):
         ggo_lo = max(ggo_lo, aerated_level + config.ggo_contrast_hu)
     ggo_box = parenchyma & (smoothed >= ggo_lo) & (smoothed <= ggo_hi)
-    if width_disk is not None:  # ground glass is at least as wide as a vessel; thinner is partial volume
-        ggo_box = ndimage.binary_opening(ggo_box, width_disk)
+    if width_rows is not None:  # ground glass is at least as wide as a vessel; thinner is partial volume
+        ggo_box = dilate_rows(erode_rows(ggo_box, width_rows), width_rows)
     consolidation_box: BoolArray = assessed & broad & (light > cons_lo) & (light <= cons_hi)
     dense = np.flatnonzero(consolidation_box.any(axis=(1, 2)))
     if config.consolidation_reach_mm > 0 and dense.size:  # enclosed by aerated lung, not a mask leak
         aerated = lungs_box[dense] & ~bright[dense]
-        enclosed = _closing_in_plane(aerated, config.consolidation_reach_mm, spacing_yx)
-        consolidation_box[dense] &= enclosed | _fill_holes_in_plane(aerated)
+        enclosed = close_in_plane(aerated, config.consolidation_reach_mm, spacing_yx)
+        consolidation_box[dense] &= enclosed | fill_holes_in_plane(aerated)
 
     def on_grid(part: BoolArray) -> BoolArray:
         full = np.zeros(shape, dtype=bool)

@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from corona_ct.pipeline.config import SegmentConfig
-from corona_ct.pipeline.segment.cleanup import clean_lung_mask
+from corona_ct.pipeline.segment.cleanup import clean_lung_mask, median_sign
 from corona_ct.pipeline.segment.regions import (
     FACES_3D,
     INPLANE_8,
@@ -127,9 +127,8 @@ def pure_gas_regions(candidates: BoolArray, hu: np.ndarray) -> BoolArray:
     labels, count = ndimage.label(candidates, structure=FACES_3D)
     if count == 0:
         return np.zeros(candidates.shape, dtype=bool)
-    medians = np.asarray(ndimage.median(hu, labels, np.arange(1, count + 1)))
     lookup = np.zeros(count + 1, dtype=bool)
-    lookup[1:] = medians < LUNG_MIN_MEDIAN_HU
+    lookup[1:] = median_sign(hu, labels, count, LUNG_MIN_MEDIAN_HU) < 0
     return lookup[labels]
 
 

@@ -4,13 +4,16 @@ dense tissue against the lung closed in, at most two lungs."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 from skimage.morphology import convex_hull_image
 
 from corona_ct.pipeline.config import SegmentConfig
 from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG
+from corona_ct.pipeline.morphology import close_in_plane, dilate_in_plane, fill_holes_in_plane
 from corona_ct.pipeline.segment.regions import (
     FACES_3D,
     INPLANE_4,
@@ -20,7 +23,6 @@ from corona_ct.pipeline.segment.regions import (
     BoolArray,
     LabelArray,
     body_mask,
-    fill_holes_2d,
     outside_air,
     slice_centroids,
 )
@@ -39,8 +41,6 @@ MEDIASTINUM_GUARD_MM = 20.0
 Z_BRIDGE_MM = 30.0
 #: Volumes with fewer slices use 2D convex-hull bites instead of z-bridging.
 MIN_SLICES_FOR_Z_BRIDGING = 3
-#: Slice step (mm) used to keep distance transforms in-plane.
-_FAR_MM = 1.0e6
 
 
 def trim_dense_rim(labels: np.ndarray, low: BoolArray, rim_px: int) -> LabelArray:
@@ -85,6 +85,11 @@ def keep_plausible_lung(
     lungs = labels > 0
     if not lungs.any():
         return labels
+    shape = labels.shape
+    # Every rule below is in-plane or follows the lungs' own 3D components: the slices with lung
+    # (whole, for the body outline) and, after the body, the lungs' box plus the chest wall suffice.
+    z_range = _true_range(lungs.any(axis=(1, 2)))
+    labels, lungs, array, low = labels[z_range], lungs[z_range], array[z_range], low[z_range]
     # The body without what lies against it: a foam pad or table cavity between back and table is
     # low-density and enclosed, so the broad body (dense tissue and enclosed air) takes it in.
     # The dense outline alone excludes it, unless a crop opens the chest wall (then the broad one).
@@ -92,24 +97,28 @@ def keep_plausible_lung(
     broad_body = body_mask(~outside_air(low))
     if np.count_nonzero(lungs & body) < 0.8 * np.count_nonzero(lungs & broad_body):
         body = broad_body
-    lungs &= body
     wall_px = max(1, math.ceil(CHEST_WALL_MM / min(spacing_mm[1:])))
+    # the erosion reaches wall_px pixels: a box wall_px wider than the lungs erodes them as the whole would
+    box = (slice(None), *_padded_box(lungs, wall_px, (1.0, 1.0)))
+    labels, lungs, array, body = labels[box], lungs[box], array[box], body[box]
+    lungs &= body
     inner = ndimage.binary_erosion(body, structure=INPLANE_4, iterations=wall_px)
     components, count = ndimage.label(lungs, structure=FACES_3D)
     if count:
-        index = np.arange(1, count + 1)
-        inner_share = np.asarray(ndimage.mean(inner, components, index))
+        lung_components = components[lungs]
+        inner_share = (
+            np.bincount(lung_components, inner[lungs], count + 1)[1:]
+            / np.bincount(lung_components, minlength=count + 1)[1:]
+        )
         superficial = np.zeros(count + 1, dtype=bool)
         superficial[1:] = inner_share < 1.0 - MAX_SUPERFICIAL_SHARE
         if units == "HU":  # fat and soft tissue are not lung, whatever their texture
-            medians = np.asarray(ndimage.median(array, components, index))
-            superficial[1:] |= medians > LUNG_MAX_MEDIAN_HU
+            superficial[1:] |= median_sign(array, components, count, LUNG_MAX_MEDIAN_HU) > 0
         lungs &= ~superficial[components]
     if units == "HU" and lungs.any():
         components, count = ndimage.label(lungs, structure=INPLANE_8)
-        medians = np.asarray(ndimage.median(array, components, np.arange(1, count + 1)))
         gas = np.zeros(count + 1, dtype=bool)
-        gas[1:] = medians < LUNG_MIN_MEDIAN_HU
+        gas[1:] = median_sign(array, components, count, LUNG_MIN_MEDIAN_HU) < 0
         lungs &= ~gas[components]
     kept = np.zeros(labels.shape, dtype=np.uint8)
     for side in (RIGHT_LUNG, LEFT_LUNG):
@@ -121,32 +130,48 @@ def keep_plausible_lung(
         keep = sizes >= SECOND_LUNG_MIN_FRACTION * sizes.max()
         keep[0] = False
         kept[keep[components]] = side
-    return kept
+    out = np.zeros(shape, dtype=np.uint8)
+    out[z_range][box] = kept
+    return out
 
 
-def _inplane_distance_mm(mask: BoolArray, spacing_yx_mm: tuple[float, float]) -> np.ndarray:
-    """Per slice: distance (mm) from each pixel to the nearest ``mask`` pixel of the same slice.
+def median_sign(values: np.ndarray, components: np.ndarray, count: int, threshold: float) -> np.ndarray:
+    """(count,) sign (-1, 0, 1) of (median - ``threshold``) of ``values`` over each labelled
+    component 1..count, the median as ``ndimage.median`` takes it (the mean of the two middle
+    values, in the values' dtype).
 
-    One 3D Euclidean distance transform whose slice step is so large that the
-    nearest pixel is always found in-plane (slices without any ``mask`` pixel get
-    a distance ≥ ``_FAR_MM``). Linear time, unlike a dilation with a large disk.
+    Counting the voxels below, at and above the threshold places the two middle values; only
+    components whose middle values straddle the threshold are sorted for their mean.
     """
-    return np.asarray(
-        ndimage.distance_transform_edt(~mask, sampling=(_FAR_MM, spacing_yx_mm[0], spacing_yx_mm[1]))
-    )
+    inside = components > 0
+    labelled, picked = components[inside], values[inside]
+    sizes = np.bincount(labelled, minlength=count + 1)[1:]
+    below = np.bincount(labelled[picked < threshold], minlength=count + 1)[1:]
+    at = np.bincount(labelled[picked == threshold], minlength=count + 1)[1:]
+
+    def side_of(position: np.ndarray) -> np.ndarray:  # where the sorted value at ``position`` lies
+        return np.where(position < below, -1, np.where(position < below + at, 0, 1))
+
+    low, high = side_of((sizes - 1) // 2), side_of(sizes // 2)
+    sign = np.where(low == high, low, 0)
+    straddle = np.flatnonzero(low != high) + 1
+    if straddle.size:  # the mean of the middle values decides: sort these components' voxels only
+        wanted = np.zeros(count + 1, dtype=bool)
+        wanted[straddle] = True
+        chosen = wanted[labelled]
+        sub_labels, sub_values = labelled[chosen], picked[chosen]
+        ordered = sub_values[np.lexsort((sub_values, sub_labels))]
+        sub_sizes = sizes[straddle - 1]
+        starts = np.cumsum(sub_sizes) - sub_sizes
+        medians = (ordered[starts + (sub_sizes - 1) // 2] + ordered[starts + sub_sizes // 2]) / 2.0
+        sign[straddle - 1] = np.sign(medians - values.dtype.type(threshold)).astype(sign.dtype)
+    return np.asarray(sign)
 
 
-def _closing_2d(mask: BoolArray, radius_mm: float, spacing_yx_mm: tuple[float, float]) -> BoolArray:
-    """Binary closing per slice with a disk of ``radius_mm``, computed with distance transforms.
-
-    Padded so that the image border does not erode the result.
-    """
-    pad_y = int(np.ceil(radius_mm / spacing_yx_mm[0])) + 1
-    pad_x = int(np.ceil(radius_mm / spacing_yx_mm[1])) + 1
-    padded = np.pad(mask, ((0, 0), (pad_y, pad_y), (pad_x, pad_x)))
-    dilated = _inplane_distance_mm(padded, spacing_yx_mm) <= radius_mm
-    closed = _inplane_distance_mm(~dilated, spacing_yx_mm) > radius_mm
-    return closed[:, pad_y:-pad_y, pad_x:-pad_x]
+def _true_range(flags: npt.ArrayLike) -> slice:
+    """The slice from the first to the last True of 1D ``flags`` (which has at least one)."""
+    where = np.flatnonzero(flags)
+    return slice(int(where[0]), int(where[-1]) + 1)
 
 
 def _hull_bites(
@@ -168,19 +193,23 @@ def _hull_bites(
     """
     hull = np.zeros(side.shape, dtype=bool)
     for z in np.flatnonzero(side.any(axis=(1, 2))):  # per slice: skimage's hull is 2D
-        hull[z] = convex_hull_image(side[z])
+        # the hull lies within the slice's bounding box: only that box is tested against it
+        rows, cols = _padded_box(side[z : z + 1], 0.0, (1.0, 1.0))
+        hull[z, rows, cols] = convex_hull_image(side[z, rows, cols])
     bites = hull & ~side
     if not bites.any():
         return bites
     labels, count = ndimage.label(bites, structure=INPLANE_4)
-    index = np.arange(1, count + 1)
-    n_slices, height, width = side.shape
-    rows = np.broadcast_to(np.arange(height, dtype=np.float64)[None, :, None], side.shape)
-    cols = np.broadcast_to(np.arange(width, dtype=np.float64)[None, None, :], side.shape)
-    planes = np.broadcast_to(np.arange(n_slices)[:, None, None], side.shape)
-    bite_z = np.asarray(ndimage.minimum(planes, labels, index)).astype(int)
-    bite_row = np.asarray(ndimage.mean(rows, labels, index))
-    bite_col = np.asarray(ndimage.mean(cols, labels, index))
+    _, height, width = side.shape
+    # each bite's slice and mean row and column (a bite never leaves its slice)
+    bite_plane, bite_rows, bite_cols = np.nonzero(labels)
+    bite_labels = labels[bite_plane, bite_rows, bite_cols]
+    sizes = np.bincount(bite_labels, minlength=count + 1)[1:]
+    bite_z = np.zeros(count + 1, dtype=np.int64)
+    bite_z[bite_labels] = bite_plane
+    bite_z = bite_z[1:]
+    bite_row = np.bincount(bite_labels, bite_rows.astype(np.float64), count + 1)[1:] / sizes
+    bite_col = np.bincount(bite_labels, bite_cols.astype(np.float64), count + 1)[1:] / sizes
     _, side_row, side_col = slice_centroids(side)
     _, other_row, other_col = slice_centroids(other)
     centre_row, centre_col = mediastinum_rc or ((height - 1) / 2.0, (width - 1) / 2.0)
@@ -196,8 +225,11 @@ def _hull_bites(
     touches_edge[labels[hull_edge]] = True
     rejected |= ~touches_edge
     if other.any():
-        near_other = _inplane_distance_mm(other, spacing_yx_mm) <= MEDIASTINUM_GUARD_MM
-        rejected[labels[near_other]] = True
+        # only the slices with a bite still open need the other lung's reach
+        open_bites = labels * ~rejected[labels]
+        with_bites = np.flatnonzero(open_bites.any(axis=(1, 2)))
+        near_other = dilate_in_plane(other[with_bites], MEDIASTINUM_GUARD_MM, spacing_yx_mm)
+        rejected[open_bites[with_bites][near_other]] = True
     rejected[0] = True
     return ~rejected[labels]
 
@@ -209,10 +241,13 @@ def _z_bridged(side: BoolArray, max_gap_mm: float, slice_mm: float, both_sides: 
     chest wall is a blob, so the aerated lung surrounds it above and below; the
     liver and spleen domes have lung only above them and stay out.
     """
-    slice_index = np.arange(side.shape[0], dtype=np.float64)[:, None, None]
-    last_at_or_below = np.maximum.accumulate(np.where(side, slice_index, -np.inf), axis=0)
-    next_at_or_above = np.minimum.accumulate(np.where(side, slice_index, np.inf)[::-1], axis=0)[::-1]
     max_gap = max_gap_mm / slice_mm
+    small = side.shape[0] + max_gap < 2**13  # int16 indices: half the memory traffic of int32
+    index: type[np.signedinteger[Any]] = np.int16 if small else np.int64
+    slice_index = np.arange(side.shape[0], dtype=index)[:, None, None]
+    far = index(2**14 if small else 2**40)  # "no lung in that direction": beyond any gap
+    last_at_or_below = np.maximum.accumulate(np.where(side, slice_index, -far), axis=0)
+    next_at_or_above = np.minimum.accumulate(np.where(side, slice_index, far)[::-1], axis=0)[::-1]
     below_near = (slice_index - last_at_or_below) <= max_gap
     above_near = (next_at_or_above - slice_index) <= max_gap
     return below_near & above_near if both_sides else below_near | above_near
@@ -237,49 +272,58 @@ def clean_lung_mask(
     """
     del intensity
     labels = np.asarray(labels, dtype=np.uint8)
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    if not labels.any():
+        return out
     spacing_yx = (float(spacing_mm[1]), float(spacing_mm[2]))
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    pad_mm = config.closing_radius_mm + MEDIASTINUM_GUARD_MM
+    n_slices, height, width = labels.shape
+    # Nothing below reaches beyond the lungs' slices or further than pad_mm from their rows; all
+    # columns stay (the midline fallback of split_by_midline is the image's centre column).
+    crop = (_true_range(labels.any(axis=(1, 2))), _padded_box(labels > 0, pad_mm, spacing_yx)[0])
+    labels = labels[crop]
+    row_offset = crop[1].start
     sides = {}
     for value in (RIGHT_LUNG, LEFT_LUNG):
         side = _largest_and_large(labels == value, voxel_ml, config.min_lung_volume_ml)
         sides[value] = side
     cleaned = {}
-    pad_mm = config.closing_radius_mm + MEDIASTINUM_GUARD_MM
     for value, other_value in ((RIGHT_LUNG, LEFT_LUNG), (LEFT_LUNG, RIGHT_LUNG)):
         side = sides[value]
         cleaned[value] = np.zeros(labels.shape, dtype=bool)
         if not side.any():
             continue
-        # work inside the side's bounding box (plus the reach of the morphology): far less to transform
-        window_yx = _padded_box(side, pad_mm, spacing_yx)
-        side_crop, other_crop = (
-            side[:, window_yx[0], window_yx[1]],
-            sides[other_value][:, window_yx[0], window_yx[1]],
-        )
+        # work inside the side's bounding box (plus the reach of the morphology) and between its
+        # first and last slice (nothing below grows a slice without lung): far less to transform
+        window = (_true_range(side.any(axis=(1, 2))), *_padded_box(side, pad_mm, spacing_yx))
+        side_crop, other_crop = side[window], sides[other_value][window]
         centre_rc = (
-            (labels.shape[1] - 1) / 2.0 - window_yx[0].start,
-            (labels.shape[2] - 1) / 2.0 - window_yx[1].start,
+            (height - 1) / 2.0 - row_offset - window[1].start,
+            (width - 1) / 2.0 - window[2].start,
         )
-        if side.shape[0] >= MIN_SLICES_FOR_Z_BRIDGING:
+        if n_slices >= MIN_SLICES_FOR_Z_BRIDGING:
             # No 2D hole filling on volumes: the lung base rings the diaphragm dome in-plane.
-            closed = _closing_2d(side_crop, config.closing_radius_mm, spacing_yx)
+            closed = close_in_plane(side_crop, config.closing_radius_mm, spacing_yx)
             near_in_z = _z_bridged(closed, Z_BRIDGE_MM, float(spacing_mm[0]), both_sides=False)
             bites = _hull_bites(closed, other_crop, spacing_yx, centre_rc) & near_in_z
             result = closed | _z_bridged(closed, Z_BRIDGE_MM, float(spacing_mm[0])) | bites
         else:
-            closed = fill_holes_2d(
-                _closing_2d(fill_holes_2d(side_crop), config.closing_radius_mm, spacing_yx)
+            closed = fill_holes_in_plane(
+                close_in_plane(fill_holes_in_plane(side_crop), config.closing_radius_mm, spacing_yx)
             )
             result = closed | _hull_bites(closed, other_crop, spacing_yx, centre_rc)
-        cleaned[value][:, window_yx[0], window_yx[1]] = result
-    out = np.zeros(labels.shape, dtype=np.uint8)
+        cleaned[value][window] = result
+    result_crop = out[crop]
     both = cleaned[RIGHT_LUNG] & cleaned[LEFT_LUNG]
-    out[cleaned[RIGHT_LUNG]] = RIGHT_LUNG
-    out[cleaned[LEFT_LUNG]] = LEFT_LUNG
+    result_crop[cleaned[RIGHT_LUNG]] = RIGHT_LUNG
+    result_crop[cleaned[LEFT_LUNG]] = LEFT_LUNG
     if both.any():
-        original = np.where(sides[RIGHT_LUNG], RIGHT_LUNG, np.where(sides[LEFT_LUNG], LEFT_LUNG, 0))
-        nearest = split_by_midline(both, None, reference=original.astype(np.uint8))
-        out[both] = np.where(original[both] > 0, original[both], nearest[both])
+        original = np.zeros(labels.shape, dtype=np.uint8)
+        original[sides[LEFT_LUNG]] = LEFT_LUNG
+        original[sides[RIGHT_LUNG]] = RIGHT_LUNG
+        nearest = split_by_midline(both, None, reference=original)
+        result_crop[both] = np.where(original[both] > 0, original[both], nearest[both])
     return out
 
 

@@ -7,6 +7,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from corona_ct.pipeline.config import SegmentConfig
+from corona_ct.pipeline.morphology import fill_holes_in_plane
 
 #: Outside air: pixels on the image border ≥ this share of the pixels next to tissue.
 OUTSIDE_BORDER_SHARE = 0.5
@@ -38,11 +39,8 @@ def body_mask(dense: BoolArray) -> BoolArray:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     # slice of each component: components never cross slices with an in-plane structure
-    first_index = np.zeros(count + 1, dtype=np.int64)
-    flat = labels.ravel()
-    order = np.flatnonzero(flat)
-    first_index[flat[order[::-1]]] = order[::-1]
-    component_slice = first_index // (dense.shape[1] * dense.shape[2])
+    component_slice = np.zeros(count + 1, dtype=np.int64)
+    component_slice[1:] = [box[0].start for box in ndimage.find_objects(labels)]
     # per slice the label with the largest size: sort by (slice, size) and take the last per slice
     ids = np.arange(1, count + 1)
     by_slice = np.lexsort((sizes[ids], component_slice[ids]))
@@ -50,12 +48,7 @@ def body_mask(dense: BoolArray) -> BoolArray:
     last_per_slice = np.r_[slices_sorted[1:] != slices_sorted[:-1], True]
     keep = np.zeros(count + 1, dtype=bool)
     keep[ids[by_slice][last_per_slice]] = True
-    return fill_holes_2d(keep[labels])
-
-
-def fill_holes_2d(mask: BoolArray) -> BoolArray:
-    """Fill holes slice by slice (an in-plane structure never links slices)."""
-    return np.asarray(ndimage.binary_fill_holes(mask, structure=INPLANE_4))
+    return fill_holes_in_plane(keep[labels])
 
 
 def outside_air(low: BoolArray) -> BoolArray:

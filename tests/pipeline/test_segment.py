@@ -6,16 +6,23 @@ import dataclasses
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from corona_ct.data.phantom import make_phantom
 from corona_ct.data.phantom_anatomy import LUNG, VESSEL
 from corona_ct.pipeline.config import SegmentConfig, WindowConfig
 from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Volume
 from corona_ct.pipeline.errors import ModelError
+from corona_ct.pipeline.morphology import fill_holes_in_plane
 from corona_ct.pipeline.preprocess import window
 from corona_ct.pipeline.segment import NO_LUNGS_WARNING, segment_lungs
-from corona_ct.pipeline.segment.cleanup import clean_lung_mask, keep_plausible_lung, trim_dense_rim
-from corona_ct.pipeline.segment.regions import fill_holes_2d, low_density
+from corona_ct.pipeline.segment.cleanup import (
+    clean_lung_mask,
+    keep_plausible_lung,
+    median_sign,
+    trim_dense_rim,
+)
+from corona_ct.pipeline.segment.regions import low_density
 from corona_ct.pipeline.segment.sides import split_sides
 
 
@@ -100,12 +107,12 @@ def test_split_sides_separates_joined_lungs_along_the_junction() -> None:
     assert not labels[~lungs].any()
 
 
-def test_fill_holes_2d_fills_every_slice_independently() -> None:
+def test_fill_holes_in_plane_fills_every_slice_independently() -> None:
     ring = np.zeros((3, 9, 9), dtype=bool)
     ring[:, 2:7, 2:7] = True
     ring[:, 4, 4] = False
     ring[1, 4, 0:5] = False  # slice 1: the hole opens to the border, so it is no hole
-    filled = fill_holes_2d(ring)
+    filled = fill_holes_in_plane(ring)
     assert filled[0, 4, 4] and filled[2, 4, 4] and not filled[1, 4, 4]
 
 
@@ -165,3 +172,17 @@ def test_unet_labels_outside_the_chest_wall_or_on_gas_or_fat_are_dropped() -> No
     kept = keep_plausible_lung(labels, hu, "HU", (5.0, 1.5, 1.5), low_density(hu, "HU", SegmentConfig()))
     assert (kept[:, right] == 1).all() and (kept[:, left] == 2).all()
     assert not kept[:, pad].any() and not kept[:, gas].any() and not kept[:, fat].any()
+
+
+def test_median_sign_matches_ndimage_median_with_ties_at_the_threshold() -> None:
+    rng = np.random.default_rng(7)
+    components = rng.integers(0, 60, size=(4, 30, 30))  # 59 components, sizes odd and even
+    values = rng.integers(-1000, 200, size=components.shape).astype(np.float32)
+    values[components % 3 == 0] = rng.choice([-401.0, -400.0, -399.0], size=int((components % 3 == 0).sum()))
+    # even-sized components whose two middle values straddle -400: the mean decides
+    components[0, 0, :6] = [60, 60, 61, 61, 62, 62]
+    values[0, 0, :6] = [-401.0, -399.0, -401.0, -398.0, -402.0, -399.0]
+    index = np.arange(1, 63)
+    for threshold in (-400.0, -960.0, 0.0):
+        expected = np.sign(np.asarray(ndimage.median(values, components, index)) - np.float32(threshold))
+        assert np.array_equal(median_sign(values, components, 62, threshold), expected)

@@ -1,0 +1,167 @@
+"""In-plane binary morphology of (z, y, x) stacks: each slice on its own, disks in mm.
+
+Shared by the lung-mask clean-up (:mod:`pipeline.segment`) and the HU measures
+(:mod:`pipeline.severity`). A disk is taken row by row: each row of the footprint (offset ``dy``,
+half width ``w``) is a dilation along x, moved by ``dy`` rows, so the cost grows with the disk's
+height, not its area, and the result is exactly that of ``ndimage.binary_dilation`` with the same
+footprint. :func:`disk_half_widths` gives the disk a distance transform would (``sqrt((dy·sy)² +
+(dx·sx)²) ≤ r``, the same floating-point steps), :func:`footprint_half_widths` the rows of any
+centred footprint. Hole filling labels the background once instead of propagating a dilation from
+the border pixel by pixel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+BoolArray = npt.NDArray[np.bool_]
+
+_INPLANE_4 = np.zeros((3, 3, 3), dtype=bool)
+_INPLANE_4[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def disk_half_widths(radius_mm: float, spacing_yx_mm: tuple[float, float]) -> np.ndarray:
+    """Per row offset ``dy`` in ``-R..R`` (index ``dy + R``): the largest ``dx`` (px) with
+    ``sqrt((dy·sy)² + (dx·sx)²) ≤ radius_mm``, the in-plane Euclidean disk of a distance transform.
+
+    Computed with the same floating-point steps as ``ndimage.distance_transform_edt`` (offset ×
+    spacing, squared, summed, square root), so "within ``radius_mm``" means what it means there.
+    """
+    sy, sx = (float(s) for s in spacing_yx_mm)
+    reach_y, reach_x = math.floor(radius_mm / sy) + 1, math.floor(radius_mm / sx) + 1
+    dy = np.arange(-reach_y, reach_y + 1, dtype=np.float64)[:, None] * sy
+    dx = np.arange(0, reach_x + 1, dtype=np.float64)[None, :] * sx
+    inside = np.sqrt(dy * dy + dx * dx) <= radius_mm
+    widths = np.where(inside.any(axis=1), inside.sum(axis=1) - 1, -1)
+    rows = np.flatnonzero(widths >= 0)
+    return widths[rows[0] : rows[-1] + 1] if rows.size else np.zeros(1, dtype=np.int64)
+
+
+def footprint_half_widths(footprint: BoolArray) -> np.ndarray:
+    """Half widths (px; -1: empty row) of the rows of a (1, h, w) or (h, w) footprint of odd sides
+    whose rows are intervals centred on its middle column (a disk, an ellipse), for :func:`dilate_rows`."""
+    height, width = footprint.shape[-2:]
+    rows = np.asarray(footprint, dtype=bool).reshape(height, width)
+    widths = np.where(rows.any(axis=1), rows.sum(axis=1) // 2, -1)
+    centred = np.abs(np.arange(width)[None, :] - width // 2) <= widths[:, None]
+    if height % 2 == 0 or width % 2 == 0 or not np.array_equal(centred, rows):
+        raise ValueError(f"footprint {rows.shape} is not made of rows centred on its middle: {rows}")
+    return np.asarray(widths)
+
+
+#: Up to this half width (px) rows are dilated by shifting; wider ones through gap lengths.
+_SHIFT_MAX_PX = 24
+
+
+def _row_gaps(mask: BoolArray, cap: int) -> np.ndarray:
+    """(z, y, x) distance (px, along x, at most ``cap``) of each pixel to the nearest ``mask`` pixel
+    of its own row; ``cap`` where the row has none that near."""
+    width = mask.shape[-1]
+    index = np.int16 if 2 * width + cap + 1 < 2**15 else np.int32
+    far = index(width + cap + 1)
+    columns = np.arange(width, dtype=index)
+    last = np.where(mask, columns, -far)
+    np.maximum.accumulate(last, axis=-1, out=last)
+    after = np.where(mask[..., ::-1], columns[::-1], index(far + width))
+    np.minimum.accumulate(after, axis=-1, out=after)
+    gap = np.minimum(columns - last, after[..., ::-1] - columns)
+    return np.minimum(gap, index(cap))
+
+
+def _row_dilations(mask: BoolArray, half_widths: np.ndarray) -> Iterator[tuple[int, BoolArray]]:
+    """(w, ``mask`` dilated along x by ``-w..w``) for every w in ``half_widths`` (≥ 0), w ascending."""
+    wanted = sorted({int(w) for w in half_widths if w >= 0})
+    if wanted[-1] <= _SHIFT_MAX_PX:  # narrow: widen one column at a time
+        grown = mask.copy()
+        for w in range(wanted[-1] + 1):
+            if w:
+                grown[..., w:] |= mask[..., :-w]
+                grown[..., :-w] |= mask[..., w:]
+            if w in wanted:
+                yield w, grown
+        return
+    gaps = _row_gaps(mask, wanted[-1] + 1)
+    for w in wanted:
+        yield w, gaps <= w
+
+
+def dilate_rows(mask: BoolArray, half_widths: np.ndarray) -> BoolArray:
+    """In-plane binary dilation of (z, y, x) ``mask`` by the footprint whose row ``dy`` (index
+    ``dy + R``, ``R = len(half_widths) // 2``) spans columns ``-w..w`` (``w = half_widths[dy + R]``,
+    ``-1``: empty row). Outside the image lies False (``ndimage.binary_dilation``'s border).
+
+    Each row of the footprint is a dilation along x (by shifts, or by each pixel's distance to the
+    nearest mask pixel of its row), moved by ``dy``: exact, and linear in the footprint's height,
+    not its area.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros(mask.shape, dtype=bool)
+    if not mask.any() or half_widths.max() < 0:
+        return out
+    height = mask.shape[1]
+    reach = len(half_widths) // 2
+    for w, along_x in _row_dilations(mask, half_widths):
+        for dy in np.flatnonzero(half_widths == w) - reach:
+            if abs(dy) >= height:
+                continue
+            # out[:, y] |= along_x[:, y + dy], for the rows y where y + dy lies in the image
+            target = slice(max(0, -dy), height - max(0, dy))
+            source = slice(max(0, dy), height - max(0, -dy))
+            out[:, target] |= along_x[:, source]
+    return out
+
+
+def erode_rows(mask: BoolArray, half_widths: np.ndarray) -> BoolArray:
+    """In-plane binary erosion by the footprint of :func:`dilate_rows`; outside the image lies False
+    (``ndimage.binary_erosion``'s border), so the image edge erodes."""
+    reach_y, reach_x = len(half_widths) // 2, max(int(half_widths.max()), 0)
+    outside = np.pad(
+        ~np.asarray(mask, dtype=bool), ((0, 0), (reach_y,) * 2, (reach_x,) * 2), constant_values=True
+    )
+    height, width = outside.shape[1:]
+    return ~dilate_rows(outside, half_widths)[:, reach_y : height - reach_y, reach_x : width - reach_x]
+
+
+def dilate_in_plane(mask: BoolArray, radius_mm: float, spacing_yx_mm: tuple[float, float]) -> BoolArray:
+    """Pixels within ``radius_mm`` (in-plane Euclidean, mm) of a ``mask`` pixel of the same slice."""
+    return dilate_rows(mask, disk_half_widths(radius_mm, spacing_yx_mm))
+
+
+def close_in_plane(mask: BoolArray, radius_mm: float, spacing_yx_mm: tuple[float, float]) -> BoolArray:
+    """Binary closing of each slice with a disk of ``radius_mm`` (mm, exact Euclidean).
+
+    Beyond the image edge lies False, as far as the disk reaches, so the edge closes nothing and
+    erodes nothing. Slices without a mask pixel are skipped.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros(mask.shape, dtype=bool)
+    todo = np.flatnonzero(mask.any(axis=(1, 2)))
+    if todo.size == 0:
+        return out
+    widths = disk_half_widths(radius_mm, spacing_yx_mm)
+    # a margin one pixel wider than the disk: the dilation spills into it, the erosion finds False beyond
+    py, px = len(widths) // 2 + 1, max(int(widths.max()), 0) + 1
+    padded = np.pad(mask[todo], ((0, 0), (py, py), (px, px)))
+    dilated = dilate_rows(padded, widths)
+    closed = ~dilate_rows(~dilated, widths)
+    out[todo] = closed[:, py:-py, px:-px]
+    return out
+
+
+def fill_holes_in_plane(mask: BoolArray) -> BoolArray:
+    """``mask`` with the holes of each slice filled: background not 4-connected in-plane to the
+    slice's edge (what ``ndimage.binary_fill_holes`` with an in-plane structure gives)."""
+    mask = np.asarray(mask, dtype=bool)
+    background, count = ndimage.label(~mask, structure=_INPLANE_4)
+    if count == 0:
+        return mask.copy()
+    hole = np.ones(count + 1, dtype=bool)
+    hole[0] = False
+    for edge in (background[:, 0, :], background[:, -1, :], background[:, :, 0], background[:, :, -1]):
+        hole[edge] = False
+    return mask | hole[background]

@@ -1,0 +1,97 @@
+"""The in-plane morphology of pipeline.morphology gives exactly what scipy.ndimage gives with the
+same disk, on random stacks with blobs touching the image edge, empty slices and anisotropic pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from corona_ct.pipeline.morphology import (
+    close_in_plane,
+    dilate_in_plane,
+    dilate_rows,
+    disk_half_widths,
+    erode_rows,
+    fill_holes_in_plane,
+    footprint_half_widths,
+)
+
+SPACINGS = [(0.7, 0.7), (0.6, 0.9), (1.0, 0.55)]
+
+
+def _blobs(seed: int, shape: tuple[int, int, int] = (5, 70, 60), share: float = 0.08) -> np.ndarray:
+    """Random smooth blobs, some cut by the image edge; slice 2 left empty."""
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.normal(size=shape), (0, 3, 3))
+    mask = noise > np.quantile(noise, 1 - share)
+    mask[2] = False
+    return mask
+
+
+def _ellipse(radius_mm: float, spacing: tuple[float, float]) -> np.ndarray:
+    """(1, h, w) footprint: pixels whose centre is within ``radius_mm`` (the form severity uses)."""
+    ry, rx = radius_mm / spacing[0], radius_mm / spacing[1]
+    y, x = np.ogrid[-int(ry) : int(ry) + 1, -int(rx) : int(rx) + 1]
+    return ((y / ry) ** 2 + (x / rx) ** 2 <= 1.0)[None]
+
+
+def _edt_disk(radius_mm: float, spacing: tuple[float, float]) -> np.ndarray:
+    """(1, h, w) footprint of the offsets a distance transform puts within ``radius_mm``."""
+    reach = [int(radius_mm / s) + 2 for s in spacing]
+    seed = np.ones((2 * reach[0] + 1, 2 * reach[1] + 1), dtype=bool)
+    seed[reach[0], reach[1]] = False
+    inside = ndimage.distance_transform_edt(seed, sampling=spacing) <= radius_mm
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    return inside[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1][None]
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("radius_mm", [1.5, 2.5, 9.0])
+def test_row_morphology_matches_ndimage(spacing: tuple[float, float], radius_mm: float) -> None:
+    mask = _blobs(int(radius_mm * 10))
+    footprint = _ellipse(radius_mm, spacing)
+    widths = footprint_half_widths(footprint)
+    assert np.array_equal(dilate_rows(mask, widths), ndimage.binary_dilation(mask, footprint))
+    assert np.array_equal(erode_rows(mask, widths), ndimage.binary_erosion(mask, footprint))
+    opened = dilate_rows(erode_rows(mask, widths), widths)
+    assert np.array_equal(opened, ndimage.binary_opening(mask, footprint))
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("radius_mm", [2.0, 6.0, 15.0])
+def test_disks_in_mm_match_distance_transforms(spacing: tuple[float, float], radius_mm: float) -> None:
+    mask = _blobs(int(radius_mm), share=0.03)
+    assert np.array_equal(
+        footprint_half_widths(_edt_disk(radius_mm, spacing)), disk_half_widths(radius_mm, spacing)
+    )
+    expected_near = np.stack(
+        [
+            ndimage.distance_transform_edt(~plane, sampling=spacing) <= radius_mm
+            if plane.any()
+            else np.zeros_like(plane)
+            for plane in mask
+        ]
+    )
+    assert np.array_equal(dilate_in_plane(mask, radius_mm, spacing), expected_near)
+    # closing with False beyond the image: pad wider than the disk, close, crop
+    pad = [int(radius_mm / s) + 2 for s in spacing]
+    padded = np.pad(mask, ((0, 0), (pad[0],) * 2, (pad[1],) * 2))
+    expected = ndimage.binary_closing(padded, _edt_disk(radius_mm, spacing))[
+        :, pad[0] : -pad[0], pad[1] : -pad[1]
+    ]
+    closed = close_in_plane(mask, radius_mm, spacing)
+    assert np.array_equal(closed, expected) and not closed[2].any()
+
+
+def test_fill_holes_in_plane_matches_ndimage_per_slice() -> None:
+    mask = ~_blobs(3, share=0.6)  # a background full of enclosed and border-touching pockets
+    expected = np.stack([ndimage.binary_fill_holes(plane) for plane in mask])
+    assert np.array_equal(fill_holes_in_plane(mask), expected)
+
+
+def test_footprint_half_widths_refuses_rows_off_centre() -> None:
+    footprint = np.zeros((3, 5), dtype=bool)
+    footprint[1, 0:3] = True
+    with pytest.raises(ValueError, match="centred"):
+        footprint_half_widths(footprint)
