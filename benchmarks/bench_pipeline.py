@@ -55,7 +55,7 @@ from corona_ct.pipeline.preprocess import (
     window,
 )
 from corona_ct.pipeline.report import write_study_outputs
-from corona_ct.pipeline.run import _thumbnail, analyze_study
+from corona_ct.pipeline.run import analyze_study, thumbnail
 from corona_ct.pipeline.segment.cleanup import clean_lung_mask, keep_plausible_lung, trim_dense_rim
 from corona_ct.pipeline.segment.regions import low_density
 from corona_ct.pipeline.segment.sides import split_sides
@@ -200,8 +200,8 @@ def stage_breakdown(volume: Volume, models: ModelSet, config: PipelineConfig) ->
 
 def _thumbnails(images: torch.Tensor, maps: torch.Tensor) -> None:
     """The two thumbnail stacks the runner keeps per batch (slices and fused maps)."""
-    _thumbnail(images)
-    _thumbnail(maps)
+    thumbnail(images)
+    thumbnail(maps)
 
 
 def print_table(title: str, runs: Sequence[dict[str, float]], n_slices: int) -> None:

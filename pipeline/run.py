@@ -142,8 +142,8 @@ def analyze_study(
             rows = slice(start, start + len(chunk))
             features[rows] = np.asarray(out.features, dtype=np.float32)
             feature_weights[rows] = np.asarray(out.feature_weights, dtype=np.float32)
-            thumbnails[rows] = _thumbnail(inputs[:, 0])
-            cam_thumbnails[rows] = _thumbnail(fused)
+            thumbnails[rows] = thumbnail(inputs[:, 0])
+            cam_thumbnails[rows] = thumbnail(fused)
         if progress is not None:
             progress(len(chunk))
 
@@ -197,7 +197,7 @@ def _not_assessable_result(
     )
 
 
-def _thumbnail(images: object) -> np.ndarray:
+def thumbnail(images: object) -> np.ndarray:
     """(n, S, S) maps in [0, 1] → (n, 112, 112) uint8."""
     tensor = torch.as_tensor(images, dtype=torch.float32)[:, None]
     small = F.interpolate(tensor, size=(THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="bilinear", antialias=True)

@@ -35,7 +35,7 @@ every step in-plane (slices are often thick) and vectorised over the volume with
 
 They are ``None`` for pre-windowed image stacks, which have no HU.
 
-Validation (``benchmarks/hu_measures.py``, ``docs/validation.md``, COVID-CT-MD, one scanner): normal
+Validation (``tools/hu_measures.py``, ``docs/validation.md``, COVID-CT-MD, one scanner): normal
 lungs now read 0.1–1.2 % instead of 11–26 %, and per-slice GGO + consolidation ranks infected above
 clean slices with AUC 0.83 pooled over three patients (raw thresholds: 0.36). Within one patient
 it still does not separate them well: AUC 0.73 (COVID-19) and 0.56 (pneumonia), below 0.8, so the
@@ -88,10 +88,10 @@ AERATED_PERCENTILE = 25.0
 MAD_TO_SD = 1.4826
 
 #: Shown by the report next to ``ggo_percent`` / ``consolidation_percent``: how well they separated
-#: infected from clean slices when validated (``benchmarks/hu_measures.py``, docs/validation.md; 344
+#: infected from clean slices when validated (``tools/hu_measures.py``, docs/validation.md; 344
 #: slices of one scanner, U-Net lungs). Below AUC 0.8 within each patient: an estimate, not a finding.
 HU_MEASURE_CAVEAT = (
-    "HU estimate, not a diagnosis: on same-scanner CT (benchmarks/hu_measures.py) GGO + consolidation "
+    "HU estimate, not a diagnosis: on same-scanner CT (tools/hu_measures.py) GGO + consolidation "
     "ranked infected above clean slices with AUC 0.83 pooled over a COVID-19, a pneumonia and a normal "
     "patient, but only 0.73 within the COVID-19 and 0.56 within the pneumonia patient; lung-mask errors, "
     "dense dependent lung and large subpleural consolidation bias it"
@@ -197,7 +197,7 @@ def raw_hu_fractions(hu: npt.ArrayLike, region: npt.ArrayLike, config: SeverityC
     """Percent of ``region`` voxels whose raw HU lies in the ground-glass / consolidation range.
 
     The measure before noise matching and vessel removal, kept as the reference that
-    ``benchmarks/hu_measures.py`` compares with; on real CT it is dominated by noise,
+    ``tools/hu_measures.py`` compares with; on real CT it is dominated by noise,
     vessels and partial volume (module doc).
     """
     values = np.asarray(hu)[np.asarray(region, dtype=bool)]

@@ -298,4 +298,4 @@ def test_severity_hu_measures_on_the_phantom() -> None:
 
 
 def test_caveat_names_the_measured_auc() -> None:
-    assert "AUC" in HU_MEASURE_CAVEAT and "benchmarks/hu_measures.py" in HU_MEASURE_CAVEAT
+    assert "AUC" in HU_MEASURE_CAVEAT and "tools/hu_measures.py" in HU_MEASURE_CAVEAT
