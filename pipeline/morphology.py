@@ -8,12 +8,19 @@ footprint. :func:`disk_half_widths` gives the disk a distance transform would (`
 (dx·sx)²) ≤ r``, the same floating-point steps), :func:`footprint_half_widths` the rows of any
 centred footprint. Hole filling labels the background once instead of propagating a dilation from
 the border pixel by pixel.
+
+:func:`in_slabs` runs such a slice-by-slice function on z-slabs on several threads: scipy.ndimage
+and numpy release the GIL, and each slice's result does not depend on where the stack is cut.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +30,41 @@ BoolArray = npt.NDArray[np.bool_]
 
 _INPLANE_4 = np.zeros((3, 3, 3), dtype=bool)
 _INPLANE_4[1] = ndimage.generate_binary_structure(2, 1)
+
+
+#: Fewest slices per slab worth a thread of its own.
+MIN_SLAB_SLICES = 4
+_in_slab = (
+    threading.local()
+)  # set on a slab's thread: in_slabs calls made there run on it, not on more threads
+
+
+def slab_workers() -> int:
+    """Threads for :func:`in_slabs`: the run's thread budget (``OMP_NUM_THREADS``, which ``--threads``
+    and a Ray worker's CPU count set), else the CPUs this process may use."""
+    budget = os.environ.get("OMP_NUM_THREADS", "")
+    if budget.isdigit() and int(budget) > 0:
+        return int(budget)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def in_slabs(func: Callable[..., np.ndarray], *stacks: np.ndarray, workers: int | None = None) -> np.ndarray:
+    """``func(*stacks)`` computed on z-slabs of the (z, y, x) ``stacks``, one thread each, joined along z.
+
+    Exact for a ``func`` that treats each slice on its own (in-plane filters, labels and morphology
+    with in-plane structures) and returns a (z, y, x) array; ``workers`` defaults to
+    :func:`slab_workers`.
+    """
+    n = stacks[0].shape[0]
+    parts = min(workers or slab_workers(), n // MIN_SLAB_SLICES)
+    if parts < 2:
+        return func(*stacks)
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    with ThreadPoolExecutor(parts) as pool:
+        slabs = list(
+            pool.map(lambda lo, hi: func(*(stack[lo:hi] for stack in stacks)), bounds[:-1], bounds[1:])
+        )
+    return np.concatenate(slabs, axis=0)
 
 
 def disk_half_widths(radius_mm: float, spacing_yx_mm: tuple[float, float]) -> np.ndarray:
@@ -99,7 +141,10 @@ def dilate_rows(mask: BoolArray, half_widths: np.ndarray) -> BoolArray:
     nearest mask pixel of its row), moved by ``dy``: exact, and linear in the footprint's height,
     not its area.
     """
-    mask = np.asarray(mask, dtype=bool)
+    return in_slabs(partial(_dilate_rows, half_widths=half_widths), np.asarray(mask, dtype=bool))
+
+
+def _dilate_rows(mask: BoolArray, half_widths: np.ndarray) -> BoolArray:
     out = np.zeros(mask.shape, dtype=bool)
     if not mask.any() or half_widths.max() < 0:
         return out
@@ -156,7 +201,10 @@ def close_in_plane(mask: BoolArray, radius_mm: float, spacing_yx_mm: tuple[float
 def fill_holes_in_plane(mask: BoolArray) -> BoolArray:
     """``mask`` with the holes of each slice filled: background not 4-connected in-plane to the
     slice's edge (what ``ndimage.binary_fill_holes`` with an in-plane structure gives)."""
-    mask = np.asarray(mask, dtype=bool)
+    return in_slabs(_fill_holes, np.asarray(mask, dtype=bool))
+
+
+def _fill_holes(mask: BoolArray) -> BoolArray:
     background, count = ndimage.label(~mask, structure=_INPLANE_4)
     if count == 0:
         return mask.copy()

@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,7 @@ from corona_ct.pipeline.morphology import (
     erode_rows,
     fill_holes_in_plane,
     footprint_half_widths,
+    in_slabs,
 )
 
 BoolArray = npt.NDArray[np.bool_]
@@ -235,6 +237,12 @@ def _smooth_within(
     """
     if sigma_mm <= 0:
         return hu
+    return in_slabs(partial(_smooth_slab, sigma_mm=sigma_mm, spacing_yx=spacing_yx), hu, support)
+
+
+def _smooth_slab(
+    hu: npt.NDArray[np.floating[Any]], support: BoolArray, sigma_mm: float, spacing_yx: tuple[float, float]
+) -> npt.NDArray[np.floating[Any]]:
     sigma = (0.0, sigma_mm / spacing_yx[0], sigma_mm / spacing_yx[1])
     weight = support.astype(np.float32)
     numerator = ndimage.gaussian_filter(hu * weight, sigma, mode="constant")
@@ -316,9 +324,8 @@ def hu_maps(
         # dim thin structures too: small or obliquely cut vessels in partial volume (−600 HU) stand
         # out of their surroundings by more than ``vessel_contrast_hu`` (white top-hat)
         level = np.where(lungs_box, light, _slice_median(light, lungs_box)[:, None, None])
-        tophat = level - ndimage.grey_opening(
-            level, footprint=_disk(config.vessel_width_mm / 2.0, spacing_yx)
-        )
+        opening = partial(ndimage.grey_opening, footprint=_disk(config.vessel_width_mm / 2.0, spacing_yx))
+        tophat = level - in_slabs(opening, level)
         thin |= lungs_box & (tophat > config.vessel_contrast_hu)
     left_out = thin | bright
     near_bright = dilate_rows(left_out, margin_disk) if margin_disk is not None else left_out

@@ -7,7 +7,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from corona_ct.pipeline.config import SegmentConfig
-from corona_ct.pipeline.morphology import fill_holes_in_plane
+from corona_ct.pipeline.morphology import fill_holes_in_plane, in_slabs
 
 #: Outside air: pixels on the image border ≥ this share of the pixels next to tissue.
 OUTSIDE_BORDER_SHARE = 0.5
@@ -33,6 +33,10 @@ def low_density(array: np.ndarray, units: str, config: SegmentConfig) -> BoolArr
 
 def body_mask(dense: BoolArray) -> BoolArray:
     """Per slice: the largest in-plane component of dense tissue with its holes filled."""
+    return in_slabs(_body_mask, np.asarray(dense, dtype=bool))
+
+
+def _body_mask(dense: BoolArray) -> BoolArray:
     labels, count = ndimage.label(dense, structure=INPLANE_8)
     if count == 0:
         return np.zeros(dense.shape, dtype=bool)
@@ -56,6 +60,10 @@ def outside_air(low: BoolArray) -> BoolArray:
 
     Border share = (pixels on the row/column border) / (pixels next to tissue).
     """
+    return in_slabs(_outside_air, np.asarray(low, dtype=bool))
+
+
+def _outside_air(low: BoolArray) -> BoolArray:
     labels, count = ndimage.label(low, structure=INPLANE_8)
     if count == 0:
         return np.zeros(low.shape, dtype=bool)

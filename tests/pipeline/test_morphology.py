@@ -15,6 +15,8 @@ from corona_ct.pipeline.morphology import (
     erode_rows,
     fill_holes_in_plane,
     footprint_half_widths,
+    in_slabs,
+    slab_workers,
 )
 
 SPACINGS = [(0.7, 0.7), (0.6, 0.9), (1.0, 0.55)]
@@ -95,3 +97,27 @@ def test_footprint_half_widths_refuses_rows_off_centre() -> None:
     footprint[1, 0:3] = True
     with pytest.raises(ValueError, match="centred"):
         footprint_half_widths(footprint)
+
+
+def test_slabs_on_threads_give_the_single_thread_result_bit_for_bit(monkeypatch) -> None:
+    stack = _blobs(7, shape=(23, 70, 60))
+    footprint = _ellipse(3.0, (0.6, 0.9))
+    widths = footprint_half_widths(footprint)
+    calls = []
+
+    def closed_with_holes_filled(mask: np.ndarray) -> np.ndarray:
+        calls.append(mask.shape[0])
+        return fill_holes_in_plane(close_in_plane(mask, 3.0, (0.6, 0.9)))  # nested in_slabs: run in the slab
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread: no slabs
+    assert slab_workers() == 1
+    serial = closed_with_holes_filled(stack)
+    assert calls == [23]
+    calls.clear()
+    threaded = in_slabs(closed_with_holes_filled, stack, workers=3)
+    assert sorted(calls) == [7, 8, 8]  # three slabs, one call each: the nested calls stayed in them
+    np.testing.assert_array_equal(threaded, serial)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # what --threads 2 sets
+    assert slab_workers() == 2
+    assert np.array_equal(dilate_rows(stack, widths), ndimage.binary_dilation(stack, footprint))
+    assert np.array_equal(erode_rows(stack, widths), ndimage.binary_erosion(stack, footprint))
