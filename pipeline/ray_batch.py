@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.device import set_threads
 from corona_ct.pipeline.errors import ConfigError, CoronaCTError, OutputError, StageError
 from corona_ct.pipeline.modelset import ModelSet, load_models, models_key
 from corona_ct.pipeline.study_job import JobOptions, JobOutcome, StudyJob, record_failure, run_study_job
@@ -80,7 +79,7 @@ class StudyWorker:
         threads: int,
     ) -> None:
         self.problem = ""  # why this worker cannot run studies; reported by ready()
-        torch.set_num_threads(threads)
+        set_threads(threads)  # torch, BLAS and the z-slab threads of pipeline.morphology
         self.config, self.options = config, options
         try:
             if not options.output.is_dir():
