@@ -239,7 +239,13 @@ def _dispatch(
         ref = done[0]
         if ref in starting:
             worker = starting.pop(ref)
-            _check_ready(ray.get(ref))
+            try:
+                _check_ready(ray.get(ref))
+            except ray.exceptions.RayActorError as error:
+                raise ConfigError(
+                    f"a replacement Ray worker died while loading its models ({type(error).__name__}); "
+                    "finished studies are kept: rerun with --resume"
+                ) from error
             idle.append(worker)
             continue
         worker, job = studies.pop(ref)
