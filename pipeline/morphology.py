@@ -34,9 +34,8 @@ _INPLANE_4[1] = ndimage.generate_binary_structure(2, 1)
 
 #: Fewest slices per slab worth a thread of its own.
 MIN_SLAB_SLICES = 4
-_in_slab = (
-    threading.local()
-)  # set on a slab's thread: in_slabs calls made there run on it, not on more threads
+#: Marks a slab's thread: an in_slabs call made there runs on that thread, not on more threads.
+_in_slab = threading.local()
 
 
 def slab_workers() -> int:
@@ -53,17 +52,23 @@ def in_slabs(func: Callable[..., np.ndarray], *stacks: np.ndarray, workers: int 
 
     Exact for a ``func`` that treats each slice on its own (in-plane filters, labels and morphology
     with in-plane structures) and returns a (z, y, x) array; ``workers`` defaults to
-    :func:`slab_workers`.
+    :func:`slab_workers`. Called from inside a slab (a nested call), it runs on that slab's thread.
     """
     n = stacks[0].shape[0]
     parts = min(workers or slab_workers(), n // MIN_SLAB_SLICES)
-    if parts < 2:
+    if parts < 2 or getattr(_in_slab, "active", False):
         return func(*stacks)
+
+    def slab(lo: int, hi: int) -> np.ndarray:
+        _in_slab.active = True
+        try:
+            return func(*(stack[lo:hi] for stack in stacks))
+        finally:
+            _in_slab.active = False
+
     bounds = np.linspace(0, n, parts + 1).astype(int)
     with ThreadPoolExecutor(parts) as pool:
-        slabs = list(
-            pool.map(lambda lo, hi: func(*(stack[lo:hi] for stack in stacks)), bounds[:-1], bounds[1:])
-        )
+        slabs = list(pool.map(slab, bounds[:-1], bounds[1:]))
     return np.concatenate(slabs, axis=0)
 
 

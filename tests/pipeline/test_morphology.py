@@ -100,24 +100,31 @@ def test_footprint_half_widths_refuses_rows_off_centre() -> None:
 
 
 def test_slabs_on_threads_give_the_single_thread_result_bit_for_bit(monkeypatch) -> None:
-    stack = _blobs(7, shape=(23, 70, 60))
+    stack = _blobs(7, shape=(40, 70, 60))
     footprint = _ellipse(3.0, (0.6, 0.9))
     widths = footprint_half_widths(footprint)
-    calls = []
+    inner_calls = []
+
+    def filled(mask: np.ndarray) -> np.ndarray:
+        inner_calls.append(mask.shape[0])
+        return fill_holes_in_plane(mask)
 
     def closed_with_holes_filled(mask: np.ndarray) -> np.ndarray:
-        calls.append(mask.shape[0])
-        return fill_holes_in_plane(close_in_plane(mask, 3.0, (0.6, 0.9)))  # nested in_slabs: run in the slab
+        # nested in_slabs calls (close_in_plane's dilations, fill_holes_in_plane): run in the slab
+        return in_slabs(filled, close_in_plane(mask, 3.0, (0.6, 0.9)))
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread: no slabs
     assert slab_workers() == 1
     serial = closed_with_holes_filled(stack)
-    assert calls == [23]
-    calls.clear()
-    threaded = in_slabs(closed_with_holes_filled, stack, workers=3)
-    assert sorted(calls) == [7, 8, 8]  # three slabs, one call each: the nested calls stayed in them
-    np.testing.assert_array_equal(threaded, serial)
+    assert inner_calls == [40]
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # what --threads 2 sets
     assert slab_workers() == 2
+    inner_calls.clear()
+    threaded = in_slabs(closed_with_holes_filled, stack, workers=3)
+    assert sorted(inner_calls) == [13, 13, 14]  # one call per slab: the nested calls were not split again
+    np.testing.assert_array_equal(threaded, serial)
+    inner_calls.clear()
+    assert np.array_equal(in_slabs(closed_with_holes_filled, stack), serial)  # 2 slabs from the budget
+    assert sorted(inner_calls) == [20, 20]
     assert np.array_equal(dilate_rows(stack, widths), ndimage.binary_dilation(stack, footprint))
     assert np.array_equal(erode_rows(stack, widths), ndimage.binary_erosion(stack, footprint))
