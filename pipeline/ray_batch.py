@@ -11,8 +11,8 @@ once; each runs one study at a time with :func:`pipeline.study_job.run_study_job
 that study's outputs and, last, its completion record, exactly as a local run does. So a batch
 interrupted at any point and run again with ``--resume`` ends with every study done once.
 
-A study that fails, or whose worker dies (killed, out of memory, node lost; Ray restarts the
-worker), costs that study only: it is queued again, once, behind the others. A second failure
+A study that fails, or whose worker dies (killed, out of memory, node lost; a new worker replaces
+it and loads the models), costs that study only: it is queued again, once, behind the others. A second failure
 is its row's error. A failure to write the output folder stops the batch, as in a local run.
 
 On a multi-node cluster every node must see the inputs and the output folder at the same paths
@@ -233,8 +233,8 @@ def _dispatch(
         done, _ = ray.wait([*studies, *starting], num_returns=1, timeout=None if studies else START_TIMEOUT_S)
         if not done:
             raise ConfigError(
-                f"no Ray worker could be restarted within {START_TIMEOUT_S:.0f} s (the cluster has no free "
-                f"{'GPU' if 'GPU' in str(ray.available_resources()) else 'CPU'}s for it); rerun with --resume"
+                f"no Ray worker could be restarted within {START_TIMEOUT_S:.0f} s (the cluster has no free CPUs "
+                "or GPUs for it); finished studies are kept: rerun with --resume"
             )
         ref = done[0]
         if ref in starting:
