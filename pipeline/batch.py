@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -63,12 +64,11 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- outcome
 
 
+@dataclass
 class BatchOutcome(JobOutcome):
     """What a batch run did; ``rows`` are this run's summary.csv rows, ``kept`` the earlier ones it kept."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.kept: list[dict[str, object]] = []
+    kept: list[dict[str, object]] = field(default_factory=list)
 
     @property
     def not_assessable(self) -> list[dict[str, object]]:

@@ -249,37 +249,40 @@ def _dispatch(
             idle.append(worker)
             continue
         worker, job = studies.pop(ref)
-        outcome, why, worker_died = _result(ray, ref, job)
+        outcome, why, worker_died = _result(ray, ref)
         if worker_died:
             worker = start()
             starting[worker.ready.remote()] = worker
         else:
             idle.append(worker)
-        if not why:
-            yield outcome
-        elif attempts[job.item.study_id] < ATTEMPTS:
+        if why and attempts[job.item.study_id] < ATTEMPTS:
             log.warning("%s: %s; retrying it once", job.item.study_id, why)
             queue.append(job)
-        else:
+            continue
+        if why:
             log.warning("%s: %s again; giving up on it", job.item.study_id, why)
-            yield outcome
+        yield outcome if outcome is not None else _worker_failure(job, why)
 
 
-def _result(ray: Any, ref: Any, job: StudyJob) -> tuple[JobOutcome, str, bool]:
-    """(the study's outcome, why it should be retried or "", whether its worker died)."""
+def _result(ray: Any, ref: Any) -> tuple[JobOutcome | None, str, bool]:
+    """(the study's outcome, or None when its worker did not return one; why it should be retried,
+    or ""; whether its worker died)."""
     try:
         outcome: JobOutcome = ray.get(ref)
     except ray.exceptions.RayActorError as error:
-        outcome, why = JobOutcome(), f"its Ray worker died ({type(error).__name__})"
-        record_failure(outcome, job.item.study_id, job.source, StageError("worker", job.item.study_id, why))
-        return outcome, why, True
+        return None, f"its Ray worker died ({type(error).__name__})", True
     except ray.exceptions.RayTaskError as error:
         cause = error.cause
         if isinstance(cause, OutputError):
             raise cause from None  # the output folder cannot be written: stop, as a local run does
-        outcome, why = JobOutcome(), f"unexpected {type(cause).__name__} in its Ray worker: {cause}"
-        record_failure(outcome, job.item.study_id, job.source, StageError("worker", job.item.study_id, why))
-        return outcome, why, False
+        return None, f"unexpected {type(cause).__name__} in its Ray worker: {cause}", False
     if outcome.failures:
         return outcome, f"failed ({outcome.failures[0].message})", False
     return outcome, "", False
+
+
+def _worker_failure(job: StudyJob, why: str) -> JobOutcome:
+    """The failed row of a study whose worker returned nothing (it died, or raised an unexpected error)."""
+    outcome = JobOutcome()
+    record_failure(outcome, job.item.study_id, job.source, StageError("worker", job.item.study_id, why))
+    return outcome
