@@ -28,8 +28,9 @@ from scipy import ndimage
 
 BoolArray = npt.NDArray[np.bool_]
 
-_INPLANE_4 = np.zeros((3, 3, 3), dtype=bool)
-_INPLANE_4[1] = ndimage.generate_binary_structure(2, 1)
+#: In-plane 4-neighbourhood for (z, y, x) arrays: no links between slices.
+INPLANE_4 = np.zeros((3, 3, 3), dtype=bool)
+INPLANE_4[1] = ndimage.generate_binary_structure(2, 1)
 
 
 #: Fewest slices per slab worth a thread of its own.
@@ -210,7 +211,7 @@ def fill_holes_in_plane(mask: BoolArray) -> BoolArray:
 
 
 def _fill_holes(mask: BoolArray) -> BoolArray:
-    background, count = ndimage.label(~mask, structure=_INPLANE_4)
+    background, count = ndimage.label(~mask, structure=INPLANE_4)
     if count == 0:
         return mask.copy()
     hole = np.ones(count + 1, dtype=bool)

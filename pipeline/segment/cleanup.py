@@ -13,10 +13,9 @@ from skimage.morphology import convex_hull_image
 
 from corona_ct.pipeline.config import SegmentConfig
 from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG
-from corona_ct.pipeline.morphology import close_in_plane, dilate_in_plane, fill_holes_in_plane
+from corona_ct.pipeline.morphology import INPLANE_4, close_in_plane, dilate_in_plane, fill_holes_in_plane
 from corona_ct.pipeline.segment.regions import (
     FACES_3D,
-    INPLANE_4,
     INPLANE_8,
     LUNG_MIN_MEDIAN_HU,
     SECOND_LUNG_MIN_FRACTION,

@@ -17,9 +17,8 @@ SECOND_LUNG_MIN_FRACTION = 0.1
 LUNG_MIN_MEDIAN_HU = -960.0
 BoolArray = npt.NDArray[np.bool_]
 LabelArray = npt.NDArray[np.uint8]
-# 2D neighbourhoods applied to every slice of a (z, y, x) array at once: no z-links.
-INPLANE_4 = np.zeros((3, 3, 3), dtype=bool)
-INPLANE_4[1] = ndimage.generate_binary_structure(2, 1)
+# 2D neighbourhoods applied to every slice of a (z, y, x) array at once: no z-links (INPLANE_4 is in
+# pipeline.morphology).
 INPLANE_8 = np.zeros((3, 3, 3), dtype=bool)
 INPLANE_8[1] = True
 FACES_3D = ndimage.generate_binary_structure(3, 1)

@@ -7,9 +7,9 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG
+from corona_ct.pipeline.morphology import INPLANE_4
 from corona_ct.pipeline.segment.regions import (
     FACES_3D,
-    INPLANE_4,
     SECOND_LUNG_MIN_FRACTION,
     BoolArray,
     LabelArray,
