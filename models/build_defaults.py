@@ -22,6 +22,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,25 @@ TRAINING_WORDS = {
     "lung-cancer patients (two vendors), LIDC-IDRI-0001 and phantom slices without lesions",
     "split": "epoch chosen on patients never trained on: LIDC-IDRI-0002, 4 TCGA patients, phantom 1002",
 }
+
+
+#: The COVID-CT-MD patients (one scanner) and what each has.
+CT_MD_PATIENTS = {"P002": "COVID-19", "cap002": "pneumonia", "normal001": "normal"}
+
+
+def training_words(excluded: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """(intended use, training-data words) of a run that leaves the groups ``excluded`` out."""
+    kept = [name for name in CT_MD_PATIENTS if name not in excluded]
+    use = (
+        f"research only; trained on {len(kept)} patient{'s' if len(kept) != 1 else ''} of one scanner "
+        "plus lung-cancer CT and phantoms, with counterfactual lesions; not a clinical population"
+    )
+    if not excluded:
+        return use, dict(TRAINING_WORDS)
+    left_out = "; left out of training (validation): " + ", ".join(
+        f"{name} ({CT_MD_PATIENTS[name]})" if name in CT_MD_PATIENTS else name for name in excluded
+    )
+    return use, {key: words + left_out if key != "split" else words for key, words in TRAINING_WORDS.items()}
 
 
 def texture_fold(stem: str) -> str:
@@ -135,18 +155,21 @@ def train(args: argparse.Namespace) -> None:
     is_val = np.isin(groups, VAL_GROUPS) & ~excluded
     is_train = ~is_val & ~excluded
     train_part, val_part = prepared.select(is_train), prepared.select(is_val)
+    # the left-out patients' real slices (no counterfactual twins), logged per epoch, never used to choose
+    is_monitor = excluded & np.isin(np.asarray(prepared.kinds), ("clean", "infected"))
+    monitor = prepared.select(is_monitor) if len(set(prepared.labels[is_monitor].tolist())) == 2 else None
     config = TrainConfig.gozes(
         input_size=int(prepared.images.shape[-1]), epochs=args.epochs, patience=args.patience, workers=0, lr=args.lr,
-        batch_size=args.batch_size, zero_init_residual=True,
+        batch_size=args.batch_size, zero_init_residual=True, lr_schedule=args.lr_schedule,
         lesion_mask_weight=args.lesion_mask_weight, seed=args.seed,
     )  # fmt: skip
     kinds = {k: train_part.kinds.count(k) for k in sorted(set(train_part.kinds))}
     command = "python -m corona_ct.models.build_defaults " + " ".join(sys.argv[1:])
+    intended_use, words = training_words(args.exclude)
     card_extra = {
-        "intended_use": "research only; trained on 3 patients of one scanner plus lung-cancer CT and phantoms, "
-        "with counterfactual lesions; not a clinical population",
+        "intended_use": intended_use,
         "segmenter": "segmenter/unet-vgg16 (models/weights/segmenter.safetensors) with keep_plausible_lung",
-        "training_data": {"command": command, **TRAINING_WORDS},
+        "training_data": {"command": command, **words},
         "training_details": {
             "prepared": str(args.prepared),
             "excluded_groups": list(args.exclude),
@@ -167,6 +190,7 @@ def train(args: argparse.Namespace) -> None:
         window_hu=(PipelineConfig().window.hu_min, PipelineConfig().window.hu_max),
         card_extra=card_extra,
         resume=args.resume,
+        monitor_set=None if monitor is None else SliceDataset(monitor.images, monitor.labels),
     )
     print(
         json.dumps(
@@ -287,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         "--lr", type=float, default=1e-3,
         help="Adam learning rate (the seed's 1e-4 barely moved a from-scratch ResNet-50 in 4 CPU epochs)",
     )  # fmt: skip
+    t.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true")
     i = sub.add_parser("install", help="copy a trained run into models/weights as fp16")

@@ -193,12 +193,16 @@ def _save_last_state(
 
 
 def _load_last_state(
-    output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: Mapping[str, Any]
+    output_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: Mapping[str, Any],
+    resumable_changes: frozenset[str] = RESUMABLE_CHANGES,
 ) -> dict[str, Any]:
     """Restore the last finished epoch into ``model`` and ``optimizer``; its bookkeeping as a dict.
 
     Refuses a run folder trained with other settings than ``config`` (except
-    :data:`RESUMABLE_CHANGES`): resuming it would mix two runs in one model.
+    ``resumable_changes``): resuming it would mix two runs in one model.
     """
     json_path = output_dir / f"{LAST_STATE}.json"
     try:
@@ -207,7 +211,7 @@ def _load_last_state(
     except (OSError, json.JSONDecodeError, SafetensorError) as error:
         raise ModelError(f"cannot resume from {output_dir}: {error}; start without --resume") from None
     current = json.loads(json.dumps(dict(config)))  # as it was saved: tuples became lists
-    changed = {k for k, v in current.items() if meta["config"].get(k) != v} - RESUMABLE_CHANGES
+    changed = {k for k, v in current.items() if meta["config"].get(k) != v} - resumable_changes
     if changed:
         raise ConfigError(
             f"cannot resume {output_dir}: it was trained with different {', '.join(sorted(changed))}; "
@@ -240,6 +244,7 @@ def fit(
     title: str = "",
     score_name: str = "validation score",
     on_epoch: Callable[[Mapping[str, float]], None] | None = None,
+    resumable_changes: frozenset[str] = RESUMABLE_CHANGES,
 ) -> TrainResult:
     """Run ``run_epoch`` for epochs 1..``epochs``; keep the best-scoring ``model`` in ``output_dir``.
 
@@ -248,7 +253,8 @@ def fit(
     ``train_seconds``. ``config``: the run's settings, stored with every epoch and compared
     on resume. ``trained``: the module the optimizer updates when it holds more than
     ``model`` (auxiliary heads); it is what the resumable state saves. ``on_epoch`` gets
-    each history row. Returns ``model`` with the best epoch's weights, in eval mode.
+    each history row. ``resumable_changes``: the ``config`` keys a resume may change.
+    Returns ``model`` with the best epoch's weights, in eval mode.
     """
     output = Path(output_dir)
     resumable = model if trained is None else trained
@@ -257,7 +263,7 @@ def fit(
     best_metrics: dict[str, Any] = {}
     start_epoch, stopped_early = 1, False
     if resume and (output / f"{LAST_STATE}.json").is_file():
-        meta = _load_last_state(output, resumable, optimizer, config)
+        meta = _load_last_state(output, resumable, optimizer, config, resumable_changes)
         history, best_score, best_epoch = meta["history"], float(meta["best_score"]), int(meta["best_epoch"])
         bad_epochs, best_metrics, elapsed = (
             int(meta["bad_epochs"]),

@@ -29,6 +29,7 @@ from corona_ct.data.datasets import MASK_UNKNOWN, SliceDataset, as_network_input
 from corona_ct.models.augment import augment_batch
 from corona_ct.models.classifier import backbone_spec, build_classifier, positive_probability
 from corona_ct.models.fit import (
+    RESUMABLE_CHANGES,
     EpochResult,
     TrainResult,
     autocast,
@@ -45,6 +46,7 @@ from corona_ct.pipeline.device import resolve_device
 from corona_ct.pipeline.errors import ConfigError
 
 RECIPES = ("gozes", "covid-ctset")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class TrainConfig:
         0.0  # weight of the auxiliary lesion-mask loss on the Grad-CAM layers (0 = off)
     )
     zero_init_residual: bool = False  # last BatchNorm of each residual block starts at 0 (Goyal et al. 2017)
+    lr_schedule: str = "constant"  # "constant" or "cosine" (lr × ½(1 + cos π(epoch − 1)/epochs), per epoch)
 
     def __post_init__(self) -> None:
         checks = [
@@ -97,6 +100,7 @@ class TrainConfig:
             (0 <= self.val_fraction < 0.5, "val_fraction must be in [0, 0.5)"),
             (self.lstm_hidden > 0, "lstm_hidden must be > 0"),
             (self.lesion_mask_weight >= 0, "lesion_mask_weight must be >= 0"),
+            (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -137,6 +141,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of ``epoch`` (1-based): ``lr``, or its cosine decay over ``epochs``."""
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / self.epochs))
+        return self.lr
 
     def backbone_options(self) -> dict[str, Any]:
         """Builder options recorded in the card (the LSTM hybrid's row length and width)."""
@@ -317,6 +327,8 @@ def train_classifier(
     eval_batch = config.batch_size * 2
 
     def run_epoch(epoch: int) -> EpochResult:
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr_at(epoch)
         model.train()
         torch.manual_seed(config.seed * 7919 + epoch)  # dropout masks (VGG) per epoch, resumable
         augment_rng = epoch_generator(config.seed, epoch, stream=2)
@@ -347,7 +359,9 @@ def train_classifier(
             predicted = (positive_probability(logits.detach().float()) >= threshold).long()
             correct += int((predicted == labels).sum())
             seen += int(labels.shape[0])
-        row: dict[str, float] = {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+        row: dict[str, float] = {
+            "train_loss": loss_sum / seen, "train_acc": correct / seen, "lr": optimizer.param_groups[0]["lr"]
+        }  # fmt: skip
         if config.precise_bn:
             recalibrate_batchnorm(model, train_set, eval_batch, device, config.amp)
         report: dict[str, Any] = {}
@@ -372,6 +386,8 @@ def train_classifier(
             patience=config.patience if val_set is not None else 0,  # no validation: every epoch runs
             resume=resume, trained=trainable, title=f"{config.backbone} ({config.recipe})",
             score_name="validation AUC", on_epoch=on_epoch,
+            # a cosine schedule is drawn over ``epochs``: another count would bend the rest of it
+            resumable_changes=RESUMABLE_CHANGES - {"epochs"} if config.lr_schedule == "cosine" else RESUMABLE_CHANGES,
         )  # fmt: skip
     finally:
         if heads is not None:

@@ -100,6 +100,19 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> N
         train_classifier(data, None, dataclasses.replace(config, lr=0.5), tmp_path / "split", resume=True)
 
 
+def test_cosine_schedule_sets_each_epochs_rate_and_refuses_a_resume_that_bends_it(tmp_path: Path) -> None:
+    data = phantom_slices(range(200, 201))
+    config = quick_config(epochs=2, batch_size=8, lr=1e-3, lr_schedule="cosine")
+    assert [config.lr_at(e) for e in (1, 2)] == pytest.approx([1e-3, 0.5e-3])
+    result = train_classifier(data, None, config, tmp_path / "cosine")
+    assert [row["lr"] for row in result.history] == pytest.approx([1e-3, 0.5e-3])
+    with pytest.raises(ConfigError, match="different epochs"):
+        train_classifier(data, None, dataclasses.replace(config, epochs=3), tmp_path / "cosine", resume=True)
+    assert quick_config(epochs=2).lr_at(2) == quick_config(epochs=2).lr  # constant: every epoch the same
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        TrainConfig.gozes(lr_schedule="step")
+
+
 @pytest.mark.slow
 def test_checkpoint_round_trips_and_is_refused_for_another_architecture(tmp_path: Path) -> None:
     data = phantom_slices(range(300, 301))
