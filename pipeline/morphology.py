@@ -11,6 +11,7 @@ the border pixel by pixel.
 
 :func:`in_slabs` runs such a slice-by-slice function on z-slabs on several threads: scipy.ndimage
 and numpy release the GIL, and each slice's result does not depend on where the stack is cut.
+:func:`in_parallel` runs independent jobs (the two lungs) on the same thread budget.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
 BoolArray = npt.NDArray[np.bool_]
+T = TypeVar("T")
 
 #: In-plane 4-neighbourhood for (z, y, x) arrays: no links between slices.
 INPLANE_4 = np.zeros((3, 3, 3), dtype=bool)
@@ -71,6 +74,27 @@ def in_slabs(func: Callable[..., np.ndarray], *stacks: np.ndarray, workers: int 
     with ThreadPoolExecutor(parts) as pool:
         slabs = list(pool.map(slab, bounds[:-1], bounds[1:]))
     return np.concatenate(slabs, axis=0)
+
+
+def in_parallel(*jobs: Callable[[], T]) -> list[T]:
+    """The results of independent ``jobs``, run on up to :func:`slab_workers` threads.
+
+    Called from inside a slab or a job (nested), or with one thread, they run one after the other
+    on the caller's thread; :func:`in_slabs` calls inside a job run on that job's thread.
+    """
+    workers = min(slab_workers(), len(jobs))
+    if workers < 2 or getattr(_in_slab, "active", False):
+        return [job() for job in jobs]
+
+    def run(job: Callable[[], T]) -> T:
+        _in_slab.active = True
+        try:
+            return job()
+        finally:
+            _in_slab.active = False
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(run, jobs))
 
 
 def disk_half_widths(radius_mm: float, spacing_yx_mm: tuple[float, float]) -> np.ndarray:

@@ -47,7 +47,7 @@ hilar vessels (AUC 0.51).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -188,6 +188,18 @@ class HuMaps:
             _percent(float(np.count_nonzero(self.consolidation & assessed)), whole),
         )
 
+    def percent_by_label(self, labels: np.ndarray) -> dict[int, tuple[float, float]]:
+        """:meth:`percent` of all lungs (key 0) and of each side of ``labels`` (1 right, 2 left), counted
+        in one pass over the assessed voxels (ground glass and consolidation lie inside them)."""
+        at = np.asarray(labels)[self.assessed].astype(np.int64)
+        kinds = self.ggo[self.assessed] + 2 * self.consolidation[self.assessed].astype(np.int64)
+        counts = np.bincount(at * 3 + kinds, minlength=9)[:9].reshape(3, 3)  # [label, none/ggo/consolidation]
+        counts[0] = counts[RIGHT_LUNG] + counts[LEFT_LUNG]
+        return {
+            key: (_percent(float(row[1]), float(row.sum())), _percent(float(row[2]), float(row.sum())))
+            for key, row in enumerate(counts)
+        }
+
     def slice_percent(self) -> tuple[FloatArray, FloatArray]:
         """Per slice (z,): (ggo, consolidation) in % of that slice's assessed voxels; 0 without any."""
         whole = self.assessed.sum(axis=(1, 2)).astype(np.float64)
@@ -237,17 +249,55 @@ def _smooth_within(
     """
     if sigma_mm <= 0:
         return hu
-    return in_slabs(partial(_smooth_slab, sigma_mm=sigma_mm, spacing_yx=spacing_yx), hu, support)
+    sigma_px = (sigma_mm / spacing_yx[0], sigma_mm / spacing_yx[1])
+    if min(_gaussian_radius(s) for s in sigma_px) >= MATMUL_MIN_RADIUS_PX:  # BLAS threads itself
+        return _smooth_slab(hu, support, partial(_gaussian_by_matrices, sigma_px=sigma_px))
+    blur = partial(ndimage.gaussian_filter, sigma=(0.0, *sigma_px), mode="constant")
+    return in_slabs(partial(_smooth_slab, blur=blur), hu, support)
 
 
 def _smooth_slab(
-    hu: npt.NDArray[np.floating[Any]], support: BoolArray, sigma_mm: float, spacing_yx: tuple[float, float]
+    hu: npt.NDArray[np.floating[Any]],
+    support: BoolArray,
+    blur: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]],
 ) -> npt.NDArray[np.floating[Any]]:
-    sigma = (0.0, sigma_mm / spacing_yx[0], sigma_mm / spacing_yx[1])
     weight = support.astype(np.float32)
-    numerator = ndimage.gaussian_filter(hu * weight, sigma, mode="constant")
-    denominator = ndimage.gaussian_filter(weight, sigma, mode="constant")
+    numerator, denominator = blur(hu * weight), blur(weight)
     return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 1e-3)
+
+
+#: Kernel radius (px) from which an in-plane Gaussian is two matrix products (BLAS, all threads) rather
+#: than a 1D correlation per axis: its cost then follows the slice's side, not the kernel's width.
+MATMUL_MIN_RADIUS_PX = 32
+
+
+def _gaussian_radius(sigma_px: float) -> int:
+    """Kernel radius (px) of ``ndimage.gaussian_filter`` at its default ``truncate=4``."""
+    return int(4.0 * sigma_px + 0.5)
+
+
+def _gaussian_matrix(n: int, sigma_px: float) -> npt.NDArray[np.float32]:
+    """(n, n) matrix of ``ndimage.gaussian_filter1d(mode="constant")`` along an axis of ``n`` samples."""
+    radius = _gaussian_radius(sigma_px)
+    taps = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 / (sigma_px * sigma_px) * taps * taps)
+    kernel /= kernel.sum()
+    offset = np.subtract.outer(np.arange(n), np.arange(n))
+    return np.where(np.abs(offset) <= radius, kernel[np.clip(offset + radius, 0, 2 * radius)], 0.0).astype(
+        np.float32
+    )
+
+
+def _gaussian_by_matrices(
+    stack: npt.NDArray[np.float32], sigma_px: tuple[float, float]
+) -> npt.NDArray[np.float32]:
+    """In-plane Gaussian of a (z, y, x) stack, zero beyond the edges: ``G_y · slice · G_x`` per slice
+    (what ``ndimage.gaussian_filter(sigma=(0, *sigma_px), mode="constant")`` gives, to float32 rounding)."""
+    n, height, width = stack.shape
+    along_x = (stack.reshape(n * height, width) @ _gaussian_matrix(width, sigma_px[1])).reshape(
+        n, height, width
+    )
+    return np.asarray(np.matmul(_gaussian_matrix(height, sigma_px[0]), along_x))
 
 
 def _through_plane_core(lungs: BoolArray, margin_slices: int) -> BoolArray:
@@ -323,7 +373,7 @@ def hu_maps(
     if width_rows is not None and config.vessel_contrast_hu > 0:
         # dim thin structures too: small or obliquely cut vessels in partial volume (−600 HU) stand
         # out of their surroundings by more than ``vessel_contrast_hu`` (white top-hat)
-        level = np.where(lungs_box, light, _slice_median(light, lungs_box)[:, None, None])
+        level = np.where(lungs_box, light, _slice_median(light, lungs_box).astype(light.dtype)[:, None, None])
         opening = partial(ndimage.grey_opening, footprint=_disk(config.vessel_width_mm / 2.0, spacing_yx))
         tophat = level - in_slabs(opening, level)
         thin |= lungs_box & (tophat > config.vessel_contrast_hu)
@@ -409,31 +459,42 @@ def severity(
         )
     positive = positive_slices(scores, config.classify.positive_threshold)
     voxel_mm3 = volume.geometry.voxel_volume_mm3
-    threshold = config.cam.activation_threshold
-    has_hu = volume.units == "HU"
-
-    def measures(region: np.ndarray) -> tuple[float, float, float]:
-        lung_cm3 = float(np.count_nonzero(region)) * voxel_mm3 / 1000.0
-        score = corona_score(cams.maps, positive, voxel_mm3, threshold, within=region)
-        return lung_cm3, score, _percent(score, lung_cm3)
+    labels = lung_mask.labels
+    # the voxels the Corona score counts lie on positive slices only: found once, split by label
+    # (index 0: outside the lungs, 1 right, 2 left)
+    positive_maps = cams.maps[positive]
+    counted = counted_region(
+        positive_maps, np.ones(len(positive_maps), dtype=bool), config.cam.activation_threshold
+    )
+    counted_maps = positive_maps[counted].astype(np.float64)
+    cm3 = voxel_mm3 / 1000.0
+    score_cm3 = np.bincount(labels[positive][counted], counted_maps, minlength=3)[:3] * cm3
+    lung_cm3 = np.array([0.0, *(np.count_nonzero(labels == side) for side in (RIGHT_LUNG, LEFT_LUNG))]) * cm3
+    maps = (
+        hu_maps(volume.hu, lung_mask.lungs, volume.geometry.spacing_mm, config.severity)
+        if volume.units == "HU"
+        else None
+    )
+    hu_percent = maps.percent_by_label(labels) if maps is not None else None
 
     def side(label: int) -> dict[str, float]:
-        region = lung_mask.labels == label
-        lung_cm3, score, affected = measures(region)
-        values = {"lung_volume_cm3": lung_cm3, "corona_score_cm3": score, "affected_percent": affected}
-        if maps is not None:
-            values["ggo_percent"], values["consolidation_percent"] = maps.percent(region)
+        values = {
+            "lung_volume_cm3": float(lung_cm3[label]),
+            "corona_score_cm3": float(score_cm3[label]),
+            "affected_percent": _percent(float(score_cm3[label]), float(lung_cm3[label])),
+        }
+        if hu_percent is not None:
+            values["ggo_percent"], values["consolidation_percent"] = hu_percent[label]
         return values
 
-    lungs = lung_mask.lungs
-    maps = hu_maps(volume.hu, lungs, volume.geometry.spacing_mm, config.severity) if has_hu else None
-    lung_cm3, score_in_lung, affected = measures(lungs)
-    ggo, consolidation = maps.percent() if maps is not None else (None, None)
+    in_lung = float(score_cm3[RIGHT_LUNG] + score_cm3[LEFT_LUNG])
+    lungs_cm3 = float(lung_cm3[RIGHT_LUNG] + lung_cm3[LEFT_LUNG])
+    ggo, consolidation = hu_percent[0] if hu_percent is not None else (None, None)
     return Severity(
-        corona_score_cm3=corona_score(cams.maps, positive, voxel_mm3, threshold),
-        corona_score_in_lung_cm3=score_in_lung,
-        lung_volume_cm3=lung_cm3,
-        affected_percent=affected,
+        corona_score_cm3=float(np.sum(counted_maps) * cm3),
+        corona_score_in_lung_cm3=in_lung,
+        lung_volume_cm3=lungs_cm3,
+        affected_percent=_percent(in_lung, lungs_cm3),
         right=side(RIGHT_LUNG),
         left=side(LEFT_LUNG),
         ggo_percent=ggo,

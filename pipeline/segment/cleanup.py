@@ -4,6 +4,7 @@ dense tissue against the lung closed in, at most two lungs."""
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,14 @@ from skimage.morphology import convex_hull_image
 
 from corona_ct.pipeline.config import SegmentConfig
 from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG
-from corona_ct.pipeline.morphology import INPLANE_4, close_in_plane, dilate_in_plane, fill_holes_in_plane
+from corona_ct.pipeline.morphology import (
+    INPLANE_4,
+    close_in_plane,
+    dilate_in_plane,
+    erode_rows,
+    fill_holes_in_plane,
+    in_parallel,
+)
 from corona_ct.pipeline.segment.regions import (
     FACES_3D,
     INPLANE_8,
@@ -93,15 +101,18 @@ def keep_plausible_lung(
     # low-density and enclosed, so the broad body (dense tissue and enclosed air) takes it in.
     # The dense outline alone excludes it, unless a crop opens the chest wall (then the broad one).
     body = body_mask(~low)
-    broad_body = body_mask(~outside_air(low))
-    if np.count_nonzero(lungs & body) < 0.8 * np.count_nonzero(lungs & broad_body):
-        body = broad_body
+    in_body = np.count_nonzero(lungs & body)
+    # the broad body can only win when the dense one leaves out more than a fifth of the lungs
+    if in_body < 0.8 * np.count_nonzero(lungs):
+        broad_body = body_mask(~outside_air(low))
+        if in_body < 0.8 * np.count_nonzero(lungs & broad_body):
+            body = broad_body
     wall_px = max(1, math.ceil(CHEST_WALL_MM / min(spacing_mm[1:])))
     # the erosion reaches wall_px pixels: a box wall_px wider than the lungs erodes them as the whole would
     box = (slice(None), *_padded_box(lungs, wall_px, (1.0, 1.0)))
     labels, lungs, array, body = labels[box], lungs[box], array[box], body[box]
     lungs &= body
-    inner = ndimage.binary_erosion(body, structure=INPLANE_4, iterations=wall_px)
+    inner = erode_rows(body, _diamond_rows(wall_px))  # = wall_px erosions by INPLANE_4
     components, count = ndimage.label(lungs, structure=FACES_3D)
     if count:
         lung_components = components[lungs]
@@ -132,6 +143,11 @@ def keep_plausible_lung(
     out = np.zeros(shape, dtype=np.uint8)
     out[z_range][box] = kept
     return out
+
+
+def _diamond_rows(radius_px: int) -> np.ndarray:
+    """Half widths (px) of the in-plane diamond |dy| + |dx| <= ``radius_px``, for :func:`erode_rows`."""
+    return radius_px - np.abs(np.arange(-radius_px, radius_px + 1))
 
 
 def median_sign(values: np.ndarray, components: np.ndarray, count: int, threshold: float) -> np.ndarray:
@@ -223,18 +239,20 @@ def _hull_bites(
     touches_edge = np.zeros(count + 1, dtype=bool)
     touches_edge[labels[hull_edge]] = True
     rejected |= ~touches_edge
-    if other.any():
-        # only the slices with a bite still open need the other lung's reach
-        open_bites = labels * ~rejected[labels]
+    open_bites = labels * ~rejected[labels]
+    if other.any() and open_bites.any():
+        # the other lung's reach matters only at the open bites: dilate it inside their box (on the
+        # slices that have one), padded by the guard, beyond which none of it can reach them
         with_bites = np.flatnonzero(open_bites.any(axis=(1, 2)))
-        near_other = dilate_in_plane(other[with_bites], MEDIASTINUM_GUARD_MM, spacing_yx_mm)
-        rejected[open_bites[with_bites][near_other]] = True
+        rows, cols = _padded_box(open_bites[with_bites] > 0, MEDIASTINUM_GUARD_MM, spacing_yx_mm)
+        near_other = dilate_in_plane(other[with_bites, rows, cols], MEDIASTINUM_GUARD_MM, spacing_yx_mm)
+        rejected[open_bites[with_bites, rows, cols][near_other]] = True
     rejected[0] = True
     return ~rejected[labels]
 
 
-def _z_bridged(side: BoolArray, max_gap_mm: float, slice_mm: float, both_sides: bool = True) -> BoolArray:
-    """Pixels with this lung within ``max_gap_mm`` above and below (``both_sides=False``: above or below).
+def _z_bridged(side: BoolArray, max_gap_mm: float, slice_mm: float) -> tuple[BoolArray, BoolArray]:
+    """(pixels with this lung within ``max_gap_mm`` above and below, ... above or below).
 
     A closing along z, one (row, column) at a time: a dense lesion against the
     chest wall is a blob, so the aerated lung surrounds it above and below; the
@@ -249,7 +267,7 @@ def _z_bridged(side: BoolArray, max_gap_mm: float, slice_mm: float, both_sides: 
     next_at_or_above = np.minimum.accumulate(np.where(side, slice_index, far)[::-1], axis=0)[::-1]
     below_near = (slice_index - last_at_or_below) <= max_gap
     above_near = (next_at_or_above - slice_index) <= max_gap
-    return below_near & above_near if both_sides else below_near | above_near
+    return below_near & above_near, below_near | above_near
 
 
 def clean_lung_mask(
@@ -283,47 +301,62 @@ def clean_lung_mask(
     crop = (_true_range(labels.any(axis=(1, 2))), _padded_box(labels > 0, pad_mm, spacing_yx)[0])
     labels = labels[crop]
     row_offset = crop[1].start
-    sides = {}
-    for value in (RIGHT_LUNG, LEFT_LUNG):
-        side = _largest_and_large(labels == value, voxel_ml, config.min_lung_volume_ml)
-        sides[value] = side
-    cleaned = {}
-    for value, other_value in ((RIGHT_LUNG, LEFT_LUNG), (LEFT_LUNG, RIGHT_LUNG)):
-        side = sides[value]
-        cleaned[value] = np.zeros(labels.shape, dtype=bool)
-        if not side.any():
-            continue
-        # work inside the side's bounding box (plus the reach of the morphology) and between its
-        # first and last slice (nothing below grows a slice without lung): far less to transform
-        window = (_true_range(side.any(axis=(1, 2))), *_padded_box(side, pad_mm, spacing_yx))
-        side_crop, other_crop = side[window], sides[other_value][window]
-        centre_rc = (
-            (height - 1) / 2.0 - row_offset - window[1].start,
-            (width - 1) / 2.0 - window[2].start,
-        )
-        if n_slices >= MIN_SLICES_FOR_Z_BRIDGING:
-            # No 2D hole filling on volumes: the lung base rings the diaphragm dome in-plane.
-            closed = close_in_plane(side_crop, config.closing_radius_mm, spacing_yx)
-            near_in_z = _z_bridged(closed, Z_BRIDGE_MM, float(spacing_mm[0]), both_sides=False)
-            bites = _hull_bites(closed, other_crop, spacing_yx, centre_rc) & near_in_z
-            result = closed | _z_bridged(closed, Z_BRIDGE_MM, float(spacing_mm[0])) | bites
-        else:
-            closed = fill_holes_in_plane(
-                close_in_plane(fill_holes_in_plane(side_crop), config.closing_radius_mm, spacing_yx)
-            )
-            result = closed | _hull_bites(closed, other_crop, spacing_yx, centre_rc)
-        cleaned[value][window] = result
+    right, left = in_parallel(
+        partial(_largest_and_large, labels == RIGHT_LUNG, voxel_ml, config.min_lung_volume_ml),
+        partial(_largest_and_large, labels == LEFT_LUNG, voxel_ml, config.min_lung_volume_ml),
+    )
+    centre_rc = ((height - 1) / 2.0 - row_offset, (width - 1) / 2.0)
+    in_z = n_slices >= MIN_SLICES_FOR_Z_BRIDGING
+    cleaned_right, cleaned_left = in_parallel(
+        partial(_clean_side, right, left, spacing_mm, config, centre_rc, in_z),
+        partial(_clean_side, left, right, spacing_mm, config, centre_rc, in_z),
+    )
     result_crop = out[crop]
-    both = cleaned[RIGHT_LUNG] & cleaned[LEFT_LUNG]
-    result_crop[cleaned[RIGHT_LUNG]] = RIGHT_LUNG
-    result_crop[cleaned[LEFT_LUNG]] = LEFT_LUNG
+    both = cleaned_right & cleaned_left
+    result_crop[cleaned_right] = RIGHT_LUNG
+    result_crop[cleaned_left] = LEFT_LUNG
     if both.any():
         original = np.zeros(labels.shape, dtype=np.uint8)
-        original[sides[LEFT_LUNG]] = LEFT_LUNG
-        original[sides[RIGHT_LUNG]] = RIGHT_LUNG
+        original[left] = LEFT_LUNG
+        original[right] = RIGHT_LUNG
         nearest = split_by_midline(both, None, reference=original)
         result_crop[both] = np.where(original[both] > 0, original[both], nearest[both])
     return out
+
+
+def _clean_side(
+    side: BoolArray,
+    other: BoolArray,
+    spacing_mm: tuple[float, float, float],
+    config: SegmentConfig,
+    centre_rc: tuple[float, float],
+    in_z: bool,
+) -> BoolArray:
+    """One lung of :func:`clean_lung_mask`, closed and with its bites; bridged along z when ``in_z``
+    (a volume), else with its holes filled. ``centre_rc``: the image centre (row, column) on the
+    grid of ``side``."""
+    cleaned = np.zeros(side.shape, dtype=bool)
+    if not side.any():
+        return cleaned
+    spacing_yx = (float(spacing_mm[1]), float(spacing_mm[2]))
+    # work inside the side's bounding box (plus the reach of the morphology) and between its
+    # first and last slice (nothing below grows a slice without lung): far less to transform
+    pad_mm = config.closing_radius_mm + MEDIASTINUM_GUARD_MM
+    window = (_true_range(side.any(axis=(1, 2))), *_padded_box(side, pad_mm, spacing_yx))
+    side_crop, other_crop = side[window], other[window]
+    centre_crop = (centre_rc[0] - window[1].start, centre_rc[1] - window[2].start)
+    if in_z:
+        # No 2D hole filling on volumes: the lung base rings the diaphragm dome in-plane.
+        closed = close_in_plane(side_crop, config.closing_radius_mm, spacing_yx)
+        bridged, near_in_z = _z_bridged(closed, Z_BRIDGE_MM, float(spacing_mm[0]))
+        result = closed | bridged | (_hull_bites(closed, other_crop, spacing_yx, centre_crop) & near_in_z)
+    else:
+        closed = fill_holes_in_plane(
+            close_in_plane(fill_holes_in_plane(side_crop), config.closing_radius_mm, spacing_yx)
+        )
+        result = closed | _hull_bites(closed, other_crop, spacing_yx, centre_crop)
+    cleaned[window] = result
+    return cleaned
 
 
 def _padded_box(mask: BoolArray, pad_mm: float, spacing_yx_mm: tuple[float, float]) -> tuple[slice, slice]:

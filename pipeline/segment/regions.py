@@ -39,11 +39,12 @@ def _body_mask(dense: BoolArray) -> BoolArray:
     labels, count = ndimage.label(dense, structure=INPLANE_8)
     if count == 0:
         return np.zeros(dense.shape, dtype=bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    # slice of each component: components never cross slices with an in-plane structure
+    sizes = np.bincount(labels[dense], minlength=count + 1)  # foreground only: no background count
+    # slice of each component: with an in-plane structure a component never crosses slices, and
+    # ndimage.label numbers components in scan order, so slice z holds the labels up to its maximum
+    last_label = np.maximum.accumulate(labels.reshape(labels.shape[0], -1).max(axis=1))
     component_slice = np.zeros(count + 1, dtype=np.int64)
-    component_slice[1:] = [box[0].start for box in ndimage.find_objects(labels)]
+    component_slice[1:] = np.searchsorted(last_label, np.arange(1, count + 1))
     # per slice the label with the largest size: sort by (slice, size) and take the last per slice
     ids = np.arange(1, count + 1)
     by_slice = np.lexsort((sizes[ids], component_slice[ids]))

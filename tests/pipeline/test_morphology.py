@@ -15,6 +15,7 @@ from corona_ct.pipeline.morphology import (
     erode_rows,
     fill_holes_in_plane,
     footprint_half_widths,
+    in_parallel,
     in_slabs,
     slab_workers,
 )
@@ -128,3 +129,25 @@ def test_slabs_on_threads_give_the_single_thread_result_bit_for_bit(monkeypatch)
     assert sorted(inner_calls) == [20, 20]
     assert np.array_equal(dilate_rows(stack, widths), ndimage.binary_dilation(stack, footprint))
     assert np.array_equal(erode_rows(stack, widths), ndimage.binary_erosion(stack, footprint))
+
+
+def test_jobs_in_parallel_return_in_order_and_their_slab_calls_stay_on_their_thread(monkeypatch) -> None:
+    stacks = [_blobs(seed, shape=(24, 40, 30)) for seed in (1, 2, 3)]
+    slab_calls: list[int] = []
+
+    def filled(mask: np.ndarray) -> np.ndarray:
+        slab_calls.append(mask.shape[0])
+        return fill_holes_in_plane(mask)
+
+    def job(stack: np.ndarray) -> np.ndarray:
+        return in_slabs(filled, stack)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    results = in_parallel(*(lambda stack=stack: job(stack) for stack in stacks))
+    assert slab_calls == [24, 24, 24]  # inside a job, in_slabs ran whole on the job's thread
+    for stack, result in zip(stacks, results, strict=True):
+        np.testing.assert_array_equal(result, fill_holes_in_plane(stack))
+    slab_calls.clear()
+    in_slabs(lambda part: in_parallel(lambda: job(part))[0], stacks[0])  # nested in a slab
+    assert sorted(slab_calls) == [12, 12]
+    assert in_parallel() == []

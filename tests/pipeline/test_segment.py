@@ -13,10 +13,11 @@ from corona_ct.data.phantom_anatomy import LUNG, VESSEL
 from corona_ct.pipeline.config import SegmentConfig, WindowConfig
 from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG, Volume
 from corona_ct.pipeline.errors import ModelError
-from corona_ct.pipeline.morphology import fill_holes_in_plane
+from corona_ct.pipeline.morphology import INPLANE_4, erode_rows, fill_holes_in_plane
 from corona_ct.pipeline.preprocess import window
 from corona_ct.pipeline.segment import NO_LUNGS_WARNING, segment_lungs
 from corona_ct.pipeline.segment.cleanup import (
+    _diamond_rows,
     clean_lung_mask,
     keep_plausible_lung,
     median_sign,
@@ -186,3 +187,11 @@ def test_median_sign_matches_ndimage_median_with_ties_at_the_threshold() -> None
     for threshold in (-400.0, -960.0, 0.0):
         expected = np.sign(np.asarray(ndimage.median(values, components, index)) - np.float32(threshold))
         assert np.array_equal(median_sign(values, components, 62, threshold), expected)
+
+
+@pytest.mark.parametrize("radius_px", [1, 4, 7])
+def test_the_chest_wall_diamond_is_the_iterated_4_neighbour_erosion(radius_px: int) -> None:
+    rng = np.random.default_rng(radius_px)
+    body = ndimage.gaussian_filter(rng.normal(size=(3, 50, 44)), (0, 3, 3)) > -0.2  # touches the edges
+    expected = ndimage.binary_erosion(body, structure=INPLANE_4, iterations=radius_px)
+    np.testing.assert_array_equal(erode_rows(body, _diamond_rows(radius_px)), expected)

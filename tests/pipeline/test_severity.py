@@ -15,7 +15,17 @@ from corona_ct.data.phantom_lesions import LESION_CODE
 from corona_ct.pipeline.config import PipelineConfig, SeverityConfig
 from corona_ct.pipeline.datamodel import CamStack, LungMask, SliceScores
 from corona_ct.pipeline.errors import GeometryError
-from corona_ct.pipeline.severity import HU_MEASURE_CAVEAT, corona_score, hu_maps, raw_hu_fractions, severity
+from corona_ct.pipeline.severity import (
+    HU_MEASURE_CAVEAT,
+    MATMUL_MIN_RADIUS_PX,
+    _gaussian_by_matrices,
+    _gaussian_radius,
+    _smooth_within,
+    corona_score,
+    hu_maps,
+    raw_hu_fractions,
+    severity,
+)
 
 
 def test_corona_score_equals_hand_computation() -> None:
@@ -67,6 +77,59 @@ def test_severity_on_phantom_matches_known_truth() -> None:
     assert result.right["corona_score_cm3"] + result.left["corona_score_cm3"] == pytest.approx(
         result.corona_score_in_lung_cm3, rel=1e-6
     )
+
+
+def test_severity_splits_the_counted_voxels_as_the_reference_functions_do() -> None:
+    """Per side, in the lungs and overall, severity() equals corona_score(within=...) and
+    HuMaps.percent(region), with maps hot outside the lungs and some slices negative."""
+    phantom = make_phantom(seed=5, shape=(10, 64, 64), lesions="mixed")
+    volume = phantom.to_volume()
+    config = PipelineConfig()
+    rng = np.random.default_rng(0)
+    maps = rng.random(volume.array.shape).astype(np.float32)
+    probs = rng.random(volume.n_slices).astype(np.float32)
+    evaluated = np.ones(volume.n_slices, dtype=bool)
+    evaluated[0] = False
+    labels = phantom.lung_labels.copy()
+    result = severity(
+        volume, LungMask(labels, "truth"), CamStack(maps, ("layer2",)), SliceScores(probs, evaluated), config
+    )
+    positive = evaluated & (probs >= config.classify.positive_threshold)
+    assert 0 < positive.sum() < volume.n_slices
+    voxel = volume.geometry.voxel_volume_mm3
+
+    def score(within: np.ndarray | None) -> float:
+        return corona_score(maps, positive, voxel, config.cam.activation_threshold, within=within)
+
+    assert result.corona_score_cm3 == pytest.approx(score(None), rel=1e-12)
+    assert result.corona_score_in_lung_cm3 == pytest.approx(score(labels > 0), rel=1e-12)
+    assert result.corona_score_cm3 > result.corona_score_in_lung_cm3 > 0  # hot voxels outside the lungs
+    maps_hu = hu_maps(volume.hu, labels > 0, volume.geometry.spacing_mm, config.severity)
+    assert (result.ggo_percent, result.consolidation_percent) == maps_hu.percent()
+    for name, label in (("right", 1), ("left", 2)):
+        side = getattr(result, name)
+        assert side["corona_score_cm3"] == pytest.approx(score(labels == label), rel=1e-12)
+        assert side["lung_volume_cm3"] == pytest.approx(np.count_nonzero(labels == label) * voxel / 1000.0)
+        assert (side["ggo_percent"], side["consolidation_percent"]) == maps_hu.percent(labels == label)
+
+
+@pytest.mark.parametrize("sigma_mm", [0.7, 8.0, 25.0])
+def test_smoothing_by_matrices_is_the_gaussian_filter(sigma_mm: float) -> None:
+    """Wide kernels go through two matrix products: the same normalised smoothing as ndimage's."""
+    rng = np.random.default_rng(1)
+    hu = rng.normal(-800.0, 60.0, size=(3, 90, 70)).astype(np.float32)
+    support = ndimage.gaussian_filter(rng.normal(size=hu.shape), (0, 4, 4)) > 0
+    spacing = (0.6, 0.75)
+    sigma_px = (sigma_mm / spacing[0], sigma_mm / spacing[1])
+    expected = ndimage.gaussian_filter(hu, (0, *sigma_px), mode="constant")
+    np.testing.assert_allclose(_gaussian_by_matrices(hu, sigma_px), expected, rtol=1e-5, atol=1e-3)
+    weight = support.astype(np.float32)
+    numerator = ndimage.gaussian_filter(hu * weight, (0, *sigma_px), mode="constant")
+    denominator = ndimage.gaussian_filter(weight, (0, *sigma_px), mode="constant")
+    reference = np.where(denominator > 1e-3, numerator / np.maximum(denominator, 1e-12), 0.0)
+    smoothed = _smooth_within(hu, support, sigma_mm, spacing)
+    np.testing.assert_allclose(smoothed[support], reference[support], rtol=1e-4, atol=1e-2)
+    assert (_gaussian_radius(min(sigma_px)) >= MATMUL_MIN_RADIUS_PX) == (sigma_mm > 5)  # both paths ran
 
 
 def test_severity_without_lungs_or_hu() -> None:
