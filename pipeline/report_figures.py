@@ -73,7 +73,7 @@ def slice_figures(result: StudyResult, n: int = 4) -> list[tuple[int, float, boo
     """
     probs = np.where(result.scores.evaluated, result.scores.probs, -1.0)
     order = [int(i) for i in np.argsort(-probs)[:n] if probs[i] >= 0]
-    grey = _display(result.volume.array, result.volume.units)
+    grey = dict(zip(order, _display(result.volume.array[order], result.volume.units), strict=True))
     figures = []
     for index in order:
         heat = result.cams.maps[index]
@@ -96,7 +96,7 @@ def mask_figures(result: StudyResult, n: int = 4) -> list[tuple[int, str]]:
     labels = result.lung_mask.labels
     area = (labels > 0).sum(axis=(1, 2))
     order = [int(i) for i in np.argsort(-area, kind="stable")[:n] if area[i] > 0] or [labels.shape[0] // 2]
-    grey = _display(result.volume.array, result.volume.units)
+    grey = dict(zip(order, _display(result.volume.array[order], result.volume.units), strict=True))
     figures = []
     for index in sorted(order):
         fig = Figure(figsize=(3.4, 3.4))

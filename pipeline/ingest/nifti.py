@@ -205,7 +205,9 @@ def write_nifti(
     else:
         data = array_zyx.transpose(2, 1, 0)
         affine = volume.geometry.affine_ras()
-    image = nib.Nifti1Image(np.ascontiguousarray(data).astype(target, copy=False), affine)
+    # nibabel writes Fortran order: a Fortran-ordered (x, y, z) array (the transposed view of a C-ordered
+    # (z, y, x) one) is written without the two strided copies a C-ordered one would take
+    image = nib.Nifti1Image(np.asfortranarray(data).astype(target, order="F", copy=False), affine)
     header = image.header
     header.set_data_dtype(target)
     header.set_xyzt_units("mm")

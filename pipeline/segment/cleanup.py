@@ -21,6 +21,7 @@ from corona_ct.pipeline.morphology import (
     erode_rows,
     fill_holes_in_plane,
     in_parallel,
+    in_slabs,
 )
 from corona_ct.pipeline.segment.regions import (
     FACES_3D,
@@ -112,8 +113,10 @@ def keep_plausible_lung(
     box = (slice(None), *_padded_box(lungs, wall_px, (1.0, 1.0)))
     labels, lungs, array, body = labels[box], lungs[box], array[box], body[box]
     lungs &= body
-    inner = erode_rows(body, _diamond_rows(wall_px))  # = wall_px erosions by INPLANE_4
-    components, count = ndimage.label(lungs, structure=FACES_3D)
+    inner, (components, count) = in_parallel(
+        partial(erode_rows, body, _diamond_rows(wall_px)),  # = wall_px erosions by INPLANE_4
+        partial(ndimage.label, lungs, structure=FACES_3D),
+    )
     if count:
         lung_components = components[lungs]
         inner_share = (
@@ -126,23 +129,36 @@ def keep_plausible_lung(
             superficial[1:] |= median_sign(array, components, count, LUNG_MAX_MEDIAN_HU) > 0
         lungs &= ~superficial[components]
     if units == "HU" and lungs.any():
-        components, count = ndimage.label(lungs, structure=INPLANE_8)
-        gas = np.zeros(count + 1, dtype=bool)
-        gas[1:] = median_sign(array, components, count, LUNG_MIN_MEDIAN_HU) < 0
-        lungs &= ~gas[components]
+        lungs = in_slabs(_without_gas, lungs, array)
     kept = np.zeros(labels.shape, dtype=np.uint8)
-    for side in (RIGHT_LUNG, LEFT_LUNG):
-        components, count = ndimage.label(lungs & (labels == side), structure=FACES_3D)
-        if count == 0:
-            continue
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        keep = sizes >= SECOND_LUNG_MIN_FRACTION * sizes.max()
-        keep[0] = False
-        kept[keep[components]] = side
+    right, left = in_parallel(
+        partial(_lung_sized, lungs & (labels == RIGHT_LUNG)),
+        partial(_lung_sized, lungs & (labels == LEFT_LUNG)),
+    )
+    kept[right] = RIGHT_LUNG
+    kept[left] = LEFT_LUNG
     out = np.zeros(shape, dtype=np.uint8)
     out[z_range][box] = kept
     return out
+
+
+def _without_gas(lungs: BoolArray, hu: np.ndarray) -> BoolArray:
+    """``lungs`` without its in-plane components of pure gas (median below ``LUNG_MIN_MEDIAN_HU``)."""
+    components, count = ndimage.label(lungs, structure=INPLANE_8)
+    gas = np.zeros(count + 1, dtype=bool)
+    gas[1:] = median_sign(hu, components, count, LUNG_MIN_MEDIAN_HU) < 0
+    return np.asarray(lungs & ~gas[components])
+
+
+def _lung_sized(side: BoolArray) -> BoolArray:
+    """The 3D components of one side holding at least ``SECOND_LUNG_MIN_FRACTION`` of its largest."""
+    components, count = ndimage.label(side, structure=FACES_3D)
+    if count == 0:
+        return side
+    sizes = np.bincount(components[side], minlength=count + 1)  # foreground only
+    keep = sizes >= SECOND_LUNG_MIN_FRACTION * sizes.max()
+    keep[0] = False
+    return np.asarray(keep[components])
 
 
 def _diamond_rows(radius_px: int) -> np.ndarray:
@@ -376,8 +392,7 @@ def _largest_and_large(mask: BoolArray, voxel_ml: float, min_volume_ml: float) -
     labels, count = ndimage.label(mask, structure=FACES_3D)
     if count <= 1:
         return mask
-    volumes_ml = np.bincount(labels.ravel()) * voxel_ml
-    volumes_ml[0] = 0.0
+    volumes_ml = np.bincount(labels[mask], minlength=count + 1) * voxel_ml  # foreground only: [0] is 0
     keep = volumes_ml >= min_volume_ml
     keep[int(np.argmax(volumes_ml))] = True
     keep[0] = False
