@@ -190,7 +190,12 @@ def _wait_for(marker: Path, child: subprocess.Popen[str]) -> None:
 
 
 def _finish(child: subprocess.Popen[str]) -> tuple[int, str, str]:
-    out, err = child.communicate(timeout=WAIT_S)
+    try:
+        out, err = child.communicate(timeout=WAIT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()  # a child stuck at a fault-plan pause must not outlive the failed test
+        child.communicate()
+        raise
     return child.returncode, out, err
 
 
@@ -305,20 +310,26 @@ def faulted(world: World, killed_between_studies: Path) -> dict[str, tuple[Path,
             plan = {"kind": "enospc", "under": str(out), "nth": 2}
         children[tag] = (out, plan, world.start(world.args(out, extra=("--resume",)), plan))
     results = {}
-    for tag, (out, plan, child) in children.items():
-        signum = plans[tag][3]
-        if plans[tag][0] == "pause":
-            _wait_for(Path(str(plan["marker"])), child)
-        if tag == "concurrent":  # a second run on the same OUT while the first holds it
-            second = world.start(world.args(out, extra=("--resume",)))
-            code, _, stderr = _finish(second)
-            assert code == 2, stderr
-            assert f"{out} is in use by another corona-ct run (pid {child.pid} " in stderr
-            Path(str(plan["release"])).touch()
-        elif signum is not None:
-            child.send_signal(signum)
-        code, _, stderr = _finish(child)
-        results[tag] = (out, code, stderr)
+    try:
+        for tag, (out, plan, child) in children.items():
+            signum = plans[tag][3]
+            if plans[tag][0] == "pause":
+                _wait_for(Path(str(plan["marker"])), child)
+            if tag == "concurrent":  # a second run on the same OUT while the first holds it
+                second = world.start(world.args(out, extra=("--resume",)))
+                code, _, stderr = _finish(second)
+                assert code == 2, stderr
+                assert f"{out} is in use by another corona-ct run (pid {child.pid} " in stderr
+                Path(str(plan["release"])).touch()
+            elif signum is not None:
+                child.send_signal(signum)
+            code, _, stderr = _finish(child)
+            results[tag] = (out, code, stderr)
+    finally:  # on a failure, children still paused at their fault would wait for ever
+        for _, _, child in children.values():
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
     return results
 
 
