@@ -62,9 +62,7 @@ def trim_dense_rim(labels: np.ndarray, low: BoolArray, rim_px: int) -> LabelArra
     lungs = labels > 0
     if rim_px < 1 or not lungs.any():
         return np.asarray(labels, dtype=np.uint8)
-    in_plane = np.zeros((1, 3, 3), dtype=bool)
-    in_plane[0] = ndimage.generate_binary_structure(2, 1)
-    core = ndimage.binary_erosion(lungs, structure=in_plane, iterations=rim_px)
+    core = erode_rows(lungs, _diamond_rows(rim_px))  # = rim_px in-plane 4-neighbour erosions
     trimmed = np.where(lungs & ~core & ~low, 0, labels)
     return trimmed.astype(np.uint8)
 
