@@ -44,6 +44,7 @@ from corona_ct.pipeline.classify import case_probability
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.datamodel import CamStack, LungMask, SliceScores, Volume
 from corona_ct.pipeline.explain import explain_batch
+from corona_ct.pipeline.hu_maps import hu_maps
 from corona_ct.pipeline.ingest import load_study
 from corona_ct.pipeline.modelset import ModelSet, load_models
 from corona_ct.pipeline.preprocess import (
@@ -59,7 +60,7 @@ from corona_ct.pipeline.run import analyze_study, thumbnail
 from corona_ct.pipeline.segment.cleanup import clean_lung_mask, keep_plausible_lung, trim_dense_rim
 from corona_ct.pipeline.segment.regions import low_density
 from corona_ct.pipeline.segment.sides import split_sides
-from corona_ct.pipeline.severity import hu_maps, severity
+from corona_ct.pipeline.severity import severity
 from corona_ct.pipeline.summary import summary_values
 
 DEFAULT_STUDY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom" / "LIDC-IDRI-0001"

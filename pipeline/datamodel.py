@@ -218,7 +218,7 @@ class Severity:
     left: Mapping[str, float]
     ggo_percent: (
         float | None
-    )  # % of assessed lung in ground glass (pipeline.severity.hu_maps); None without HU
+    )  # % of assessed lung in ground glass (pipeline.hu_maps.hu_maps); None without HU
     consolidation_percent: float | None
     positive_slices: int
 

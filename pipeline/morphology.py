@@ -1,7 +1,7 @@
 """In-plane binary morphology of (z, y, x) stacks: each slice on its own, disks in mm.
 
 Shared by the lung-mask clean-up (:mod:`pipeline.segment`) and the HU measures
-(:mod:`pipeline.severity`). A disk is taken row by row: each row of the footprint (offset ``dy``,
+(:mod:`pipeline.hu_maps`). A disk is taken row by row: each row of the footprint (offset ``dy``,
 half width ``w``) is a dilation along x, moved by ``dy`` rows, so the cost grows with the disk's
 height, not its area, and the result is exactly that of ``ndimage.binary_dilation`` with the same
 footprint. :func:`disk_half_widths` gives the disk a distance transform would (``sqrt((dy·sy)² +

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from corona_ct.pipeline import __version__
-from corona_ct.pipeline import severity as severity_module
+from corona_ct.pipeline import hu_maps as hu_measures_module
 from corona_ct.pipeline.atomic import atomic_path, jsonable, write_json, write_text
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.datamodel import StudyResult, empty_map_positive_slices
@@ -155,13 +155,13 @@ def chest_coverage(result: StudyResult) -> dict[str, Any]:
 def hu_measures_info(config: PipelineConfig, units: str) -> dict[str, Any]:
     """What the HU measures count, labelled from the config, with the severity module's caveat.
 
-    ``caveat`` and ``reference_range`` are :mod:`pipeline.severity`'s ``HU_MEASURE_CAVEAT`` and
+    ``caveat`` and ``reference_range`` are :mod:`pipeline.hu_maps`' ``HU_MEASURE_CAVEAT`` and
     ``HU_REFERENCE_RANGE`` when it defines them (None until it does); the report shows them
     beside the HU numbers.
     """
     ggo, consolidation = config.severity.ggo_hu, config.severity.consolidation_hu
-    caveat = getattr(severity_module, "HU_MEASURE_CAVEAT", None)
-    reference = getattr(severity_module, "HU_REFERENCE_RANGE", None)
+    caveat = getattr(hu_measures_module, "HU_MEASURE_CAVEAT", None)
+    reference = getattr(hu_measures_module, "HU_REFERENCE_RANGE", None)
     return {
         "available": units == "HU",
         "ggo_hu": list(ggo),

@@ -9,7 +9,7 @@ Prints and writes ``hu_measures.json``:
   infection labels matched by slice position: AUC of the per-slice opacity fraction
   (ground glass + consolidation, % of the lung on that slice) for infected vs clean
   slices, pooled and per patient, for the raw thresholds ("old") and the
-  noise-matched, vessel- and edge-free measure of :mod:`pipeline.severity` ("new");
+  noise-matched, vessel- and edge-free measure of :mod:`pipeline.hu_maps` ("new");
 * case level: whole-lung ``ggo_percent`` / ``consolidation_percent`` per patient, old
   and new (COVID vs normal patient);
 * reference range on lungs without COVID: normal001, LIDC-IDRI-0001 / -0002 and the
@@ -43,11 +43,11 @@ import pydicom
 from corona_ct.data.source_matched import CTMD_PATIENTS, LIDC_SERIES, ctmd_infection_labels
 from corona_ct.pipeline.config import PipelineConfig, SeverityConfig, load_config
 from corona_ct.pipeline.datamodel import Volume
+from corona_ct.pipeline.hu_maps import hu_maps, raw_hu_fractions
 from corona_ct.pipeline.ingest import load_study
 from corona_ct.pipeline.ingest.slices import read_slice_image
 from corona_ct.pipeline.modelset import load_models
 from corona_ct.pipeline.segment import segment_lungs, slice_lung_labels
-from corona_ct.pipeline.severity import hu_maps, raw_hu_fractions
 from corona_ct.pipeline.stats import roc_analysis
 
 MIN_SLICE_LUNG_CM2 = 10.0  # slices with less lung area than this (cm², after the edge margin) are not scored

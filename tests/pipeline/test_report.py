@@ -433,14 +433,14 @@ def test_the_severity_modules_hu_caveat_is_shown_beside_the_hu_numbers(
     tmp_path, result, models, config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in ("HU_MEASURE_CAVEAT", "HU_REFERENCE_RANGE"):  # absent: a named, empty place
-        monkeypatch.delattr(f"corona_ct.pipeline.severity.{name}", raising=False)
+        monkeypatch.delattr(f"corona_ct.pipeline.hu_maps.{name}", raising=False)
     report, page = _write(tmp_path, result, models, config)
     assert report["hu_measures"]["caveat"] is None and report["hu_measures"]["reference_range"] is None
     assert re.search(r"rim excluded\) [\d.]+ % Consolidation", _text(page))  # nothing beside the number
     caveat = "vessels and the lung rim are left out; noise-matched smoothing"
-    monkeypatch.setattr("corona_ct.pipeline.severity.HU_MEASURE_CAVEAT", caveat, raising=False)
+    monkeypatch.setattr("corona_ct.pipeline.hu_maps.HU_MEASURE_CAVEAT", caveat, raising=False)
     monkeypatch.setattr(
-        "corona_ct.pipeline.severity.HU_REFERENCE_RANGE", "healthy lungs: 0–2 %", raising=False
+        "corona_ct.pipeline.hu_maps.HU_REFERENCE_RANGE", "healthy lungs: 0–2 %", raising=False
     )
     report, page = _write(tmp_path / "caveat", result, models, config)
     assert report["hu_measures"]["caveat"] == caveat
