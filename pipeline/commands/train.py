@@ -25,6 +25,7 @@ _OVERRIDES = {
     "seed": "seed", "workers": "workers", "device": "device", "weight_decay": "weight_decay",
     "num_outputs": "num_outputs", "optimizer": "optimizer", "lstm_hidden": "lstm_hidden",
     "rotation_deg": "rotation_deg", "zoom": "zoom", "shift": "shift", "crop_scale": "crop_scale",
+    "lr_schedule": "lr_schedule",
 }  # fmt: skip
 
 
@@ -57,6 +58,11 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--input-size", type=int, help="network input side, px")
     train.add_argument("--epochs", type=int, help="maximum number of epochs")
     train.add_argument("--lr", type=float, help="learning rate")
+    train.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        help="constant (the recipes') or cosine decay over --epochs",
+    )
     train.add_argument("--batch-size", type=int, help="slices per batch")
     train.add_argument("--weight-decay", type=float, help="L2 weight decay")
     train.add_argument("--optimizer", choices=("adam", "nadam"), help="optimizer")

@@ -59,10 +59,12 @@ def test_train_cls_writes_checkpoint_card_curves_and_test_metrics(
 ) -> None:
     args = _parser().parse_args(
         ["train-cls", "--data", str(slice_manifest), "--roi", "none", "--input-size", "32", "--epochs", "1",
-         "--batch-size", "4", "--val-fraction", "0.34", "--device", "cpu", "--output", str(tmp_path)]
+         "--batch-size", "4", "--val-fraction", "0.34", "--device", "cpu", "--output", str(tmp_path),
+         "--lr-schedule", "cosine"]
     )  # fmt: skip
     assert args.handler(args) == 0
     card = json.loads((tmp_path / "model.json").read_text())
+    assert card["train_config"]["lr_schedule"] == "cosine"
     assert card["architecture"] == "classifier/resnet50" and card["input"]["roi"] == "none"
     assert card["class_names"] == ["normal", "covid"] and card["input"]["size"] == 32
     assert len(card["manifest_sha256"]) == 64 and card["train_config"]["recipe"] == "gozes"
