@@ -78,7 +78,7 @@ def test_resnet50_learns_phantom_lesions_and_card_describes_the_run(
     assert card["best_validation"]["auc"] == pytest.approx(max(r["val_auc"] for r in result.history))
     assert {"manifest_sha256", "train_seconds", "corona_ct_version", "sha256", "epochs_run"} <= set(card)
     history = (tmp_path / "history.csv").read_text().splitlines()
-    assert history[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc,val_auc")
+    assert history[0].startswith("epoch,train_loss,train_acc,lr,val_loss,val_acc,val_auc")
     assert len(history) == 1 + len(result.history) == 5
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pth"))  # never pickle
