@@ -46,7 +46,9 @@ from corona_ct.pipeline.preprocess import evaluable_slices, lung_bounding_box, t
 log = logging.getLogger(__name__)
 
 UNKNOWN_MASK = 255
-CTMD_PATIENTS = ("P002", "cap002", "normal001")
+#: The COVID-CT-MD patients (one scanner) and the diagnosis of each.
+CTMD_DIAGNOSES = {"P002": "COVID-19", "cap002": "pneumonia", "normal001": "normal"}
+CTMD_PATIENTS = tuple(CTMD_DIAGNOSES)
 LIDC_SERIES = ("LIDC-IDRI-0001", "LIDC-IDRI-0002")
 SegmentFn = Callable[[Volume], npt.NDArray[np.uint8]]
 

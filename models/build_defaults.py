@@ -31,7 +31,7 @@ import torch
 
 from corona_ct.data.datasets import SliceDataset
 from corona_ct.data.lesions import TextureBank
-from corona_ct.data.source_matched import PreparedSlices, build_source_matched
+from corona_ct.data.source_matched import CTMD_DIAGNOSES, CTMD_PATIENTS, PreparedSlices, build_source_matched
 from corona_ct.models.checkpoint import load_checkpoint, load_classifier, read_card, save_checkpoint
 from corona_ct.models.classifier import build_classifier
 from corona_ct.models.train_classifier import TrainConfig, predict_probabilities, train_classifier
@@ -65,13 +65,9 @@ TRAINING_WORDS = {
 }
 
 
-#: The COVID-CT-MD patients (one scanner) and what each has.
-CT_MD_PATIENTS = {"P002": "COVID-19", "cap002": "pneumonia", "normal001": "normal"}
-
-
 def training_words(excluded: Sequence[str]) -> tuple[str, dict[str, str]]:
     """(intended use, training-data words) of a run that leaves the groups ``excluded`` out."""
-    kept = [name for name in CT_MD_PATIENTS if name not in excluded]
+    kept = [name for name in CTMD_PATIENTS if name not in excluded]
     use = (
         f"research only; trained on {len(kept)} patient{'s' if len(kept) != 1 else ''} of one scanner "
         "plus lung-cancer CT and phantoms, with counterfactual lesions; not a clinical population"
@@ -79,7 +75,7 @@ def training_words(excluded: Sequence[str]) -> tuple[str, dict[str, str]]:
     if not excluded:
         return use, dict(TRAINING_WORDS)
     left_out = "; left out of training (validation): " + ", ".join(
-        f"{name} ({CT_MD_PATIENTS[name]})" if name in CT_MD_PATIENTS else name for name in excluded
+        f"{name} ({CTMD_DIAGNOSES[name]})" if name in CTMD_DIAGNOSES else name for name in excluded
     )
     return use, {key: words + left_out if key != "split" else words for key, words in TRAINING_WORDS.items()}
 
