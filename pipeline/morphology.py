@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from itertools import pairwise
 from typing import TypeVar
 
 import numpy as np
@@ -63,17 +64,9 @@ def in_slabs(func: Callable[..., np.ndarray], *stacks: np.ndarray, workers: int 
     if parts < 2 or getattr(_in_slab, "active", False):
         return func(*stacks)
 
-    def slab(lo: int, hi: int) -> np.ndarray:
-        _in_slab.active = True
-        try:
-            return func(*(stack[lo:hi] for stack in stacks))
-        finally:
-            _in_slab.active = False
-
     bounds = np.linspace(0, n, parts + 1).astype(int)
-    with ThreadPoolExecutor(parts) as pool:
-        slabs = list(pool.map(slab, bounds[:-1], bounds[1:]))
-    return np.concatenate(slabs, axis=0)
+    slabs = [partial(func, *(stack[lo:hi] for stack in stacks)) for lo, hi in pairwise(bounds)]
+    return np.concatenate(_on_marked_threads(slabs, parts), axis=0)
 
 
 def in_parallel(*jobs: Callable[[], T]) -> list[T]:
@@ -85,6 +78,12 @@ def in_parallel(*jobs: Callable[[], T]) -> list[T]:
     workers = min(slab_workers(), len(jobs))
     if workers < 2 or getattr(_in_slab, "active", False):
         return [job() for job in jobs]
+    return _on_marked_threads(jobs, workers)
+
+
+def _on_marked_threads(jobs: Sequence[Callable[[], T]], threads: int) -> list[T]:
+    """The results of ``jobs`` run on a pool of ``threads``, each thread marked as a slab's (nested
+    :func:`in_slabs` and :func:`in_parallel` calls there stay on it)."""
 
     def run(job: Callable[[], T]) -> T:
         _in_slab.active = True
@@ -93,7 +92,7 @@ def in_parallel(*jobs: Callable[[], T]) -> list[T]:
         finally:
             _in_slab.active = False
 
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(run, jobs))
 
 
