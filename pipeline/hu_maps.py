@@ -124,7 +124,8 @@ class HuMaps:
 
     def percent_by_label(self, labels: np.ndarray) -> dict[int, tuple[float, float]]:
         """:meth:`percent` of all lungs (key 0) and of each side of ``labels`` (1 right, 2 left), counted
-        in one pass over the assessed voxels (ground glass and consolidation lie inside them)."""
+        in one pass over the assessed voxels. Ground glass and consolidation lie inside them and never
+        overlap (ground glass is looked for off broad bright tissue, consolidation only on it)."""
         at = np.asarray(labels)[self.assessed].astype(np.int64)
         kinds = self.ggo[self.assessed] + 2 * self.consolidation[self.assessed].astype(np.int64)
         counts = np.bincount(at * 3 + kinds, minlength=9)[:9].reshape(3, 3)  # [label, none/ggo/consolidation]

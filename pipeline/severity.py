@@ -96,15 +96,11 @@ def severity(
     positive = positive_slices(scores, config.classify.positive_threshold)
     voxel_mm3 = volume.geometry.voxel_volume_mm3
     labels = lung_mask.labels
-    # the voxels the Corona score counts lie on positive slices only: found once, split by label
-    # (index 0: outside the lungs, 1 right, 2 left)
-    positive_maps = cams.maps[positive]
-    counted = counted_region(
-        positive_maps, np.ones(len(positive_maps), dtype=bool), config.cam.activation_threshold
-    )
-    counted_maps = positive_maps[counted].astype(np.float64)
+    # the voxels the Corona score counts, found once and split by label (0 outside the lungs, 1 right, 2 left)
+    counted = counted_region(cams.maps, positive, config.cam.activation_threshold)
+    counted_maps = cams.maps[counted].astype(np.float64)
     cm3 = voxel_mm3 / 1000.0
-    score_cm3 = np.bincount(labels[positive][counted], counted_maps, minlength=3)[:3] * cm3
+    score_cm3 = np.bincount(labels[counted], counted_maps, minlength=3)[:3] * cm3
     lung_cm3 = np.array([0.0, *(np.count_nonzero(labels == side) for side in (RIGHT_LUNG, LEFT_LUNG))]) * cm3
     maps = (
         hu_maps(volume.hu, lung_mask.lungs, volume.geometry.spacing_mm, config.severity)
