@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -16,30 +15,11 @@ from corona_ct.models.checkpoint import LoadedModel
 from corona_ct.models.classifier import BackboneSpec, positive_probability
 from corona_ct.pipeline.config import ClassifyConfig
 from corona_ct.pipeline.errors import ConfigError, ModelError
-from corona_ct.pipeline.explain import explain_batch
+from corona_ct.pipeline.explain import SliceOutputs, explain_batch
 
 FloatArray = npt.NDArray[np.float32]
 
 CASE_AGGREGATIONS = ("max", "top_mean")
-
-
-@dataclass(frozen=True)
-class SliceOutputs:
-    """Per-slice results for n input slices, float32 numpy arrays on the CPU.
-
-    Without explanations (``explain=False``) only ``probabilities`` is filled:
-    ``fused``, ``features`` and ``feature_weights`` are None and ``layer_maps`` is empty.
-    """
-
-    probabilities: FloatArray  # (n,) P(COVID)
-    fused: FloatArray | None = None  # (n, S, S) fused Grad-CAM in [0, 1]
-    layer_maps: dict[str, FloatArray] = field(default_factory=dict)  # name → (n, h_l, w_l)
-    features: FloatArray | None = None  # (n, C) pooled feature-layer activations
-    feature_weights: FloatArray | None = None  # (n, C) Grad-CAM channel weights of the feature layer
-
-    @property
-    def n_slices(self) -> int:
-        return int(self.probabilities.shape[0])
 
 
 def _unwrap(model: LoadedModel | nn.Module, spec: BackboneSpec | None) -> tuple[nn.Module, BackboneSpec]:
@@ -105,35 +85,16 @@ def classify_slices(
         module.to(memory_format=torch.channels_last)
     module.eval()
 
-    chunks: list[dict[str, FloatArray]] = []
+    parts: list[SliceOutputs] = []
     for start in range(0, batch.shape[0], batch_size):
         part = batch[start : start + batch_size].to(device=device, dtype=torch.float32, non_blocking=True)
         if explain:
-            result = explain_batch(module, spec, part, amp=use_amp, layers=cam_layers, fusion=fusion)
-            chunks.append(
-                {
-                    "probabilities": result.probabilities,
-                    "fused": result.fused,
-                    "features": result.features,
-                    "feature_weights": result.feature_weights,
-                    **{f"layer:{name}": value for name, value in result.layer_maps.items()},
-                }
-            )
+            parts.append(explain_batch(module, spec, part, amp=use_amp, layers=cam_layers, fusion=fusion))
         else:
-            chunks.append({"probabilities": _probabilities(module, part, use_amp)})
+            parts.append(SliceOutputs(_probabilities(module, part, use_amp)))
         if progress is not None:
             progress(int(part.shape[0]))
-
-    merged = {key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]}
-    if not explain:
-        return SliceOutputs(merged["probabilities"])
-    return SliceOutputs(
-        probabilities=merged["probabilities"],
-        fused=merged["fused"],
-        layer_maps={name: merged[f"layer:{name}"] for name in cam_layers},
-        features=merged["features"],
-        feature_weights=merged["feature_weights"],
-    )
+    return SliceOutputs.concatenate(parts)
 
 
 def _probabilities(module: nn.Module, batch: torch.Tensor, use_amp: bool) -> FloatArray:

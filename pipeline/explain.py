@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -182,20 +182,44 @@ def fuse(
 
 
 @dataclass(frozen=True)
-class ExplainOutput:
-    """Grad-CAM results for a batch of n slices: float32 numpy arrays on the CPU.
+class SliceOutputs:
+    """Per-slice results for n slices: float32 numpy arrays on the CPU.
 
-    ``layer_maps[name]`` is the per-slice normalised Grad-CAM map of that layer at its
-    own resolution (n, h_l, w_l); ``fused`` (n, S, S) is their fusion at the input
-    resolution; ``features`` (n, C) is the global-average-pooled activation of the
-    feature layer and ``feature_weights`` (n, C) the spatial mean of its gradient.
+    ``fused`` (n, S, S) is the fused Grad-CAM at the input resolution and ``layer_maps[name]``
+    each layer's normalised map at its own resolution (n, h_l, w_l); ``features`` (n, C) is the
+    global-average-pooled activation of the feature layer and ``feature_weights`` (n, C) the
+    spatial mean of its gradient. Without explanations (``classify_slices(explain=False)``) only
+    ``probabilities`` is filled: the rest is None and ``layer_maps`` is empty.
     """
 
-    probabilities: FloatArray
-    layer_maps: dict[str, FloatArray]
-    fused: FloatArray
-    features: FloatArray
-    feature_weights: FloatArray
+    probabilities: FloatArray  # (n,) P(COVID)
+    fused: FloatArray | None = None
+    layer_maps: dict[str, FloatArray] = field(default_factory=dict)
+    features: FloatArray | None = None
+    feature_weights: FloatArray | None = None
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.probabilities.shape[0])
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[SliceOutputs]) -> SliceOutputs:
+        """The outputs of consecutive mini-batches as one (at least one part)."""
+
+        def joined(name: str) -> FloatArray | None:
+            values = [getattr(part, name) for part in parts]
+            return None if values[0] is None else np.concatenate(values)
+
+        return cls(
+            probabilities=np.concatenate([part.probabilities for part in parts]),
+            fused=joined("fused"),
+            layer_maps={
+                name: np.concatenate([part.layer_maps[name] for part in parts])
+                for name in parts[0].layer_maps
+            },
+            features=joined("features"),
+            feature_weights=joined("feature_weights"),
+        )
 
 
 def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
@@ -231,7 +255,7 @@ def explain_batch(
     amp: bool = False,
     layers: Sequence[str] | None = None,
     fusion: str = "product",
-) -> ExplainOutput:
+) -> SliceOutputs:
     """Probabilities, multi-scale Grad-CAM maps and clustering features of a batch.
 
     ``inputs`` is (n, 3, S, S) in [0, 1]; it is copied to the model's device.
@@ -280,7 +304,7 @@ def explain_batch(
                 feature_weights = _channel_means(gradients[spec.feature_layer])
     finally:
         model.train(was_training)
-    return ExplainOutput(
+    return SliceOutputs(
         probabilities=_to_numpy(probabilities),
         layer_maps={name: _to_numpy(value) for name, value in layer_maps.items()},
         fused=_to_numpy(fused),

@@ -11,7 +11,7 @@ from torch import nn
 
 from corona_ct.models.classifier import BACKBONES, build_classifier, positive_score
 from corona_ct.pipeline.errors import ConfigError, ModelError
-from corona_ct.pipeline.explain import ExplainOutput, GradCamHooks, explain_batch, fuse, normalize_per_slice
+from corona_ct.pipeline.explain import GradCamHooks, SliceOutputs, explain_batch, fuse, normalize_per_slice
 
 SPEC = BACKBONES["resnet50"]
 HOOKED = ("layer2", "layer3", "layer4")
@@ -32,7 +32,7 @@ def resnet() -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def explained(resnet: nn.Module) -> tuple[torch.Tensor, ExplainOutput]:
+def explained(resnet: nn.Module) -> tuple[torch.Tensor, SliceOutputs]:
     images = _images(3)
     return images, explain_batch(resnet, SPEC, images)
 
@@ -70,7 +70,7 @@ def test_layer_map_matches_pytorch_grad_cam(layer: str, num_outputs: int, seed: 
 
 
 def test_fused_map_is_the_product_of_upsampled_layer_maps(
-    explained: tuple[torch.Tensor, ExplainOutput],
+    explained: tuple[torch.Tensor, SliceOutputs],
 ) -> None:
     images, output = explained
     n, size = images.shape[0], images.shape[-1]
@@ -94,7 +94,7 @@ def test_fused_map_is_the_product_of_upsampled_layer_maps(
 
 
 def test_each_layer_map_is_min_max_normalised_per_slice(
-    explained: tuple[torch.Tensor, ExplainOutput],
+    explained: tuple[torch.Tensor, SliceOutputs],
 ) -> None:
     _, output = explained
     for maps in output.layer_maps.values():
@@ -104,7 +104,7 @@ def test_each_layer_map_is_min_max_normalised_per_slice(
 
 
 def test_features_and_channel_weights_agree_with_the_head(
-    resnet: nn.Module, explained: tuple[torch.Tensor, ExplainOutput]
+    resnet: nn.Module, explained: tuple[torch.Tensor, SliceOutputs]
 ) -> None:
     images, output = explained
     assert output.features.shape == output.feature_weights.shape == (3, SPEC.feature_dim)
@@ -139,7 +139,7 @@ def test_batch_gives_the_same_maps_as_one_slice_at_a_time() -> None:
 
 
 def test_works_under_inference_mode_and_leaves_model_untouched(
-    explained: tuple[torch.Tensor, ExplainOutput],
+    explained: tuple[torch.Tensor, SliceOutputs],
 ) -> None:
     images, reference = explained
     model = _resnet(1)  # parameters require grad here, as in a freshly built network
