@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from corona_ct.models.classifier import BackboneSpec, backbone_spec, build_classifier
-from corona_ct.models.segmenter import build_unet
+from corona_ct.models.segmenter import SEGMENTER_ARCHITECTURE, build_unet
 from corona_ct.pipeline import __version__
 from corona_ct.pipeline.atomic import atomic_path, sha256_file, write_json
 from corona_ct.pipeline.device import resolve_device
@@ -297,7 +297,12 @@ def load_segmenter(path: Path, device: str | torch.device = "cpu") -> LoadedMode
     path = Path(path)
     card = read_card(path)
     name = _architecture_name(card, "segmenter", path)
-    state, card = load_checkpoint(path, expected_architecture=f"segmenter/{name}")
+    if f"segmenter/{name}" != SEGMENTER_ARCHITECTURE:
+        raise ModelError(
+            f"{path}: a 'segmenter/{name}' network; corona-ct builds only {SEGMENTER_ARCHITECTURE!r} "
+            "(models/segmenter.py). Train one with `corona-ct train-seg`, or use --set segment.method=classical"
+        )
+    state, card = load_checkpoint(path, expected_architecture=SEGMENTER_ARCHITECTURE)
 
     module = build_unet(
         num_classes=int(card.get("num_classes", 3)), in_channels=int(card["input"]["channels"])

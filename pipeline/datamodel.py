@@ -207,6 +207,17 @@ class SliceFeatures:
 
 
 @dataclass(frozen=True)
+class SideSeverity:
+    """One lung's share of :class:`Severity` (cm³; percent of that lung's volume or assessed part)."""
+
+    lung_volume_cm3: float
+    corona_score_cm3: float  # the counted Grad-CAM voxels inside this lung
+    affected_percent: float
+    ggo_percent: float | None = None  # None without HU
+    consolidation_percent: float | None = None
+
+
+@dataclass(frozen=True)
 class Severity:
     """Severity measures in physical units (cm³ and percent of lung volume)."""
 
@@ -214,8 +225,8 @@ class Severity:
     corona_score_in_lung_cm3: float
     lung_volume_cm3: float
     affected_percent: float
-    right: Mapping[str, float]
-    left: Mapping[str, float]
+    right: SideSeverity
+    left: SideSeverity
     ggo_percent: (
         float | None
     )  # % of assessed lung in ground glass (pipeline.hu_maps.hu_maps); None without HU

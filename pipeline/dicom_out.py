@@ -272,9 +272,9 @@ def build_report(
                 finding_type=finding,
                 algorithm_id=algorithm,
                 measurements=[
-                    _measure(codes.SCT.Volume, values["lung_volume_cm3"], CUBIC_CM),
-                    _measure(CORONA_SCORE_IN_LUNG, values["corona_score_cm3"], CUBIC_CM),
-                    _measure(AFFECTED_PERCENT, values["affected_percent"], PERCENT),
+                    _measure(codes.SCT.Volume, values.lung_volume_cm3, CUBIC_CM),
+                    _measure(CORONA_SCORE_IN_LUNG, values.corona_score_cm3, CUBIC_CM),
+                    _measure(AFFECTED_PERCENT, values.affected_percent, PERCENT),
                 ],
             )
         )

@@ -26,6 +26,7 @@ from corona_ct.pipeline.datamodel import (
     CamStack,
     LungMask,
     Severity,
+    SideSeverity,
     SliceScores,
     Volume,
 )
@@ -109,15 +110,15 @@ def severity(
     )
     hu_percent = maps.percent_by_label(labels) if maps is not None else None
 
-    def side(label: int) -> dict[str, float]:
-        values = {
-            "lung_volume_cm3": float(lung_cm3[label]),
-            "corona_score_cm3": float(score_cm3[label]),
-            "affected_percent": percent_of(float(score_cm3[label]), float(lung_cm3[label])),
-        }
-        if hu_percent is not None:
-            values["ggo_percent"], values["consolidation_percent"] = hu_percent[label]
-        return values
+    def side(label: int) -> SideSeverity:
+        ggo_side, consolidation_side = hu_percent[label] if hu_percent is not None else (None, None)
+        return SideSeverity(
+            lung_volume_cm3=float(lung_cm3[label]),
+            corona_score_cm3=float(score_cm3[label]),
+            affected_percent=percent_of(float(score_cm3[label]), float(lung_cm3[label])),
+            ggo_percent=ggo_side,
+            consolidation_percent=consolidation_side,
+        )
 
     in_lung = float(score_cm3[RIGHT_LUNG] + score_cm3[LEFT_LUNG])
     lungs_cm3 = float(lung_cm3[RIGHT_LUNG] + lung_cm3[LEFT_LUNG])

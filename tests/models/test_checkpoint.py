@@ -21,6 +21,7 @@ from corona_ct.models.checkpoint import (
     save_checkpoint,
 )
 from corona_ct.models.classifier import build_classifier
+from corona_ct.models.segmenter import SEGMENTER_ARCHITECTURE
 from corona_ct.models.weights import default_weights
 from corona_ct.pipeline.errors import ConfigError, ModelError
 
@@ -240,7 +241,7 @@ def test_segmenter_is_built_from_its_card(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr("corona_ct.models.checkpoint.build_unet", build_unet)
     torch.manual_seed(3)
     model = Tiny(in_channels=1, num_classes=4)
-    card = _card("segmenter/unet-tiny", num_classes=4)
+    card = _card(SEGMENTER_ARCHITECTURE, num_classes=4)
     card["input"] = {"size": 256, "channels": 1, "window": [-1000, 400], "roi": "none"}
     path = save_checkpoint(model, tmp_path / "segmenter", card)
     loaded = load_segmenter(path)
@@ -249,6 +250,14 @@ def test_segmenter_is_built_from_its_card(tmp_path: Path, monkeypatch: pytest.Mo
     image = torch.rand(1, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(image), model.eval()(image), rtol=0, atol=0)
+
+
+def test_a_segmenter_of_another_architecture_is_refused_by_name(tmp_path: Path) -> None:
+    path = save_checkpoint(
+        Tiny(in_channels=1, num_classes=3), tmp_path / "segmenter", _card("segmenter/unet-tiny")
+    )
+    with pytest.raises(ModelError, match=r"segmenter/unet-tiny.*builds only 'segmenter/unet-vgg16'"):
+        load_segmenter(path)
 
 
 def test_default_weights_need_both_files(tmp_path: Path) -> None:

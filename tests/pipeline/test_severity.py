@@ -58,11 +58,11 @@ def test_severity_on_phantom_matches_known_truth() -> None:
     assert result.ggo_percent is not None and result.consolidation_percent is not None
     for side in ("right", "left"):
         values = getattr(result, side)
-        assert values["lung_volume_cm3"] == pytest.approx(phantom.lung_volume_by_side_mm3[side] / 1000.0)
-        assert values["corona_score_cm3"] == pytest.approx(
+        assert values.lung_volume_cm3 == pytest.approx(phantom.lung_volume_by_side_mm3[side] / 1000.0)
+        assert values.corona_score_cm3 == pytest.approx(
             0.8 * phantom.lesion_volume_by_side_mm3[side] / 1000.0, rel=1e-6
         )
-    assert result.right["corona_score_cm3"] + result.left["corona_score_cm3"] == pytest.approx(
+    assert result.right.corona_score_cm3 + result.left.corona_score_cm3 == pytest.approx(
         result.corona_score_in_lung_cm3, rel=1e-6
     )
 
@@ -96,9 +96,9 @@ def test_severity_splits_the_counted_voxels_as_the_reference_functions_do() -> N
     assert (result.ggo_percent, result.consolidation_percent) == maps_hu.percent()
     for name, label in (("right", 1), ("left", 2)):
         side = getattr(result, name)
-        assert side["corona_score_cm3"] == pytest.approx(score(labels == label), rel=1e-12)
-        assert side["lung_volume_cm3"] == pytest.approx(np.count_nonzero(labels == label) * voxel / 1000.0)
-        assert (side["ggo_percent"], side["consolidation_percent"]) == maps_hu.percent(labels == label)
+        assert side.corona_score_cm3 == pytest.approx(score(labels == label), rel=1e-12)
+        assert side.lung_volume_cm3 == pytest.approx(np.count_nonzero(labels == label) * voxel / 1000.0)
+        assert (side.ggo_percent, side.consolidation_percent) == maps_hu.percent(labels == label)
 
 
 def test_severity_without_lungs_or_hu() -> None:
@@ -119,7 +119,7 @@ def test_severity_without_lungs_or_hu() -> None:
     assert result.lung_volume_cm3 == 0.0 and result.affected_percent == 0.0
     assert result.corona_score_cm3 == 0.0 and result.positive_slices == 0
     assert result.ggo_percent is None and result.consolidation_percent is None
-    assert "ggo_percent" not in result.right
+    assert result.right.ggo_percent is None and result.left.consolidation_percent is None
 
 
 def test_severity_hu_measures_on_the_phantom() -> None:
@@ -144,6 +144,6 @@ def test_severity_hu_measures_on_the_phantom() -> None:
             assert result.ggo_percent < 0.05 and result.consolidation_percent < 0.6 * raw_consolidation
             assert np.count_nonzero(maps.excluded & vessels) > 0.5 * np.count_nonzero(vessels)
         for side, label in (("right", 1), ("left", 2)):
-            assert getattr(result, side)["ggo_percent"] == pytest.approx(
+            assert getattr(result, side).ggo_percent == pytest.approx(
                 maps.percent(phantom.lung_labels == label)[0]
             )
