@@ -71,10 +71,11 @@ def corona_score(
     cam_maps: np.ndarray,
     positive: np.ndarray,
     voxel_volume_mm3: float,
-    threshold: float = 0.6,
+    threshold: float,
     within: np.ndarray | None = None,
 ) -> float:
-    """Corona score in cm³ of (z, y, x) CAM maps in [0, 1] over the (z,) ``positive`` slices.
+    """Corona score in cm³ of (z, y, x) CAM maps in [0, 1] over the (z,) ``positive`` slices:
+    the sum of map values above ``threshold`` (``cam.activation_threshold``) times the voxel volume.
 
     ``within`` (bool, (z, y, x)) restricts the sum to a mask, e.g. the lungs.
     """

@@ -24,16 +24,16 @@ def test_corona_score_equals_hand_computation() -> None:
     positive = np.array([True, False, True])
     voxel_mm3 = 2.0 * 0.5 * 0.5
     expected = (0.7 + 1.0 + 0.65 + 0.8) * voxel_mm3 / 1000.0
-    assert corona_score(maps, positive, voxel_mm3) == pytest.approx(expected, rel=1e-6)
+    assert corona_score(maps, positive, voxel_mm3, 0.6) == pytest.approx(expected, rel=1e-6)
     within = np.zeros(maps.shape, dtype=bool)
     within[0, 1, 0] = True  # only the 1.0 voxel
-    assert corona_score(maps, positive, voxel_mm3, within=within) == pytest.approx(voxel_mm3 / 1000.0)
+    assert corona_score(maps, positive, voxel_mm3, 0.6, within=within) == pytest.approx(voxel_mm3 / 1000.0)
     assert corona_score(maps, positive, voxel_mm3, threshold=0.95) == pytest.approx(voxel_mm3 / 1000.0)
 
 
 def test_corona_score_rejects_mismatched_shapes() -> None:
     with pytest.raises(GeometryError):
-        corona_score(np.zeros((3, 2, 2)), np.zeros(2, dtype=bool), 1.0)
+        corona_score(np.zeros((3, 2, 2)), np.zeros(2, dtype=bool), 1.0, 0.6)
 
 
 def test_severity_on_phantom_matches_known_truth() -> None:
