@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
-from skimage.morphology import convex_hull_image
 
 from corona_ct.pipeline.config import SegmentConfig
 from corona_ct.pipeline.datamodel import LEFT_LUNG, RIGHT_LUNG
 from corona_ct.pipeline.morphology import (
     INPLANE_4,
     close_in_plane,
+    convex_hull_2d,
     dilate_in_plane,
     erode_rows,
     fill_holes_in_plane,
@@ -221,10 +221,10 @@ def _hull_bites(
     column; default the image centre).
     """
     hull = np.zeros(side.shape, dtype=bool)
-    for z in np.flatnonzero(side.any(axis=(1, 2))):  # per slice: skimage's hull is 2D
-        # the hull lies within the slice's bounding box: only that box is tested against it
+    for z in np.flatnonzero(side.any(axis=(1, 2))):
+        # the hull lies within the slice's bounding box: only that box is looked at
         rows, cols = _padded_box(side[z : z + 1], 0.0, (1.0, 1.0))
-        hull[z, rows, cols] = convex_hull_image(side[z, rows, cols])
+        hull[z, rows, cols] = convex_hull_2d(side[z, rows, cols])
     bites = hull & ~side
     if not bites.any():
         return bites

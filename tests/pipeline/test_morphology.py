@@ -1,14 +1,17 @@
 """The in-plane morphology of pipeline.morphology gives exactly what scipy.ndimage gives with the
-same disk, on random stacks with blobs touching the image edge, empty slices and anisotropic pixels."""
+same disk, on random stacks with blobs touching the image edge, empty slices and anisotropic pixels;
+its convex hull exactly what skimage gives."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy import ndimage
+from skimage.morphology import convex_hull_image
 
 from corona_ct.pipeline.morphology import (
     close_in_plane,
+    convex_hull_2d,
     dilate_in_plane,
     dilate_rows,
     disk_half_widths,
@@ -151,3 +154,26 @@ def test_jobs_in_parallel_return_in_order_and_their_slab_calls_stay_on_their_thr
     in_slabs(lambda part: in_parallel(lambda: job(part))[0], stacks[0])  # nested in a slab
     assert sorted(slab_calls) == [12, 12]
     assert in_parallel() == []
+
+
+def test_convex_hull_2d_is_skimages_hull_pixel_for_pixel() -> None:
+    rng = np.random.default_rng(7)
+    compared = 0
+    for trial in range(400):
+        height, width = (int(n) for n in rng.integers(1, 48, size=2))
+        mask = rng.random((height, width)) < rng.uniform(0.005, 0.3)  # scattered pixels: many edge cases
+        if trial % 2:
+            mask = ndimage.binary_dilation(mask, iterations=int(rng.integers(1, 3)))
+        if mask.any():
+            np.testing.assert_array_equal(
+                convex_hull_2d(mask), convex_hull_image(mask), err_msg=f"trial {trial}"
+            )
+            compared += 1
+    for blob in _blobs(3, share=0.2):  # lung-like smooth shapes
+        if blob.any():
+            np.testing.assert_array_equal(convex_hull_2d(blob), convex_hull_image(blob))
+    single = np.zeros((5, 5), dtype=bool)
+    single[2, 3] = True
+    assert compared > 350
+    np.testing.assert_array_equal(convex_hull_2d(single), single)  # one pixel is its own hull
+    assert not convex_hull_2d(np.zeros((4, 4), dtype=bool)).any()
