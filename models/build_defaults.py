@@ -32,9 +32,16 @@ import torch
 from corona_ct.data.datasets import SliceDataset
 from corona_ct.data.lesions import TextureBank
 from corona_ct.data.source_matched import CTMD_DIAGNOSES, CTMD_PATIENTS, PreparedSlices, build_source_matched
-from corona_ct.models.checkpoint import load_checkpoint, load_classifier, read_card, save_checkpoint
+from corona_ct.models.checkpoint import (
+    load_checkpoint,
+    load_classifier,
+    read_card,
+    save_checkpoint,
+    validate_card,
+)
 from corona_ct.models.classifier import build_classifier
 from corona_ct.models.train_classifier import TrainConfig, predict_probabilities, train_classifier
+from corona_ct.pipeline.atomic import write_json
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.datamodel import Volume
 from corona_ct.pipeline.modelset import load_models
@@ -196,7 +203,18 @@ def train(args: argparse.Namespace) -> None:
 
 
 def install(args: argparse.Namespace) -> None:
-    """Copy a trained run to ``models/weights/classifier`` as fp16 with its contract and figures."""
+    """Copy a trained run to ``models/weights/classifier`` as fp16 with its contract and figures; with
+    ``--figures-only``, store new validation figures in the shipped card and leave its weights alone."""
+    if args.figures_only:
+        card_path = args.weights_dir / "classifier.json"
+        card = read_card(card_path)
+        _store_figures(card, args.validation, args.cohort)
+        validate_card(card, str(card_path))
+        write_json(card_path, card, sort_keys=True)
+        print(f"classifier: {card_path} figures {sorted(card['validation'])}; weights unchanged")
+        return
+    if args.run is None:
+        raise SystemExit("install: --run RUN (a run folder holding model.safetensors) or --figures-only")
     source = args.run / "model.safetensors"
     card = read_card(source)
     state, _ = load_checkpoint(source, expected_architecture=card["architecture"])
@@ -211,20 +229,28 @@ def install(args: argparse.Namespace) -> None:
         **card["input"],
         "segmenter": {"architecture": segmenter["architecture"], "sha256": segmenter["sha256"]},
     }
-    figures: dict[str, Any] = {}
-    for path in args.validation:
-        figures.update(json.loads(Path(path).read_text()))
-    for row in figures.get("lopo", {}).get("patients", {}).values():
-        row.pop("slices", None)
-    if args.cohort is not None:
-        figures["phantom_cohort"] = json.loads(args.cohort.read_text())
-    if figures:
-        card["validation"] = figures
-        card["intended_use"] = f"{card['intended_use']}; {_weakness(figures)}"
+    card.pop("validation", None)  # a run's card has none; figures belong to these weights only
+    _store_figures(card, args.validation, args.cohort)
     path = save_checkpoint(model, args.weights_dir / "classifier.safetensors", card, half=True)
     print(
         f"classifier: {path} ({path.stat().st_size / 1e6:.1f} MB, sha256 {read_card(path)['sha256'][:16]}…)"
     )
+
+
+def _store_figures(card: dict[str, Any], validation: Sequence[Path], cohort: Path | None) -> None:
+    """Merge the sections of ``validation`` (validation.json files) and the phantom ``cohort`` metrics over
+    the card's ``validation`` figures, and restate its intended use with the weakest of them."""
+    figures: dict[str, Any] = dict(card.get("validation") or {})
+    for path in validation:
+        figures.update(json.loads(Path(path).read_text()))
+    for row in figures.get("lopo", {}).get("patients", {}).values():
+        row.pop("slices", None)
+    if cohort is not None:
+        figures["phantom_cohort"] = json.loads(cohort.read_text())
+    if figures:
+        card["validation"] = figures
+        excluded = card.get("training_details", {}).get("excluded_groups", [])
+        card["intended_use"] = f"{training_words(excluded)[0]}; {_weakness(figures)}"
 
 
 def calibrate(args: argparse.Namespace) -> None:
@@ -311,7 +337,11 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true")
     i = sub.add_parser("install", help="copy a trained run into models/weights as fp16")
-    i.add_argument("--run", type=Path, required=True, help="run folder holding model.safetensors")
+    i.add_argument("--run", type=Path, help="run folder holding model.safetensors")
+    i.add_argument(
+        "--figures-only", action="store_true",
+        help="only store --validation/--cohort figures in the shipped card (sections merged; weights unchanged)",
+    )  # fmt: skip
     i.add_argument("--weights-dir", type=Path, default=Path(__file__).resolve().parent / "weights")
     i.add_argument("--validation", action="append", default=[], help="validation.json to store in the card")
     i.add_argument("--cohort", type=Path, help="metrics.json of python -m tools.phantom_cohort")

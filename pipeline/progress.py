@@ -39,7 +39,8 @@ def bars_wanted(requested: bool | None = None, stream: TextIO | None = None) -> 
     return bool(isatty and isatty())
 
 
-def _number(value: object, digits: int) -> str:
+def _formatted(value: object, digits: int) -> str:
+    """``value`` with ``digits`` decimals; "—" for None, "nan" for NaN."""
     if value is None:
         return "—"
     number = float(str(value))
@@ -57,9 +58,9 @@ def study_line(
     """``study 3/12 P002: ok, p=0.91, score 34.2 cm3, 61.3 s`` (no numbers for a study without a call)."""
     parts = [status]
     if case_probability is not None:
-        parts.append(f"p={_number(case_probability, 2)}")
+        parts.append(f"p={_formatted(case_probability, 2)}")
     if corona_score_cm3 is not None:
-        parts.append(f"score {_number(corona_score_cm3, 1)} cm3")
+        parts.append(f"score {_formatted(corona_score_cm3, 1)} cm3")
     parts.append(f"{seconds:.1f} s")
     where = f"study {position} " if position else "study "
     return f"{where}{study_id}: {', '.join(parts)}"
@@ -67,7 +68,7 @@ def study_line(
 
 def epoch_line(epoch: int, total_epochs: int, row: Mapping[str, float], seconds: float) -> str:
     """``epoch 4/16: train loss 0.412, val AUC 0.830, 38.1 s`` from one history row."""
-    parts = [f"{label} {_number(row[key], 3)}" for key, label in _EPOCH_LABELS.items() if key in row]
+    parts = [f"{label} {_formatted(row[key], 3)}" for key, label in _EPOCH_LABELS.items() if key in row]
     parts.append(f"{seconds:.1f} s")
     return f"epoch {epoch}/{total_epochs}: {', '.join(parts)}"
 

@@ -1,8 +1,16 @@
-"""What build_defaults writes into a card about the patients a run was trained on."""
+"""What build_defaults writes into a card: the patients a run was trained on, and new validation figures."""
 
 from __future__ import annotations
 
-from corona_ct.models.build_defaults import TRAINING_WORDS, training_words
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from corona_ct.models.build_defaults import TRAINING_WORDS, main, training_words
+from corona_ct.models.checkpoint import read_card
+from tests.conftest import SHIPPED_WEIGHTS_DIR
 
 
 def test_card_words_name_the_patients_left_out_and_count_the_rest() -> None:
@@ -17,3 +25,25 @@ def test_card_words_name_the_patients_left_out_and_count_the_rest() -> None:
     assert "trained on 2 patients" in use and "normal001 (normal), TCGA-17-Z011" in words["negative"]
     use, _ = training_words(["P002", "cap002"])
     assert "trained on 1 patient of one scanner" in use
+
+
+def test_figures_only_install_replaces_the_validated_sections_and_keeps_the_rest(tmp_path: Path) -> None:
+    shutil.copyfile(SHIPPED_WEIGHTS_DIR / "classifier.json", tmp_path / "classifier.json")
+    before = read_card(tmp_path / "classifier.json")
+    lopo = {"patients": {"P002": {"slice_auc": {"auc": 0.777, "n": 109}, "slices": [1, 2]},
+                         "normal001": {"clean_called_positive": 0.016}}}  # fmt: skip
+    figures = tmp_path / "validation.json"
+    figures.write_text(json.dumps({"lopo": lopo}))
+    main(["install", "--figures-only", "--weights-dir", str(tmp_path), "--validation", str(figures)])
+    after = read_card(tmp_path / "classifier.json")
+    assert after["validation"]["lopo"]["patients"]["P002"] == {"slice_auc": {"auc": 0.777, "n": 109}}
+    assert after["validation"]["phantom_cohort"] == before["validation"]["phantom_cohort"]
+    assert after["sha256"] == before["sha256"]  # the weights are not touched
+    use = after["intended_use"]
+    assert use.count("under-trained") == 1 and "AUC 0.78" in use and "2 % of a held-out normal" in use
+    assert use.startswith(training_words([])[0])
+
+
+def test_install_without_a_run_says_what_it_needs(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--run RUN"):
+        main(["install", "--weights-dir", str(tmp_path)])
