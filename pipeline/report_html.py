@@ -203,6 +203,10 @@ def _page(report: dict[str, Any], body: str) -> str:
     esc = html.escape
     warnings = "".join(f"<li>{esc(w)}</li>" for w in report["warnings"]) or "<li>none</li>"
     banner_class = "untrained" if report["untrained_weights"] else "notice"
+    # the research notice once: as the first line, or under the title when that line warns of random weights
+    notice = (
+        "" if report["first_line"] == RESEARCH_NOTICE else f'<p class="notice">{esc(RESEARCH_NOTICE)}</p>'
+    )
     models = report["models"]["classifier"] or {}
     unet = report["models"]["segmenter"]
     segmenter = (
@@ -230,7 +234,7 @@ img {{ max-width: 100%; }} small {{ color: #666; }}
 </style></head><body>
 <p class="{banner_class}">{esc(report["first_line"])}</p>
 <h1>COVID-19 CT analysis — study {esc(report["study_id"])}</h1>
-<p class="notice">{esc(RESEARCH_NOTICE)}</p>
+{notice}
 {body}
 <h2>Warnings</h2>
 <ul>{warnings}</ul>

@@ -33,7 +33,13 @@ from corona_ct.pipeline.model_limits import model_limits, training_data_summary,
 from corona_ct.pipeline.modelset import ModelSet, load_models
 from corona_ct.pipeline.report import write_study_outputs
 from corona_ct.pipeline.report_html import render_html
-from corona_ct.pipeline.report_text import NO_VALIDATION, empty_map_sentence, hu_range_text, probability_text
+from corona_ct.pipeline.report_text import (
+    NO_VALIDATION,
+    RESEARCH_NOTICE,
+    empty_map_sentence,
+    hu_range_text,
+    probability_text,
+)
 from corona_ct.pipeline.run import analyze_study
 from corona_ct.pipeline.summary import summary_cells, summary_values
 
@@ -214,6 +220,7 @@ def test_the_shipped_cards_are_shown_next_to_the_key_numbers(tmp_path, result, m
     assert f"Intended use: {classifier['intended_use']}" in box
     assert f"pooled slice AUC: AUC {pooled['auc']:.3f}" in box
     assert "e-07" not in page and "e-05" not in page  # tiny numbers read "< 0.001" in HTML
+    assert page.count(RESEARCH_NOTICE) == 1  # the first line, not repeated under the title
 
 
 @pytest.mark.usefixtures("pictures_not_encoded")
@@ -280,6 +287,7 @@ def test_untrained_weights_have_no_validation(written, models) -> None:
     assert limits["validation_note"] == f"untrained random weights: {NO_VALIDATION}"
     _, page = written
     assert f"Untrained random weights: {NO_VALIDATION}." in _text(page)
+    assert page.count(RESEARCH_NOTICE) == 1 and page.index("UNTRAINED WEIGHTS") < page.index(RESEARCH_NOTICE)
 
 
 # --------------------------------------------------------------------------- Grad-CAM and probabilities
