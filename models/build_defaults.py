@@ -308,8 +308,7 @@ def _weakness(figures: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    """The command line (logging is the process's, set up under ``__main__``: a caller's stays as it is)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -354,4 +353,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def test_figures_only_install_replaces_the_validated_sections_and_keeps_the_rest
                          "normal001": {"clean_called_positive": 0.016}}}  # fmt: skip
     figures = tmp_path / "validation.json"
     figures.write_text(json.dumps({"lopo": lopo}))
+    pydicom_level = logging.getLogger("pydicom").level
     main(["install", "--figures-only", "--weights-dir", str(tmp_path), "--validation", str(figures)])
     after = read_card(tmp_path / "classifier.json")
     assert after["validation"]["lopo"]["patients"]["P002"] == {"slice_auc": {"auc": 0.777, "n": 109}}
@@ -42,6 +44,7 @@ def test_figures_only_install_replaces_the_validated_sections_and_keeps_the_rest
     use = after["intended_use"]
     assert use.count("under-trained") == 1 and "AUC 0.78" in use and "2 % of a held-out normal" in use
     assert use.startswith(training_words([])[0])
+    assert logging.getLogger("pydicom").level == pydicom_level  # a caller's logging is left alone
 
 
 def test_install_without_a_run_says_what_it_needs(tmp_path: Path) -> None:
