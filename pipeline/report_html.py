@@ -203,10 +203,8 @@ def _page(report: dict[str, Any], body: str) -> str:
     esc = html.escape
     warnings = "".join(f"<li>{esc(w)}</li>" for w in report["warnings"]) or "<li>none</li>"
     banner_class = "untrained" if report["untrained_weights"] else "notice"
-    # the research notice once: as the first line, or under the title when that line warns of random weights
-    notice = (
-        "" if report["first_line"] == RESEARCH_NOTICE else f'<p class="notice">{esc(RESEARCH_NOTICE)}</p>'
-    )
+    # the research notice once: it is the first line, unless that line warns of random weights
+    notice = f'<p class="notice">{esc(RESEARCH_NOTICE)}</p>' if report["untrained_weights"] else ""
     models = report["models"]["classifier"] or {}
     unet = report["models"]["segmenter"]
     segmenter = (

@@ -490,8 +490,6 @@ def main(argv: list[str] | None = None) -> None:
         "--set", action="append", default=[], metavar="section.field=value", help="config override"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("pydicom").setLevel(logging.ERROR)  # non-conformant UIDs of COVID-CT-MD, once per file
 
     config = load_config(None, args.set)
     start = time.perf_counter()
@@ -514,5 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nwritten {args.output / name} ({figures['seconds']:.0f} s)")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # logging is the process's: a caller of main() keeps its own
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # non-conformant UIDs of COVID-CT-MD, once per file
     main()

@@ -243,8 +243,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", action="append", choices=("lopo", "clean", "localisation", "ucsd"))
     parser.add_argument("--patient", action="append", help="LOPO: only these held-out patients (repeatable)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
     config = PipelineConfig().replace({"runtime.device": "cpu"})
     final = args.final or default_weights("classifier")
@@ -271,5 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(summary, indent=1))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # logging is the process's: a caller of main() keeps its own
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     main()
