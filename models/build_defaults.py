@@ -235,15 +235,28 @@ def _store_figures(card: dict[str, Any], validation: Sequence[Path], cohort: Pat
     the card's ``validation`` figures, and restate its intended use with the weakest of them."""
     figures: dict[str, Any] = dict(card.get("validation") or {})
     for path in validation:
-        figures.update(json.loads(Path(path).read_text()))
+        figures.update(_figures_file(Path(path), "python -m tools.validate_source_matched"))
     for row in figures.get("lopo", {}).get("patients", {}).values():
         row.pop("slices", None)
     if cohort is not None:
-        figures["phantom_cohort"] = json.loads(cohort.read_text())
+        figures["phantom_cohort"] = _figures_file(cohort, "python -m tools.phantom_cohort")
     if figures:
         card["validation"] = figures
         excluded = card.get("training_details", {}).get("excluded_groups", [])
         card["intended_use"] = f"{training_words(excluded)[0]}; {_weakness(figures)}"
+
+
+def _figures_file(path: Path, writer: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (figures written by ``writer``); a clear exit before anything is written."""
+    try:
+        figures = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SystemExit(
+            f"install: cannot read figures from {path} ({error}); give the JSON that {writer} wrote"
+        ) from None
+    if not isinstance(figures, dict):
+        raise SystemExit(f"install: {path} holds no JSON object; give the JSON that {writer} wrote")
+    return figures
 
 
 def calibrate(args: argparse.Namespace) -> None:

@@ -50,3 +50,24 @@ def test_figures_only_install_replaces_the_validated_sections_and_keeps_the_rest
 def test_install_without_a_run_says_what_it_needs(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--run RUN"):
         main(["install", "--weights-dir", str(tmp_path)])
+
+
+def test_unreadable_figures_are_named_and_the_card_is_left_as_it_was(tmp_path: Path) -> None:
+    shutil.copyfile(SHIPPED_WEIGHTS_DIR / "classifier.json", tmp_path / "classifier.json")
+    before = (tmp_path / "classifier.json").read_bytes()
+    missing = tmp_path / "no-such-validation.json"
+    with pytest.raises(SystemExit, match=r"no-such-validation\.json.*tools\.validate_source_matched"):
+        main(["install", "--figures-only", "--weights-dir", str(tmp_path), "--validation", str(missing)])
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match=r"list\.json holds no JSON object"):
+        main(
+            [
+                "install",
+                "--figures-only",
+                "--weights-dir",
+                str(tmp_path),
+                "--cohort",
+                str(tmp_path / "list.json"),
+            ]
+        )
+    assert (tmp_path / "classifier.json").read_bytes() == before
