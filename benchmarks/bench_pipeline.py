@@ -49,6 +49,7 @@ from corona_ct.pipeline.ingest import load_study
 from corona_ct.pipeline.modelset import ModelSet, load_models
 from corona_ct.pipeline.preprocess import (
     evaluable_slices,
+    input_lungs,
     lung_bounding_box,
     paste_back,
     resize_batch,
@@ -176,8 +177,9 @@ def stage_breakdown(volume: Volume, models: ModelSet, config: PipelineConfig) ->
     for start in range(0, len(eval_index), batch):
         chunk = eval_index[start : start + batch]
         inputs = timed(
-            s, "cls: crop + resize (to_model_input)", partial(to_model_input, windowed[chunk], box, size)
-        )
+            s, "cls: crop + resize (to_model_input)",
+            partial(to_model_input, windowed[chunk], box, size, input_lungs(lungs[chunk], config.roi)),
+        )  # fmt: skip
         out = timed(
             s, "cls: explain_batch (fwd + bwd + maps)",
             partial(explain_batch, classifier, spec, inputs, layers=layers, fusion=config.cam.fusion),

@@ -33,7 +33,7 @@ from corona_ct.pipeline.datamodel import Volume
 from corona_ct.pipeline.errors import ConfigError, InputError
 from corona_ct.pipeline.ingest import load_study
 from corona_ct.pipeline.ingest.slices import read_slice_image
-from corona_ct.pipeline.preprocess import Box, lung_bounding_box, to_model_input, window
+from corona_ct.pipeline.preprocess import Box, input_lungs, lung_bounding_box, to_model_input, window
 from corona_ct.pipeline.segment import segment_lungs
 from corona_ct.pipeline.single_slice import prepare_slice
 
@@ -109,9 +109,16 @@ def slices_to_model_input(
     if lungs is None:
         return to_model_input(windowed, None, size)[:, 0]
     if not per_slice_box:
-        return to_model_input(windowed, lung_bounding_box(lungs, config.roi), size)[:, 0]
+        box = lung_bounding_box(lungs, config.roi)
+        inside = input_lungs(lungs, config.roi) if box is not None else None
+        return to_model_input(windowed, box, size, inside)[:, 0]
     boxes: list[Box | None] = [lung_bounding_box(lungs[i : i + 1], config.roi) for i in range(len(lungs))]
-    return torch.cat([to_model_input(windowed[i : i + 1], box, size)[:, 0] for i, box in enumerate(boxes)])
+    return torch.cat([
+        to_model_input(
+            windowed[i : i + 1], box, size, input_lungs(lungs[i : i + 1], config.roi) if box is not None else None
+        )[:, 0]
+        for i, box in enumerate(boxes)
+    ])  # fmt: skip
 
 
 def load_slice_input(path: Path, roi: str, size: int, config: PipelineConfig) -> torch.Tensor:

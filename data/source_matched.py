@@ -41,7 +41,15 @@ from corona_ct.pipeline.datamodel import Geometry, Volume
 from corona_ct.pipeline.errors import InputError
 from corona_ct.pipeline.ingest import load_study
 from corona_ct.pipeline.ingest.slices import read_slice_image
-from corona_ct.pipeline.preprocess import evaluable_slices, lung_bounding_box, to_model_input, window
+from corona_ct.pipeline.preprocess import (
+    ROI_LUNG_BOX,
+    evaluable_slices,
+    input_lungs,
+    lung_bounding_box,
+    roi_name,
+    to_model_input,
+    window,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,7 @@ class PreparedSlices:
     masks: npt.NDArray[np.uint8]  # (n, S, S) 1 lesion, 0 none, 255 unknown
     groups: list[str] = field(default_factory=list)  # patient / series
     kinds: list[str] = field(default_factory=list)  # clean, infected, counterfactual, phantom-lesion
+    roi: str = ROI_LUNG_BOX  # the classifier input made (a card's ``input.roi``): lung box, or lung only
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -74,18 +83,23 @@ class PreparedSlices:
             self.masks[index],
             [self.groups[i] for i in index],
             [self.kinds[i] for i in index],
+            self.roi,
         )
 
     @staticmethod
     def concat(parts: Sequence[PreparedSlices]) -> PreparedSlices:
         if not parts:
             raise InputError("no training slices were prepared")
+        rois = sorted({p.roi for p in parts})
+        if len(rois) > 1:
+            raise InputError(f"prepared slices of different inputs ({', '.join(rois)}) cannot be joined")
         return PreparedSlices(
             torch.cat([p.images for p in parts]),
             np.concatenate([p.labels for p in parts]),
             np.concatenate([p.masks for p in parts]),
             [g for p in parts for g in p.groups],
             [k for p in parts for k in p.kinds],
+            rois[0],
         )
 
     def save(self, path: Path) -> None:
@@ -94,7 +108,7 @@ class PreparedSlices:
             "labels": torch.as_tensor(self.labels),
             "masks": torch.as_tensor(self.masks),
         }
-        metadata = {"groups": "\n".join(self.groups), "kinds": "\n".join(self.kinds)}
+        metadata = {"groups": "\n".join(self.groups), "kinds": "\n".join(self.kinds), "roi": self.roi}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
 
@@ -105,7 +119,10 @@ class PreparedSlices:
             images = handle.get_tensor("images")
             labels = handle.get_tensor("labels").numpy()
             masks = handle.get_tensor("masks").numpy()
-        return cls(images, labels, masks, metadata["groups"].split("\n"), metadata["kinds"].split("\n"))
+        groups, kinds = metadata["groups"].split("\n"), metadata["kinds"].split("\n")
+        return cls(
+            images, labels, masks, groups, kinds, metadata.get("roi", ROI_LUNG_BOX)
+        )  # older files: box only
 
 
 def single_slice_volume(path: Path, config: PipelineConfig, study_id: str) -> Volume:
@@ -152,7 +169,8 @@ def volume_slices(
     bank: TextureBank | None = None,
     counterfactual: bool = True,
 ) -> PreparedSlices:
-    """Every ``stride``-th classified slice of one study, cropped to its case-wide lung box.
+    """Every ``stride``-th classified slice of one study, cropped to its case-wide lung box (and
+    blanked outside the lungs under ``config.roi.mask_outside_lungs``).
 
     ``infected``: per-slice labels (real positives, masks unknown); ``lesion_masks``: exact
     lesion truth (phantoms). Clean slices get a counterfactual twin when ``counterfactual``.
@@ -165,14 +183,16 @@ def volume_slices(
             torch.zeros(0, size, size, dtype=torch.float16),
             np.zeros(0, np.int64),
             np.zeros((0, size, size), np.uint8),
+            roi=roi_name(config.roi),
         )
     chosen = np.flatnonzero(evaluable_slices(lungs, config.roi))[::stride]
     hu = volume.array
     images, labels, masks, kinds = [], [], [], []
 
-    def add(slice_hu: np.ndarray, label: int, mask: np.ndarray | None, kind: str) -> None:
+    def add(slice_hu: np.ndarray, label: int, mask: np.ndarray | None, kind: str, z: int) -> None:
         windowed = window(slice_hu[None], volume.units, config.window)
-        images.append(to_model_input(windowed, box, size)[0, 0].to(torch.float16))
+        inside = input_lungs(lungs[z : z + 1], config.roi)
+        images.append(to_model_input(windowed, box, size, inside)[0, 0].to(torch.float16))
         if mask is None:
             masks.append(np.full((size, size), UNKNOWN_MASK, np.uint8))
         else:
@@ -183,17 +203,17 @@ def volume_slices(
 
     for z in chosen:
         if lesion_masks is not None and lesion_masks[z].any():
-            add(hu[z], 1, lesion_masks[z], "phantom-lesion")
+            add(hu[z], 1, lesion_masks[z], "phantom-lesion", z)
             continue
         if infected is not None and infected[z]:
-            add(hu[z], 1, None, "infected")
+            add(hu[z], 1, None, "infected", z)
             continue
         empty = np.zeros(hu.shape[1:], dtype=bool)
-        add(hu[z], 0, empty, "clean")
+        add(hu[z], 0, empty, "clean", z)
         if counterfactual and volume.units == "HU":
             pasted, lesion = paste_lesions(hu[z], lungs[z], rng, bank)
             if lesion.any():
-                add(pasted, 1, lesion, "counterfactual")
+                add(pasted, 1, lesion, "counterfactual", z)
     n = len(labels)
     return PreparedSlices(
         torch.stack(images) if n else torch.zeros(0, size, size, dtype=torch.float16),
@@ -201,6 +221,7 @@ def volume_slices(
         np.stack(masks) if n else np.zeros((0, size, size), np.uint8),
         [group] * n,
         kinds,
+        roi_name(config.roi),
     )
 
 

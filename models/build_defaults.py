@@ -39,6 +39,7 @@ from corona_ct.pipeline.atomic import write_json
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.datamodel import Volume
 from corona_ct.pipeline.modelset import load_models
+from corona_ct.pipeline.preprocess import ROI_LUNG_BOX, ROI_LUNG_ONLY, roi_name
 from corona_ct.pipeline.segment import segment_lungs, slice_lung_labels
 
 log = logging.getLogger("build_defaults")
@@ -113,7 +114,7 @@ def _segmenter(config: PipelineConfig, cache_dir: Path) -> object:
 
 
 def prepare(args: argparse.Namespace) -> None:
-    config = PipelineConfig()
+    config = PipelineConfig().replace({"roi.mask_outside_lungs": args.roi == ROI_LUNG_ONLY})
     semiseg = args.data / "covid-semiseg" / "train"
     needed = [
         semiseg / "Imgs",
@@ -130,7 +131,7 @@ def prepare(args: argparse.Namespace) -> None:
     stems = sorted(p.stem for p in (semiseg / "Imgs").iterdir())
     output: Path = args.output
     output.mkdir(parents=True, exist_ok=True)
-    segment = _segmenter(config, output / "lungs")
+    segment = _segmenter(PipelineConfig(), output / "lungs")  # the shipped segmenter, whatever the roi
     for name, fold in (("foldA", "A"), ("all", None)):
         names = [s for s in stems if fold is None or texture_fold(s) == fold]
         bank = TextureBank.from_folders(semiseg / "Imgs", semiseg / "GT", names)
@@ -157,7 +158,7 @@ def train(args: argparse.Namespace) -> None:
     monitor = prepared.select(is_monitor) if len(set(prepared.labels[is_monitor].tolist())) == 2 else None
     config = TrainConfig.gozes(
         input_size=int(prepared.images.shape[-1]), epochs=args.epochs, patience=args.patience, workers=0, lr=args.lr,
-        batch_size=args.batch_size, zero_init_residual=True, lr_schedule=args.lr_schedule,
+        batch_size=args.batch_size, zero_init_residual=True, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay,
         lesion_mask_weight=args.lesion_mask_weight, seed=args.seed,
     )  # fmt: skip
     kinds = {k: train_part.kinds.count(k) for k in sorted(set(train_part.kinds))}
@@ -183,7 +184,7 @@ def train(args: argparse.Namespace) -> None:
         config,
         args.output,
         class_names=("normal", "covid"),
-        roi="lung-bbox",
+        roi=prepared.roi,
         window_hu=(PipelineConfig().window.hu_min, PipelineConfig().window.hu_max),
         card_extra=card_extra,
         resume=args.resume,
@@ -326,6 +327,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--size", type=int, default=INPUT_SIZE, help=f"network input side in px (default {INPUT_SIZE})"
     )
+    p.add_argument(
+        "--roi", choices=(ROI_LUNG_BOX, ROI_LUNG_ONLY), default=roi_name(PipelineConfig().roi),
+        help="classifier input: the lung box, or the lung box blanked outside the lungs (the config's "
+        "roi.mask_outside_lungs; default: the pipeline's)",
+    )  # fmt: skip
     t = sub.add_parser("train", help="train one classifier on a prepared set")
     t.add_argument("--prepared", type=Path, required=True)
     t.add_argument("--output", type=Path, required=True)
@@ -339,6 +345,10 @@ def main(argv: list[str] | None = None) -> None:
         help="Adam learning rate (the seed's 1e-4 barely moved a from-scratch ResNet-50 in 4 CPU epochs)",
     )  # fmt: skip
     t.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    t.add_argument(
+        "--ema-decay", type=float, default=0.0,
+        help="evaluate, select and keep an exponential average of the weights (per step); 0: off",
+    )  # fmt: skip
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true")
     i = sub.add_parser("install", help="copy a trained run into models/weights as fp16")

@@ -316,11 +316,13 @@ def input_contract_problems(
     card: Mapping[str, Any],
     window_hu: tuple[float, float],
     segmenter: LoadedModel | None,
+    roi: str = "lung-bbox",
 ) -> tuple[list[str], list[str]]:
     """(errors, warnings) where a run would feed a classifier inputs made unlike its training.
 
     The card's ``input`` says how its training images were made: ``window`` (HU mapped to
-    [0, 1]), ``roi`` (``"lung-bbox"``: cropped to the lung box, as the pipeline does) and,
+    [0, 1]), ``roi`` (``"lung-bbox"``: cropped to the lung box; ``"lung-bbox-masked"``: cropped and
+    blanked outside the lungs; the run makes ``roi``, from ``RoiConfig.mask_outside_lungs``) and,
     optionally, ``segmenter`` (``{"architecture", "sha256"}`` of the network that drew the
     boxes). A different window or an ROI the pipeline does not make is an error; a box drawn
     by another segmenter is a warning (the crop differs, the model still applies).
@@ -334,9 +336,20 @@ def input_contract_problems(
             f"it was trained on the HU window {list(window)} but the config's window is {list(window_hu)}; "
             f"set --set window.hu_min={window[0]} --set window.hu_max={window[1]}"
         )
-    roi = contract.get("roi")
-    if roi is not None and roi not in ("lung-bbox", "lung"):
-        errors.append(f"it was trained on roi {roi!r} but the pipeline crops every slice to the lung box")
+    trained_roi = contract.get("roi")
+    if trained_roi == "lung":  # cards written before the names were fixed
+        trained_roi = "lung-bbox"
+    masked = {"lung-bbox": "false", "lung-bbox-masked": "true"}
+    if trained_roi is not None and trained_roi != roi:
+        if trained_roi in masked:
+            errors.append(
+                f"it was trained on roi {trained_roi!r} but this run makes {roi!r}; "
+                f"set --set roi.mask_outside_lungs={masked[trained_roi]}"
+            )
+        else:
+            errors.append(
+                f"it was trained on roi {trained_roi!r} but the pipeline crops every slice to the lung box"
+            )
     trained_with = contract.get("segmenter")
     if isinstance(trained_with, Mapping):
         used = (

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -86,6 +87,7 @@ class TrainConfig:
     )
     zero_init_residual: bool = False  # last BatchNorm of each residual block starts at 0 (Goyal et al. 2017)
     lr_schedule: str = "constant"  # "constant" or "cosine" (lr × ½(1 + cos π(epoch − 1)/epochs), per epoch)
+    ema_decay: float = 0.0  # > 0: evaluate and keep an exponential average of the weights (per step); 0 = off
 
     def __post_init__(self) -> None:
         checks = [
@@ -101,6 +103,7 @@ class TrainConfig:
             (self.lstm_hidden > 0, "lstm_hidden must be > 0"),
             (self.lesion_mask_weight >= 0, "lesion_mask_weight must be >= 0"),
             (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
+            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -201,6 +204,36 @@ def zero_init_residual(model: nn.Module) -> None:
             nn.init.zeros_(module.bn3.weight)
         elif isinstance(module, BasicBlock):
             nn.init.zeros_(module.bn2.weight)
+
+
+class WeightAverage(nn.Module):
+    """Exponential moving average of a model's parameters, updated after every optimizer step.
+
+    Weights that still swing from epoch to epoch (a constant, high rate on a few hundred
+    images) rank held-out patients differently every epoch; their average over the last
+    ~1/(1 − decay) steps sits in the middle of the swing (Polyak averaging; SWA, Izmailov
+    et al. 2018). Until that many steps were taken the average is uniform over all of them
+    (weight 1/(t + 1) for step t), so the random start is soon forgotten. ``module`` is a
+    copy of the model holding the average; its BatchNorm statistics are not averaged but
+    re-estimated before it is evaluated (:func:`models.fit.recalibrate_batchnorm`).
+    ``steps`` is a buffer, so that a resumed run continues the same average.
+    """
+
+    steps: torch.Tensor
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(model)
+        self.module.requires_grad_(False)
+        self.decay = decay
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self._source = list(model.parameters())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        weight = max(1.0 - self.decay, 1.0 / float(self.steps + 1))  # of the newest weights
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in self._source], weight)
+        self.steps += 1
 
 
 class _Indexed(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
@@ -314,6 +347,7 @@ def train_classifier(
         zero_init_residual(model)
     if use_amp(device, config.amp):
         model = model.to(memory_format=torch.channels_last)
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None  # before any hook
     heads: LesionHeads | None = None
     trainable: nn.Module = model
     if config.lesion_mask_weight > 0:
@@ -322,6 +356,8 @@ def train_classifier(
         heads = LesionHeads(model, backbone_spec(config.backbone).cam_layers).to(device)
         trainable = nn.ModuleDict({"net": model, "lesion_heads": heads})
     optimizer = _make_optimizer(trainable, config)
+    resumable = trainable if average is None else nn.ModuleDict({"trained": trainable, "average": average})
+    kept = model if average is None else average.module  # what is evaluated, selected and saved
     criterion = _loss_function(config, train_set.labels, device)
     threshold = ClassifyConfig().positive_threshold  # training accuracy counts p >= this as positive
     eval_batch = config.batch_size * 2
@@ -355,6 +391,8 @@ def train_classifier(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if average is not None:
+                average.update()
             loss_sum += float(loss.detach()) * labels.shape[0]
             predicted = (positive_probability(logits.detach().float()) >= threshold).long()
             correct += int((predicted == labels).sum())
@@ -364,27 +402,42 @@ def train_classifier(
         }  # fmt: skip
         if config.precise_bn:
             recalibrate_batchnorm(model, train_set, eval_batch, device, config.amp)
-        report: dict[str, Any] = {}
-        score = float(epoch)  # no validation: the last epoch is the one kept
-        if val_set is not None:
-            val_probs = predict_probabilities(model, val_set, eval_batch, device, config.amp)
-            report = binary_report(val_set.labels.numpy(), val_probs, class_names)
-            row.update(val_loss=_bce(val_set.labels.numpy(), val_probs), val_acc=report["accuracy"])
-            row["val_auc"] = report["auc"]
-            score = _selection_score(report)
-        if monitor_set is not None:
-            monitor_probs = predict_probabilities(model, monitor_set, eval_batch, device, config.amp)
-            monitored = binary_report(monitor_set.labels.numpy(), monitor_probs, class_names)
-            row.update(monitor_acc=monitored["accuracy"], monitor_auc=monitored["auc"])
+        if average is not None:
+            if config.precise_bn:
+                recalibrate_batchnorm(kept, train_set, eval_batch, device, config.amp)
+            else:
+                for mine, theirs in zip(kept.buffers(), model.buffers(), strict=True):
+                    mine.copy_(theirs)
+            # the weights as trained, beside their average: what averaging changes, epoch by epoch
+            raw, _ = evaluate(model)
+            row.update({f"raw_{key}": value for key, value in raw.items() if key.endswith("auc")})
+        evaluated, report = evaluate(kept)
+        row.update(evaluated)
+        score = _selection_score(report) if report else float(epoch)  # no validation: the last epoch is kept
         metrics = {k: v for k, v in report.items() if k != "confusion_matrix"}
         return EpochResult(row, score, metrics)
+
+    def evaluate(net: nn.Module) -> tuple[dict[str, float], dict[str, Any]]:
+        """History columns of ``net`` on the validation and monitor sets, and the validation report."""
+        columns: dict[str, float] = {}
+        report: dict[str, Any] = {}
+        if val_set is not None:
+            val_probs = predict_probabilities(net, val_set, eval_batch, device, config.amp)
+            report = binary_report(val_set.labels.numpy(), val_probs, class_names)
+            columns.update(val_loss=_bce(val_set.labels.numpy(), val_probs), val_acc=report["accuracy"])
+            columns["val_auc"] = report["auc"]
+        if monitor_set is not None:
+            monitor_probs = predict_probabilities(net, monitor_set, eval_batch, device, config.amp)
+            monitored = binary_report(monitor_set.labels.numpy(), monitor_probs, class_names)
+            columns.update(monitor_acc=monitored["accuracy"], monitor_auc=monitored["auc"])
+        return columns, report
 
     card = _classifier_card(config, class_names, roi, window_hu, card_extra or {})
     try:
         return fit(
-            model, optimizer, run_epoch, output, card, config.to_dict(), epochs=config.epochs,
+            kept, optimizer, run_epoch, output, card, config.to_dict(), epochs=config.epochs,
             patience=config.patience if val_set is not None else 0,  # no validation: every epoch runs
-            resume=resume, trained=trainable, title=f"{config.backbone} ({config.recipe})",
+            resume=resume, trained=resumable, title=f"{config.backbone} ({config.recipe})",
             score_name="validation AUC", on_epoch=on_epoch,
             # a cosine schedule is drawn over ``epochs``: another count would bend the rest of it
             resumable_changes=RESUMABLE_CHANGES - {"epochs"} if config.lr_schedule == "cosine" else RESUMABLE_CHANGES,

@@ -111,6 +111,7 @@ class RoiConfig(_Checked):
     margin_fraction: float = _num(0.05, 0, 1)  # margin added on each side, fraction of the box size
     input_size: int = _num(0, 0, 4096)  # network input side, px; 0 = the backbone's native size (224)
     min_lung_pixels: int = _num(200, 0, 10**8)  # a slice with less lung than this is not classified
+    mask_outside_lungs: bool = False  # classifier input: pixels outside the lung mask set to air (0)
 
 
 @dataclass(frozen=True)

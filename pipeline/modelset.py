@@ -22,6 +22,7 @@ from corona_ct.models.classifier import BackboneSpec
 from corona_ct.pipeline.config import SEGMENT_METHODS, PipelineConfig
 from corona_ct.pipeline.device import resolve_device
 from corona_ct.pipeline.errors import ModelError
+from corona_ct.pipeline.preprocess import roi_name
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def load_models(
     if not classifier.trained:
         return ModelSet(classifier=classifier, segmenter=segmenter)
     errors, warnings = input_contract_problems(
-        classifier.card, (config.window.hu_min, config.window.hu_max), segmenter
+        classifier.card, (config.window.hu_min, config.window.hu_max), segmenter, roi_name(config.roi)
     )
     name = classifier.path.name if classifier.path else "classifier"
     if errors:

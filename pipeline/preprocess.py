@@ -8,7 +8,9 @@ anything prepared differently from what it was trained on:
 2. :func:`lung_bounding_box` is the case-wide lung box (union over slices plus a
    margin); :func:`evaluable_slices` says which slices hold enough lung to classify.
 3. :func:`to_model_input` crops every slice to the box, resizes it (bilinear,
-   antialiased) to ``size × size`` and replicates the grey channel 3 times.
+   antialiased) to ``size × size`` and replicates the grey channel 3 times; with
+   ``RoiConfig.mask_outside_lungs`` it first sets every pixel outside the lungs to
+   air (0), so that the network sees lung only (:func:`input_lungs`, :func:`roi_name`).
 4. :func:`paste_back` is the inverse for per-slice maps (Grad-CAM, segmentation
    probabilities): resize to the box and place it on the CT grid, zeros elsewhere.
 
@@ -140,9 +142,31 @@ def _as_float_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
 
 
-def to_model_input(windowed: np.ndarray | torch.Tensor, box: Box | None, size: int) -> torch.Tensor:
+#: The card's ``input.roi`` for each setting of ``RoiConfig.mask_outside_lungs``.
+ROI_LUNG_BOX, ROI_LUNG_ONLY = "lung-bbox", "lung-bbox-masked"
+
+
+def roi_name(config: RoiConfig) -> str:
+    """The classifier input this ROI config makes, as a card's ``input.roi`` names it."""
+    return ROI_LUNG_ONLY if config.mask_outside_lungs else ROI_LUNG_BOX
+
+
+def input_lungs(
+    lungs: npt.ArrayLike | torch.Tensor, config: RoiConfig
+) -> npt.ArrayLike | torch.Tensor | None:
+    """The ``lungs`` argument of :func:`to_model_input` under ``config``: the mask, or None (keep everything)."""
+    return lungs if config.mask_outside_lungs else None
+
+
+def to_model_input(
+    windowed: np.ndarray | torch.Tensor,
+    box: Box | None,
+    size: int,
+    lungs: npt.ArrayLike | torch.Tensor | None = None,
+) -> torch.Tensor:
     """(n, y, x) windowed slices in [0, 1] → (n, 3, size, size) float32 network input.
 
+    With ``lungs`` ((n, y, x) bool) every pixel outside them becomes air (0) first.
     Crops to ``box`` (the whole slice when ``None``), resizes with antialiased
     bilinear interpolation and replicates the grey channel 3 times (ImageNet-style
     backbones). A tensor input stays on its device.
@@ -150,6 +174,11 @@ def to_model_input(windowed: np.ndarray | torch.Tensor, box: Box | None, size: i
     images = _as_float_tensor(windowed)
     if images.ndim != 3:
         raise GeometryError(f"model input must be (n, y, x) slices, got shape {tuple(images.shape)}")
+    if lungs is not None:
+        inside = torch.as_tensor(np.asarray(lungs) if not isinstance(lungs, torch.Tensor) else lungs)
+        if tuple(inside.shape) != tuple(images.shape):
+            raise GeometryError(f"lung mask {tuple(inside.shape)} and slices {tuple(images.shape)} differ")
+        images = images * inside.to(device=images.device, dtype=torch.bool)
     if box is not None:
         if box.y1 > images.shape[1] or box.x1 > images.shape[2]:
             raise GeometryError(f"box {box} exceeds the slice size {tuple(images.shape[1:])}")

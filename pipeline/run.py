@@ -35,6 +35,7 @@ from corona_ct.pipeline.errors import CoronaCTError, OutputError, StageError
 from corona_ct.pipeline.modelset import ModelSet
 from corona_ct.pipeline.preprocess import (
     evaluable_slices,
+    input_lungs,
     lung_bounding_box,
     paste_back,
     to_model_input,
@@ -123,7 +124,7 @@ def analyze_study(
     for start in range(0, len(eval_index), batch):
         chunk = eval_index[start : start + batch]
         with _stage("classify+gradcam", study_id, timings):
-            inputs = to_model_input(windowed[chunk], box, size)
+            inputs = to_model_input(windowed[chunk], box, size, input_lungs(lungs[chunk], config.roi))
             out = classify_slices(
                 classifier,
                 spec,

@@ -32,7 +32,14 @@ from corona_ct.pipeline.ingest.slice_checks import slice_image_problem
 from corona_ct.pipeline.ingest.slices import read_slice_image
 from corona_ct.pipeline.layout import PREDICTION_COLUMNS, PREDICTIONS_NAME
 from corona_ct.pipeline.modelset import ModelSet
-from corona_ct.pipeline.preprocess import Box, lung_bounding_box, paste_back, to_model_input, window
+from corona_ct.pipeline.preprocess import (
+    Box,
+    input_lungs,
+    lung_bounding_box,
+    paste_back,
+    to_model_input,
+    window,
+)
 from corona_ct.pipeline.segment import slice_lung_labels
 
 
@@ -75,12 +82,13 @@ def prepare_slice(
     the validation scripts all call it.
     """
     windowed = window(image[None].astype(np.float32), units, config.window)
-    box, roi_used = None, "image"
+    box, roi_used, lungs = None, "image", None
     if roi == "lung":
         labels = slice_lung_labels(image, units, config, source, segmenter, device, segmenter_input_size)
         box = lung_bounding_box(labels > 0, config.roi)
         roi_used = "lung" if box is not None else "image (no lung found)"
-    return PreparedSlice(to_model_input(windowed, box, size), windowed[0], box, roi_used)
+        lungs = input_lungs(labels > 0, config.roi) if box is not None else None
+    return PreparedSlice(to_model_input(windowed, box, size, lungs), windowed[0], box, roi_used)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from scipy.stats import pearsonr
 from corona_ct.data.phantom import make_phantom
 from corona_ct.data.writers import write_dicom_series
 from corona_ct.pipeline.batch import run_batch
-from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.config import PipelineConfig, parse_overrides
 from corona_ct.pipeline.modelset import load_models
 from corona_ct.pipeline.stats import roc_auc
 
@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow-untrained", action="store_true")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--resume", action="store_true", help="reuse finished studies")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="pipeline config override, as for corona-ct run (e.g. roi.mask_outside_lungs=true)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     n_normal = max(1, args.n // 4)
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
                 phantom, folder, patient_name=f"Anonymous^{index}", patient_id=f"COHORT-{index}"
             )
 
-    config = PipelineConfig().replace({"runtime.device": args.device})
+    config = PipelineConfig().replace({**parse_overrides(args.overrides), "runtime.device": args.device})
     models = load_models(config, args.cls_weights, allow_untrained=args.allow_untrained)
     results = args.output / "results"
     run_batch(

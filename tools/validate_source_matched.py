@@ -41,7 +41,7 @@ from PIL import Image
 from corona_ct.data.source_matched import CTMD_PATIENTS, ctmd_infection_labels
 from corona_ct.models.build_defaults import VAL_GROUPS, texture_fold
 from corona_ct.models.weights import default_weights
-from corona_ct.pipeline.config import PipelineConfig
+from corona_ct.pipeline.config import PipelineConfig, parse_overrides
 from corona_ct.pipeline.datamodel import StudyResult
 from corona_ct.pipeline.ingest import load_study
 from corona_ct.pipeline.ingest.slices import read_slice_image
@@ -242,9 +242,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--only", action="append", choices=("lopo", "clean", "localisation", "ucsd"))
     parser.add_argument("--patient", action="append", help="LOPO: only these held-out patients (repeatable)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="pipeline config override, as for corona-ct run (e.g. roi.mask_outside_lungs=true)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
-    config = PipelineConfig().replace({"runtime.device": "cpu"})
+    config = PipelineConfig().replace({**parse_overrides(args.overrides), "runtime.device": "cpu"})
     final = args.final or default_weights("classifier")
     args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / "validation.json"

@@ -25,7 +25,7 @@ _OVERRIDES = {
     "seed": "seed", "workers": "workers", "device": "device", "weight_decay": "weight_decay",
     "num_outputs": "num_outputs", "optimizer": "optimizer", "lstm_hidden": "lstm_hidden",
     "rotation_deg": "rotation_deg", "zoom": "zoom", "shift": "shift", "crop_scale": "crop_scale",
-    "lr_schedule": "lr_schedule",
+    "lr_schedule": "lr_schedule", "ema_decay": "ema_decay",
 }  # fmt: skip
 
 
@@ -63,6 +63,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         choices=("constant", "cosine"),
         help="constant (the recipes') or cosine decay over --epochs",
     )
+    train.add_argument(
+        "--ema-decay", type=float,
+        help="keep an exponential average of the weights, per step (e.g. 0.995); 0: off (the recipes')",
+    )  # fmt: skip
     train.add_argument("--batch-size", type=int, help="slices per batch")
     train.add_argument("--weight-decay", type=float, help="L2 weight decay")
     train.add_argument("--optimizer", choices=("adam", "nadam"), help="optimizer")
@@ -194,6 +198,14 @@ def _prepared(args: argparse.Namespace, config: Any) -> tuple[Any, Any, Any]:
     return manifest, dataset, pipeline_config
 
 
+def _card_roi(args: argparse.Namespace, pipeline_config: Any) -> str:
+    """The card's ``input.roi``: the lung box (blanked outside the lungs under the config's
+    ``roi.mask_outside_lungs``), or ``none`` for whole images."""
+    from corona_ct.pipeline.preprocess import roi_name
+
+    return roi_name(pipeline_config.roi) if args.roi == "lung" else "none"
+
+
 def _card_extra(manifest: Any, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "manifest_sha256": manifest.sha256(),
@@ -227,7 +239,7 @@ def run_train_classifier(args: argparse.Namespace) -> int:
         config,
         args.output,
         class_names=manifest.class_names,
-        roi="lung-bbox" if args.roi == "lung" else "none",
+        roi=_card_roi(args, pipeline_config),
         window_hu=window_hu,
         card_extra=_card_extra(manifest, args),
         resume=args.resume,
@@ -255,10 +267,10 @@ def run_cross_validation(args: argparse.Namespace) -> int:
     backbones = [name.strip() for name in args.backbones.split(",") if name.strip()]
     if not backbones:
         raise ConfigError("--backbones must name at least one backbone")
-    manifest, dataset, _ = _prepared(args, config)
+    manifest, dataset, pipeline_config = _prepared(args, config)
     rows = cross_validate(
         dataset, manifest.groups, backbones, config, args.output, n_folds=args.folds,
-        class_names=manifest.class_names, roi="lung-bbox" if args.roi == "lung" else "none",
+        class_names=manifest.class_names, roi=_card_roi(args, pipeline_config),
         card_extra=_card_extra(manifest, args), resume=args.resume,
     )  # fmt: skip
     print((args.output / "summary.md").read_text(encoding="utf-8"))

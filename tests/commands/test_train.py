@@ -165,3 +165,12 @@ def test_train_seg_from_a_mask_manifest_and_run_with_the_unet(tmp_path: Path) ->
     # a 1-epoch U-Net may find no lungs (and this small phantom's lungs are below a real chest's
     # size): the study is then not assessable, which is an answer, not a failed study
     assert code == 0 and row["status"] in {"ok", "not-assessable"}
+
+
+def test_the_card_names_the_input_the_config_makes() -> None:
+    from corona_ct.pipeline.config import PipelineConfig
+
+    masked = PipelineConfig().replace({"roi.mask_outside_lungs": True})
+    assert train_command._card_roi(argparse.Namespace(roi="lung"), PipelineConfig()) == "lung-bbox"
+    assert train_command._card_roi(argparse.Namespace(roi="lung"), masked) == "lung-bbox-masked"
+    assert train_command._card_roi(argparse.Namespace(roi="none"), masked) == "none"

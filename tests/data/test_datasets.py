@@ -165,8 +165,19 @@ def test_training_inputs_are_explains_inputs(tmp_path: Path) -> None:
     phantom = make_phantom(seed=1, shape=(12, 96, 96))
     tifffile.imwrite(tmp_path / "slice.tif", (phantom.hu[5].astype(np.int32) + 1024).astype(np.uint16))
     config = PipelineConfig()
+    masked = config.replace({"roi.mask_outside_lungs": True})
     image, units = read_slice_image(tmp_path / "slice.tif", config.ingest)
-    for roi in ("lung", "none"):
-        prepared = prepare_slice(image, units, config, 32, roi=roi)
-        assert torch.equal(load_slice_input(tmp_path / "slice.tif", roi, 32, config), prepared.batch[0, 0])
+    for setting in (config, masked):
+        for roi in ("lung", "none"):
+            prepared = prepare_slice(image, units, setting, 32, roi=roi)
+            assert torch.equal(
+                load_slice_input(tmp_path / "slice.tif", roi, 32, setting), prepared.batch[0, 0]
+            )
     assert prepared.roi == "image" and prepare_slice(image, units, config, 32).roi == "lung"
+    # lung only: the box crop of the same slice, with air where the lungs are not
+    boxed = prepare_slice(image, units, config, 32).batch[0, 0]
+    lung_only = prepare_slice(image, units, masked, 32).batch[0, 0]
+    blanked = lung_only == 0
+    assert 0.2 < float(blanked.float().mean()) < 0.9 and bool((boxed[blanked] > 0).any())
+    # blanking only darkens (a resize mixes with non-negative weights), and the lungs' core is unchanged
+    assert bool((lung_only <= boxed + 1e-6).all()) and float((lung_only == boxed).float().mean()) > 0.05

@@ -10,7 +10,8 @@ import pytest
 from corona_ct.data.phantom import make_phantom
 from corona_ct.data.source_matched import UNKNOWN_MASK, PreparedSlices, ctmd_infection_labels, volume_slices
 from corona_ct.pipeline.config import PipelineConfig
-from corona_ct.pipeline.preprocess import lung_bounding_box, to_model_input, window
+from corona_ct.pipeline.errors import InputError
+from corona_ct.pipeline.preprocess import evaluable_slices, lung_bounding_box, to_model_input, window
 
 SIZE = 64
 
@@ -53,6 +54,25 @@ def test_slices_are_cropped_like_inference(phantom_volume: tuple) -> None:
         for i, zz in enumerate(z[: len(prepared)])
     ]
     assert all(matches)
+
+
+def test_lung_only_input_is_air_outside_the_lungs_and_recorded(phantom_volume: tuple, tmp_path: Path) -> None:
+    volume, lungs, _ = phantom_volume
+    config = PipelineConfig().replace({"roi.mask_outside_lungs": True})
+    prepared = volume_slices(volume, lungs, config, SIZE, "ph", np.random.default_rng(0))
+    assert prepared.roi == "lung-bbox-masked"
+    box = lung_bounding_box(lungs > 0, config.roi)
+    z = np.flatnonzero(evaluable_slices(lungs > 0, config.roi))[0]
+    windowed = window(volume.array[z : z + 1], "HU", config.window)
+    expected = to_model_input(windowed, box, SIZE, lungs[z : z + 1] > 0)[0, 0]
+    assert np.allclose(prepared.images[0].float(), expected, atol=2e-3)
+    far_from_lung = to_model_input((lungs[z : z + 1] > 0).astype(np.float32), box, SIZE)[0, 0] == 0
+    assert far_from_lung.any() and (prepared.images[0][far_from_lung] == 0).all()
+    prepared.save(tmp_path / "masked.safetensors")
+    assert PreparedSlices.load(tmp_path / "masked.safetensors").roi == "lung-bbox-masked"
+    boxed = volume_slices(volume, lungs, PipelineConfig(), SIZE, "ph", np.random.default_rng(0))
+    with pytest.raises(InputError, match="different inputs"):
+        PreparedSlices.concat([prepared, boxed])
 
 
 def test_real_positives_have_unknown_masks_and_phantom_lesions_exact_ones(phantom_volume: tuple) -> None:

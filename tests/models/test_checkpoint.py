@@ -297,3 +297,19 @@ def test_input_contract_refuses_another_window_and_warns_about_another_segmenter
     assert "classical segmenter" in warnings[0]
     errors, _ = input_contract_problems({"input": {"roi": "none"}}, (-1000.0, 0.0), same)
     assert "roi 'none'" in errors[0]
+
+
+def test_input_contract_refuses_a_lung_only_card_on_lung_box_input_and_back() -> None:
+    from corona_ct.models.checkpoint import input_contract_problems
+
+    window = (-1000.0, 0.0)
+    masked = {"input": {"window": [-1000.0, 0.0], "roi": "lung-bbox-masked"}}
+    boxed = {"input": {"window": [-1000.0, 0.0], "roi": "lung-bbox"}}
+    legacy = {"input": {"window": [-1000.0, 0.0], "roi": "lung"}}
+    assert input_contract_problems(masked, window, None, "lung-bbox-masked")[0] == []
+    assert input_contract_problems(boxed, window, None, "lung-bbox")[0] == []
+    assert input_contract_problems(legacy, window, None, "lung-bbox")[0] == []
+    errors, _ = input_contract_problems(masked, window, None, "lung-bbox")
+    assert len(errors) == 1 and "--set roi.mask_outside_lungs=true" in errors[0]
+    errors, _ = input_contract_problems(boxed, window, None, "lung-bbox-masked")
+    assert len(errors) == 1 and "--set roi.mask_outside_lungs=false" in errors[0]

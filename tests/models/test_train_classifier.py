@@ -182,3 +182,41 @@ def test_lesion_mask_loss_needs_masks(tmp_path: Path) -> None:
     train = SliceDataset(torch.zeros(4, SIZE, SIZE), [0, 1, 0, 1])
     with pytest.raises(ConfigError, match="lesion masks"):
         train_classifier(train, None, quick_config(lesion_mask_weight=0.5), tmp_path)
+
+
+def test_weight_average_is_uniform_then_exponential() -> None:
+    from corona_ct.models.train_classifier import WeightAverage
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    average = WeightAverage(net, decay=0.5)  # uniform over the first 2 steps, then weight 0.5 per step
+    values = [4.0, 2.0, 6.0, 10.0]
+    expected = []
+    for step, value in enumerate(values):
+        with torch.no_grad():
+            net.weight.fill_(value)
+        average.update()
+        expected.append(value if step == 0 else 3.0 if step == 1 else 0.5 * expected[-1] + 0.5 * value)
+        assert float(average.module.weight) == pytest.approx(expected[-1])
+    assert int(average.steps) == 4 and not average.module.weight.requires_grad
+    assert float(net.weight.detach()) == 10.0  # the trained weights are untouched
+
+
+def test_averaged_weights_are_kept_logged_beside_the_raw_ones_and_resume_exactly(tmp_path: Path) -> None:
+    data, val = phantom_slices(range(400, 401)), phantom_slices(range(401, 402))
+    config = quick_config(epochs=2, ema_decay=0.9)
+    full = train_classifier(data, val, config, tmp_path / "full", monitor_set=val)
+    assert {"val_auc", "raw_val_auc", "monitor_auc", "raw_monitor_auc"} <= set(full.history[0])
+    loaded = load_classifier(full.checkpoint)  # a plain classifier: no step counter, no second copy
+    np.testing.assert_allclose(
+        predict_probabilities(loaded.module, val), predict_probabilities(full.model, val), atol=1e-5
+    )
+    assert loaded.card["train_config"]["ema_decay"] == 0.9
+    train_classifier(data, val, dataclasses.replace(config, epochs=1), tmp_path / "split")
+    resumed = train_classifier(data, val, config, tmp_path / "split", resume=True)
+    assert resumed.best_epoch == full.best_epoch
+    for (name, a), b in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(ConfigError, match="ema_decay"):
+        quick_config(ema_decay=1.0)

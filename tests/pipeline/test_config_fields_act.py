@@ -46,6 +46,7 @@ STUDY_PROBES: dict[str, Any] = {
     "segment.closing_radius_mm": 1.0,
     "roi.margin_fraction": 0.3,
     "roi.input_size": 96,
+    "roi.mask_outside_lungs": True,  # the classifier sees air around the lungs: other probabilities
     "roi.min_lung_pixels": 30000,  # scaled to the 96×96 slice: 1055 pixels, more than the end slices
     "classify.backbone": "vgg16",
     "classify.positive_threshold": (

@@ -9,11 +9,15 @@ import torch
 from corona_ct.pipeline.config import RoiConfig, WindowConfig
 from corona_ct.pipeline.errors import ConfigError, GeometryError
 from corona_ct.pipeline.preprocess import (
+    ROI_LUNG_BOX,
+    ROI_LUNG_ONLY,
     Box,
     evaluable_slices,
+    input_lungs,
     lung_bounding_box,
     min_lung_pixels_for,
     paste_back,
+    roi_name,
     to_model_input,
     window,
 )
@@ -95,6 +99,31 @@ def test_to_model_input_crop_picks_the_box_region() -> None:
     np.testing.assert_array_equal(batch[1, 0], batch[1, 2])
     # 10 rows → 15 rows of a row-constant image: every row equals the ramp resized along x (identity)
     np.testing.assert_allclose(batch[1, 0], np.broadcast_to(images[1, 10, 30:45], (15, 15)), atol=1e-6)
+
+
+def test_to_model_input_blanks_outside_the_lungs_when_asked() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.2, 1.0, size=(2, 30, 30)).astype(np.float32)
+    lungs = np.zeros((2, 30, 30), dtype=bool)
+    lungs[0, 5:25, 8:20] = True
+    lungs[1, 2:12, 3:28] = True
+    box = Box(0, 30, 0, 30)  # no crop, no resize: pixels compare one to one
+    masked = to_model_input(images, box, 30, lungs).numpy()[:, 0]
+    np.testing.assert_allclose(masked[lungs], images[lungs], atol=1e-6)
+    assert (masked[~lungs] == 0).all()  # air outside the lungs
+    assert (to_model_input(images, box, 30) > 0).all()  # without lungs nothing is blanked
+    # a tensor mask works alike, and a mask of another shape is refused
+    from_tensor = to_model_input(torch.from_numpy(images), box, 30, torch.from_numpy(lungs))
+    torch.testing.assert_close(from_tensor, to_model_input(images, box, 30, lungs))
+    with pytest.raises(GeometryError, match="lung mask"):
+        to_model_input(images, box, 30, lungs[:1])
+
+
+def test_input_lungs_and_roi_name_follow_the_config() -> None:
+    lungs = np.ones((1, 4, 4), dtype=bool)
+    assert input_lungs(lungs, RoiConfig()) is None and roi_name(RoiConfig()) == ROI_LUNG_BOX
+    masked = RoiConfig(mask_outside_lungs=True)
+    assert input_lungs(lungs, masked) is lungs and roi_name(masked) == ROI_LUNG_ONLY
 
 
 def test_to_model_input_rejects_box_outside_image() -> None:

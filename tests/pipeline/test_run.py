@@ -20,7 +20,7 @@ from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.errors import ModelError
 from corona_ct.pipeline.layout import SUMMARY_COLUMNS
 from corona_ct.pipeline.modelset import load_models
-from corona_ct.pipeline.preprocess import lung_bounding_box
+from corona_ct.pipeline.preprocess import lung_bounding_box, to_model_input
 from corona_ct.pipeline.run import analyze_study
 from corona_ct.pipeline.severity import corona_score
 
@@ -77,6 +77,31 @@ def test_analyze_study_shapes_and_invariants(phantom, models, config: PipelineCo
     assert result.severity.lung_volume_cm3 == pytest.approx(true_lung_ml, rel=0.1)
     assert result.features.features.shape == (int(evaluated.sum()), 2048)
     assert set(result.timings_s) >= {"segment", "roi", "classify+gradcam", "severity"}
+
+
+def test_with_mask_outside_lungs_the_classifier_sees_lung_only(phantom, models, config, monkeypatch) -> None:
+    import corona_ct.pipeline.run as run_module
+
+    seen: list[np.ndarray] = []
+    classify = run_module.classify_slices
+
+    def spy(classifier, spec, inputs, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(inputs[:, 0].numpy().copy())
+        return classify(classifier, spec, inputs, **kwargs)
+
+    monkeypatch.setattr(run_module, "classify_slices", spy)
+    volume = phantom.to_volume("phantom")
+    analyze_study(volume, models, config)
+    masked_config = config.replace({"roi.mask_outside_lungs": True})
+    result = analyze_study(volume, models, masked_config)
+    boxed, masked = np.concatenate(seen[: len(seen) // 2]), np.concatenate(seen[len(seen) // 2 :])
+    lungs = result.lung_mask.lungs[result.scores.evaluated]
+    box = lung_bounding_box(result.lung_mask.lungs, config.roi)
+    lung_share = to_model_input(lungs.astype(np.float32), box, masked.shape[-1])[:, 0].numpy()
+    outside, inside = lung_share == 0, lung_share == 1
+    assert outside.any() and inside.any()
+    assert (masked[outside] == 0).all() and (boxed[outside] > 0).any()  # chest wall and mediastinum gone
+    np.testing.assert_allclose(masked[inside], boxed[inside], atol=1e-6)  # the lungs as they were
 
 
 def test_analyze_study_stops_at_the_gate_without_lungs(phantom, models, config: PipelineConfig) -> None:
