@@ -110,13 +110,10 @@ def slices_to_model_input(
         return to_model_input(windowed, None, size)[:, 0]
     if not per_slice_box:
         box = lung_bounding_box(lungs, config.roi)
-        inside = input_lungs(lungs, config.roi) if box is not None else None
-        return to_model_input(windowed, box, size, inside)[:, 0]
+        return to_model_input(windowed, box, size, input_lungs(lungs, config.roi))[:, 0]
     boxes: list[Box | None] = [lung_bounding_box(lungs[i : i + 1], config.roi) for i in range(len(lungs))]
     return torch.cat([
-        to_model_input(
-            windowed[i : i + 1], box, size, input_lungs(lungs[i : i + 1], config.roi) if box is not None else None
-        )[:, 0]
+        to_model_input(windowed[i : i + 1], box, size, input_lungs(lungs[i : i + 1], config.roi))[:, 0]
         for i, box in enumerate(boxes)
     ])  # fmt: skip
 

@@ -154,8 +154,12 @@ def roi_name(config: RoiConfig) -> str:
 def input_lungs(
     lungs: npt.ArrayLike | torch.Tensor, config: RoiConfig
 ) -> npt.ArrayLike | torch.Tensor | None:
-    """The ``lungs`` argument of :func:`to_model_input` under ``config``: the mask, or None (keep everything)."""
-    return lungs if config.mask_outside_lungs else None
+    """The ``lungs`` argument of :func:`to_model_input` under ``config``: the mask, or None (keep
+    everything): when not masking, and when the mask holds no lung (such slices are used whole)."""
+    if not config.mask_outside_lungs:
+        return None
+    has_lung = bool(lungs.any()) if isinstance(lungs, torch.Tensor) else bool(np.any(lungs))
+    return lungs if has_lung else None
 
 
 def to_model_input(

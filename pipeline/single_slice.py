@@ -87,7 +87,7 @@ def prepare_slice(
         labels = slice_lung_labels(image, units, config, source, segmenter, device, segmenter_input_size)
         box = lung_bounding_box(labels > 0, config.roi)
         roi_used = "lung" if box is not None else "image (no lung found)"
-        lungs = input_lungs(labels > 0, config.roi) if box is not None else None
+        lungs = input_lungs(labels > 0, config.roi)
     return PreparedSlice(to_model_input(windowed, box, size, lungs), windowed[0], box, roi_used)
 
 

@@ -24,7 +24,9 @@ from scipy.stats import pearsonr
 from corona_ct.data.phantom import make_phantom
 from corona_ct.data.writers import write_dicom_series
 from corona_ct.pipeline.batch import run_batch
-from corona_ct.pipeline.config import PipelineConfig, parse_overrides
+from corona_ct.pipeline.commands.options import set_option_help
+from corona_ct.pipeline.config import load_config
+from corona_ct.pipeline.errors import ConfigError
 from corona_ct.pipeline.modelset import load_models
 from corona_ct.pipeline.stats import roc_auc
 
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="reuse finished studies")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-        help="pipeline config override, as for corona-ct run (e.g. roi.mask_outside_lungs=true)",
+        help=set_option_help(),
     )  # fmt: skip
     args = parser.parse_args(argv)
 
@@ -61,7 +63,10 @@ def main(argv: list[str] | None = None) -> None:
                 phantom, folder, patient_name=f"Anonymous^{index}", patient_id=f"COHORT-{index}"
             )
 
-    config = PipelineConfig().replace({**parse_overrides(args.overrides), "runtime.device": args.device})
+    try:
+        config = load_config(overrides=args.overrides).replace({"runtime.device": args.device})
+    except ConfigError as error:
+        raise SystemExit(f"--set: {error}") from None
     models = load_models(config, args.cls_weights, allow_untrained=args.allow_untrained)
     results = args.output / "results"
     run_batch(

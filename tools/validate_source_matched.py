@@ -41,8 +41,10 @@ from PIL import Image
 from corona_ct.data.source_matched import CTMD_PATIENTS, ctmd_infection_labels
 from corona_ct.models.build_defaults import VAL_GROUPS, texture_fold
 from corona_ct.models.weights import default_weights
-from corona_ct.pipeline.config import PipelineConfig, parse_overrides
+from corona_ct.pipeline.commands.options import set_option_help
+from corona_ct.pipeline.config import PipelineConfig, load_config
 from corona_ct.pipeline.datamodel import StudyResult
+from corona_ct.pipeline.errors import ConfigError
 from corona_ct.pipeline.ingest import load_study
 from corona_ct.pipeline.ingest.slices import read_slice_image
 from corona_ct.pipeline.modelset import ModelSet, load_models
@@ -244,11 +246,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patient", action="append", help="LOPO: only these held-out patients (repeatable)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-        help="pipeline config override, as for corona-ct run (e.g. roi.mask_outside_lungs=true)",
+        help=set_option_help(),
     )  # fmt: skip
     args = parser.parse_args(argv)
 
-    config = PipelineConfig().replace({**parse_overrides(args.overrides), "runtime.device": "cpu"})
+    try:
+        config = load_config(overrides=args.overrides).replace({"runtime.device": "cpu"})
+    except ConfigError as error:
+        raise SystemExit(f"--set: {error}") from None
     final = args.final or default_weights("classifier")
     args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / "validation.json"

@@ -124,6 +124,7 @@ def test_input_lungs_and_roi_name_follow_the_config() -> None:
     assert input_lungs(lungs, RoiConfig()) is None and roi_name(RoiConfig()) == ROI_LUNG_BOX
     masked = RoiConfig(mask_outside_lungs=True)
     assert input_lungs(lungs, masked) is lungs and roi_name(masked) == ROI_LUNG_ONLY
+    assert input_lungs(np.zeros((1, 4, 4), dtype=bool), masked) is None  # no lung: the slice is used whole
 
 
 def test_to_model_input_rejects_box_outside_image() -> None:
