@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,8 @@ SHIPPED_WEIGHTS_DIR = REPO_ROOT / "models" / "weights"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 #: torch threads of a test process: CI has 2 cores; under pytest-xdist (``make test-fast``) each worker takes 1.
 SESSION_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+#: The empty folder that stands in for models/weights during the session (removed at its end).
+_HIDDEN_WEIGHTS = pytest.StashKey[Path]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -22,11 +25,18 @@ def pytest_configure(config: pytest.Config) -> None:
     from corona_ct.models import weights
 
     weights.WEIGHTS_DIR = Path(tempfile.mkdtemp(prefix="corona-ct-no-default-weights-"))
+    config.stash[_HIDDEN_WEIGHTS] = weights.WEIGHTS_DIR
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency
         return
     torch.set_num_threads(SESSION_THREADS)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    hidden = config.stash.get(_HIDDEN_WEIGHTS, None)
+    if hidden is not None:
+        shutil.rmtree(hidden, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
