@@ -33,7 +33,7 @@ from corona_ct.data.datasets import SliceDataset
 from corona_ct.data.lesions import TextureBank
 from corona_ct.data.source_matched import CTMD_DIAGNOSES, CTMD_PATIENTS, PreparedSlices, build_source_matched
 from corona_ct.models.checkpoint import load_checkpoint, load_classifier, read_card, save_checkpoint
-from corona_ct.models.classifier import build_classifier
+from corona_ct.models.classifier import BACKBONES, build_classifier
 from corona_ct.models.train_classifier import TrainConfig, predict_probabilities, train_classifier
 from corona_ct.pipeline.atomic import write_json
 from corona_ct.pipeline.config import PipelineConfig
@@ -159,7 +159,7 @@ def train(args: argparse.Namespace) -> None:
     config = TrainConfig.gozes(
         input_size=int(prepared.images.shape[-1]), epochs=args.epochs, patience=args.patience, workers=0, lr=args.lr,
         batch_size=args.batch_size, zero_init_residual=True, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay,
-        lesion_mask_weight=args.lesion_mask_weight, seed=args.seed,
+        lesion_mask_weight=args.lesion_mask_weight, seed=args.seed, backbone=args.backbone,
     )  # fmt: skip
     kinds = {k: train_part.kinds.count(k) for k in sorted(set(train_part.kinds))}
     command = "python -m corona_ct.models.build_defaults " + " ".join(sys.argv[1:])
@@ -348,6 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument(
         "--ema-decay", type=float, default=0.0,
         help="evaluate, select and keep an exponential average of the weights (per step); 0: off",
+    )  # fmt: skip
+    t.add_argument(
+        "--backbone", choices=sorted(BACKBONES), default="resnet50",
+        help="resnet50: the seed's; resnet18 trains 3-4x faster on a CPU (docs/models.md compares them)",
     )  # fmt: skip
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true")

@@ -98,7 +98,7 @@ def register(subparsers: Any) -> None:
     _add_training_options(cls)
     cls.add_argument(
         "--backbone",
-        help="resnet50 (default), resnet152, vgg16, vgg19, inception_v3, xception, resnet152_lstm",
+        help="resnet50 (default), resnet152, vgg16, vgg19, inception_v3, xception, resnet152_lstm; resnet18 (not the seed's)",
     )
     add_compute_options(cls, "run folder (checkpoint, card, curves)")
     cls.set_defaults(handler=run_train_classifier)

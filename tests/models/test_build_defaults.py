@@ -71,3 +71,49 @@ def test_unreadable_figures_are_named_and_the_card_is_left_as_it_was(tmp_path: P
             ]
         )
     assert (tmp_path / "classifier.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_train_takes_the_backbone_and_the_pipeline_explains_with_it(tmp_path: Path) -> None:
+    """``train --backbone resnet18``: the card names it and its Grad-CAM layers give two map scales."""
+    import numpy as np
+    import torch
+
+    from corona_ct.data.source_matched import PreparedSlices
+    from corona_ct.models.build_defaults import VAL_GROUPS
+    from corona_ct.models.checkpoint import load_classifier
+    from corona_ct.pipeline.explain import explain_batch
+
+    generator = torch.Generator().manual_seed(0)
+    n = 16
+    labels = np.tile([0, 1], n // 2).astype(np.int64)
+    images = torch.rand(n, 32, 32, generator=generator).to(torch.float16)
+    masks = np.zeros((n, 32, 32), dtype=np.uint8)
+    groups = [VAL_GROUPS[0]] * 4 + ["train-patient"] * (n - 4)
+    prepared = tmp_path / "prepared.safetensors"
+    PreparedSlices(images, labels, masks, groups, ["clean", "counterfactual"] * (n // 2)).save(prepared)
+    run = tmp_path / "run"
+    main(
+        [
+            "train",
+            "--prepared",
+            str(prepared),
+            "--output",
+            str(run),
+            "--epochs",
+            "1",
+            "--backbone",
+            "resnet18",
+        ]
+    )
+
+    assert read_card(run / "model.safetensors")["backbone"] == "resnet18"
+    loaded = load_classifier(run / "model.safetensors")
+    assert loaded.spec is not None and loaded.spec.feature_dim == 512
+    result = explain_batch(loaded.module, loaded.spec, images[:2].float()[:, None].expand(-1, 3, -1, -1))
+    assert result.features is not None and result.features.shape == (2, 512)
+    # layer2 and layer3 at 32 px: 1/8 and 1/16 of the input (28 and 14 at 224)
+    assert {name: m.shape[-2:] for name, m in result.layer_maps.items()} == {
+        "layer2": (4, 4),
+        "layer3": (2, 2),
+    }

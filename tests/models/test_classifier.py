@@ -15,6 +15,7 @@ OPTIONS = {"resnet152_lstm": {"lstm_hidden": 8, "input_size": 64}}
 
 def test_registry_lists_the_study_backbones_and_keeps_resnet_entries() -> None:
     assert set(BACKBONES) == {
+        "resnet18",
         "resnet50",
         "resnet152",
         "vgg16",
@@ -24,6 +25,7 @@ def test_registry_lists_the_study_backbones_and_keeps_resnet_entries() -> None:
         "resnet152_lstm",
     }
     assert backbone_spec("resnet50").cam_layers == ("layer2", "layer3")
+    assert backbone_spec("resnet18").feature_dim == 512
     assert backbone_spec("resnet50").feature_dim == 2048 and backbone_spec("resnet152").input_size == 224
     assert backbone_spec("inception_v3").input_size == 299
     with pytest.raises(ModelError, match="unknown backbone"):
