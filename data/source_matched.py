@@ -9,7 +9,7 @@ both classes:
   slices of all three patients negatives;
 * TCGA lung-cancer slices and LIDC series: negatives;
 * phantom volumes: slices with lesions positive, the others negative;
-* every clean slice also appears once more with counterfactual lesions
+* every clean slice also appears once more (``twins`` times) with counterfactual lesions
   (:mod:`data.lesions`) blended into its lungs: positive, with a known lesion mask.
 
 Every image goes through the inference path of :func:`pipeline.run.analyze_study`:
@@ -38,7 +38,7 @@ from corona_ct.data.phantom import make_phantom
 from corona_ct.pipeline.atomic import atomic_path
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.datamodel import Geometry, Volume
-from corona_ct.pipeline.errors import InputError
+from corona_ct.pipeline.errors import ConfigError, InputError
 from corona_ct.pipeline.ingest import load_study
 from corona_ct.pipeline.ingest.slices import read_slice_image
 from corona_ct.pipeline.preprocess import (
@@ -168,13 +168,19 @@ def volume_slices(
     stride: int = 1,
     bank: TextureBank | None = None,
     counterfactual: bool = True,
+    twins: int = 1,
+    twin_rng: np.random.Generator | None = None,
 ) -> PreparedSlices:
     """Every ``stride``-th classified slice of one study, cropped to its case-wide lung box (and
     blanked outside the lungs under ``config.roi.mask_outside_lungs``).
 
     ``infected``: per-slice labels (real positives, masks unknown); ``lesion_masks``: exact
-    lesion truth (phantoms). Clean slices get a counterfactual twin when ``counterfactual``.
+    lesion truth (phantoms). Clean slices get ``twins`` counterfactual twins when ``counterfactual``,
+    each with lesions of its own: the first drawn from ``rng``, the others from ``twin_rng`` (default
+    ``rng``), so that with a separate ``twin_rng`` everything of a one-twin set stays as it was.
     """
+    if twins < 1:
+        raise ConfigError(f"{group}: twins must be at least 1, got {twins}")
     lungs = lung_labels > 0
     box = lung_bounding_box(lungs, config.roi)
     if box is None:
@@ -210,8 +216,8 @@ def volume_slices(
             continue
         empty = np.zeros(hu.shape[1:], dtype=bool)
         add(hu[z], 0, empty, "clean", z)
-        if counterfactual and volume.units == "HU":
-            pasted, lesion = paste_lesions(hu[z], lungs[z], rng, bank)
+        for twin in range(twins if counterfactual and volume.units == "HU" else 0):
+            pasted, lesion = paste_lesions(hu[z], lungs[z], rng if twin == 0 else (twin_rng or rng), bank)
             if lesion.any():
                 add(pasted, 1, lesion, "counterfactual", z)
     n = len(labels)
@@ -236,10 +242,13 @@ def build_source_matched(
     ctmd_stride: int = 2,
     phantom_seeds: Sequence[int] = (1000, 1001, 1002),
     seed: int = 0,
+    twins: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> PreparedSlices:
-    """All source-matched training slices from ``../shared/data`` (groups in ``exclude`` left out)."""
+    """All source-matched training slices from ``../shared/data`` (groups in ``exclude`` left out);
+    ``twins`` counterfactual twins per clean slice (the set of ``twins=1`` plus more twins)."""
     rng = np.random.default_rng(seed)
+    twin_rng = np.random.default_rng([seed, 1])  # twins after the first: the one-twin draws stay as they were
     parts: list[PreparedSlices] = []
 
     def note(name: str) -> None:
@@ -253,7 +262,17 @@ def build_source_matched(
         infected = ctmd_infection_labels(volume, data_root / "covid-ct-md" / "slice_labels.csv", patient)
         parts.append(
             volume_slices(
-                volume, segment(volume), config, size, patient, rng, infected, stride=ctmd_stride, bank=bank
+                volume,
+                segment(volume),
+                config,
+                size,
+                patient,
+                rng,
+                infected,
+                stride=ctmd_stride,
+                bank=bank,
+                twins=twins,
+                twin_rng=twin_rng,
             )
         )
         note(patient)
@@ -261,7 +280,11 @@ def build_source_matched(
         if series in exclude:
             continue
         volume = load_study(data_root / "dicom" / series, config.ingest)
-        parts.append(volume_slices(volume, segment(volume), config, size, series, rng, bank=bank))
+        parts.append(
+            volume_slices(
+                volume, segment(volume), config, size, series, rng, bank=bank, twins=twins, twin_rng=twin_rng
+            )
+        )
         note(series)
     tcga = data_root / "tcga-slices"
     for patient_dir in sorted(p for p in tcga.iterdir() if p.is_dir()):
@@ -270,7 +293,17 @@ def build_source_matched(
         for dicom in sorted(patient_dir.glob("*.dcm")):
             volume = single_slice_volume(dicom, config, patient_dir.name)
             parts.append(
-                volume_slices(volume, segment(volume), config, size, patient_dir.name, rng, bank=bank)
+                volume_slices(
+                    volume,
+                    segment(volume),
+                    config,
+                    size,
+                    patient_dir.name,
+                    rng,
+                    bank=bank,
+                    twins=twins,
+                    twin_rng=twin_rng,
+                )
             )
         note(patient_dir.name)
     for phantom_seed in phantom_seeds:
@@ -284,7 +317,7 @@ def build_source_matched(
         parts.append(
             volume_slices(
                 volume, segment(volume), config, size, name, rng,
-                lesion_masks=np.asarray(phantom.lesion_mask), bank=bank,
+                lesion_masks=np.asarray(phantom.lesion_mask), bank=bank, twins=twins, twin_rng=twin_rng,
             )
         )  # fmt: skip
         note(name)

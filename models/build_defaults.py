@@ -113,6 +113,13 @@ def _segmenter(config: PipelineConfig, cache_dir: Path) -> object:
     return segment
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def prepare(args: argparse.Namespace) -> None:
     config = PipelineConfig().replace({"roi.mask_outside_lungs": args.roi == ROI_LUNG_ONLY})
     semiseg = args.data / "covid-semiseg" / "train"
@@ -137,7 +144,7 @@ def prepare(args: argparse.Namespace) -> None:
         bank = TextureBank.from_folders(semiseg / "Imgs", semiseg / "GT", names)
         started = time.perf_counter()
         prepared = build_source_matched(
-            args.data, segment, config, args.size, bank, seed=args.seed,  # type: ignore[arg-type]
+            args.data, segment, config, args.size, bank, seed=args.seed, twins=args.twins,  # type: ignore[arg-type]
             progress=lambda g: log.info("prepared %s", g),
         )  # fmt: skip
         prepared.save(output / f"prepared-{name}.safetensors")
@@ -331,6 +338,10 @@ def main(argv: list[str] | None = None) -> None:
         "--roi", choices=(ROI_LUNG_BOX, ROI_LUNG_ONLY), default=roi_name(PipelineConfig().roi),
         help="classifier input: the lung box, or the lung box blanked outside the lungs (the config's "
         "roi.mask_outside_lungs; default: the pipeline's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--twins", type=_at_least_one, default=1,
+        help="counterfactual twins per clean slice, each with lesions of its own (default 1)",
     )  # fmt: skip
     t = sub.add_parser("train", help="train one classifier on a prepared set")
     t.add_argument("--prepared", type=Path, required=True)

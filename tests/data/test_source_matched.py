@@ -10,7 +10,7 @@ import pytest
 from corona_ct.data.phantom import make_phantom
 from corona_ct.data.source_matched import UNKNOWN_MASK, PreparedSlices, ctmd_infection_labels, volume_slices
 from corona_ct.pipeline.config import PipelineConfig
-from corona_ct.pipeline.errors import InputError
+from corona_ct.pipeline.errors import ConfigError, InputError
 from corona_ct.pipeline.preprocess import evaluable_slices, lung_bounding_box, to_model_input, window
 
 SIZE = 64
@@ -105,3 +105,32 @@ def test_ctmd_labels_match_the_series(shared_data: Path) -> None:
     volume = load_study(shared_data / "covid-ct-md" / "P002")
     labels = ctmd_infection_labels(volume, shared_data / "covid-ct-md" / "slice_labels.csv", "P002")
     assert labels.shape == (133,) and labels.sum() == 68
+
+
+def test_more_twins_give_each_clean_slice_lesions_of_their_own(phantom_volume: tuple) -> None:
+    volume, lungs, _ = phantom_volume
+    config = PipelineConfig()
+    one = volume_slices(volume, lungs, config, SIZE, "ph", np.random.default_rng(0))
+    three = volume_slices(
+        volume,
+        lungs,
+        config,
+        SIZE,
+        "ph",
+        np.random.default_rng(0),
+        twins=3,
+        twin_rng=np.random.default_rng(1),
+    )
+    kinds_one, kinds_three = np.array(one.kinds), np.array(three.kinds)
+    assert (kinds_three == "clean").sum() == (kinds_one == "clean").sum()
+    assert (kinds_three == "counterfactual").sum() >= 2.5 * (kinds_one == "counterfactual").sum()
+    # with a separate twin_rng the one-twin set is kept whole (first twins included) and more twins added
+    first_twins = np.r_[False, (kinds_three[1:] == "counterfactual") & (kinds_three[:-1] == "clean")]
+    keep = (kinds_three != "counterfactual") | first_twins
+    assert np.array_equal(three.images[keep], one.images) and np.array_equal(three.masks[keep], one.masks)
+    # and a clean slice's three twins carry different lesions
+    first_clean = int(np.flatnonzero(kinds_three == "clean")[2])
+    after = three.masks[first_clean + 1 : first_clean + 4]
+    assert not np.array_equal(after[0], after[1]) and not np.array_equal(after[1], after[2])
+    with pytest.raises(ConfigError, match="twins"):
+        volume_slices(volume, lungs, config, SIZE, "ph", np.random.default_rng(0), twins=0)
