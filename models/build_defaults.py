@@ -315,9 +315,17 @@ def _weakness(figures: dict[str, Any]) -> str:
         parts.append(
             f"{100 * normal['clean_called_positive']:.0f} % of a held-out normal patient's slices positive"
         )
+    pooled = figures.get("lopo", {}).get("pooled_slice_auc") or {}
+    if pooled:
+        parts.append(f"pooled over the held-out patients: AUC {pooled['auc']:.2f}")
     cohort = (figures.get("phantom_cohort") or {}).get("corona_score_cm3") or {}
     if cohort:
         parts.append(f"Corona score vs true lesion volume r {cohort['pearson_r']:.2f}")
+    lesion_free = ((figures.get("phantom_cohort") or {}).get("case_called_positive") or {}).get(
+        "without_lesions"
+    )
+    if lesion_free:
+        parts.append(f"{100 * lesion_free:.0f} % of lesion-free phantoms called positive")
     return "under-trained (CPU only), does not meet its targets: " + "; ".join(parts) + " (docs/models.md)"
 
 

@@ -87,3 +87,15 @@ def test_validation_figures_use_the_threshold_they_are_given() -> None:
     assert at_half["sensitivity"] == 1.0 and at_sixty["sensitivity"] == 0.5
     assert at_half["auc"] == at_sixty["auc"] == 1.0
     assert validate_defaults.dice(np.array([True, False]), np.array([True, True])) == pytest.approx(2 / 3)
+
+
+def test_phantom_cohort_counts_the_case_calls_of_each_group() -> None:
+    from tools.phantom_cohort import case_called_positive
+
+    probability = np.array([0.52, 0.40, 0.9, 0.5, 0.1])
+    has_lesions = np.array([0, 0, 1, 1, 1])
+    assert case_called_positive(probability, has_lesions, 0.5) == {
+        "with_lesions": 2 / 3,
+        "without_lesions": 0.5,
+    }
+    assert case_called_positive(probability[2:], has_lesions[2:], 0.5)["without_lesions"] is None

@@ -117,8 +117,27 @@ def main(argv: list[str] | None = None) -> None:
         figures[name] = {
             key: float(v) if np.isfinite(v) else None for key, v in (("pearson_r", r), ("auc", auc))
         }
+    # the case call a report makes (case probability at the slice threshold), per group
+    threshold = config.classify.positive_threshold
+    called = case_called_positive(measures["case_probability"], label, threshold)
+    figures["case_called_positive"] = {"threshold": threshold, **called}
+    with_lesions, without = (f"{100 * v:.0f} %" if v is not None else "-" for v in called.values())
+    print(
+        f"case called positive (p ≥ {threshold:g}): {with_lesions} of phantoms with lesions, {without} of those without"
+    )
     (args.output / "metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(f"true lesion volumes: {true_ml.min():.1f}–{true_ml.max():.1f} cm³; outputs in {results}")
+
+
+def case_called_positive(
+    probability: np.ndarray, has_lesions: np.ndarray, threshold: float
+) -> dict[str, float | None]:
+    """Share of the studies with and without lesions whose case probability is at least ``threshold``
+    (the call a report makes); None for a group with no study."""
+    return {
+        group: float(np.mean(probability[mask] >= threshold)) if mask.any() else None
+        for group, mask in (("with_lesions", has_lesions == 1), ("without_lesions", has_lesions == 0))
+    }
 
 
 def _write_csv(path: Path, header: list[str], rows: list[tuple[object, ...]]) -> None:

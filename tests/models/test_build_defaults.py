@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from corona_ct.models.build_defaults import TRAINING_WORDS, main, training_words
+from corona_ct.models.build_defaults import TRAINING_WORDS, _weakness, main, training_words
 from corona_ct.models.checkpoint import read_card
 from tests.conftest import SHIPPED_WEIGHTS_DIR
 
@@ -117,3 +117,22 @@ def test_train_takes_the_backbone_and_the_pipeline_explains_with_it(tmp_path: Pa
         "layer2": (4, 4),
         "layer3": (2, 2),
     }
+
+
+def test_the_weakness_line_names_the_held_out_figures_and_the_false_calls() -> None:
+    figures = {
+        "lopo": {
+            "patients": {"P002": {"slice_auc": {"auc": 0.695}}, "normal001": {"clean_called_positive": 0.0}},
+            "pooled_slice_auc": {"auc": 0.755},
+        },
+        "phantom_cohort": {
+            "corona_score_cm3": {"pearson_r": 0.777},
+            "case_called_positive": {"threshold": 0.5, "with_lesions": 1.0, "without_lesions": 1.0},
+        },
+    }
+    line = _weakness(figures)
+    assert "AUC 0.69" in line and "0 % of a held-out normal patient's slices" in line
+    assert "pooled over the held-out patients: AUC 0.76" in line and "r 0.78" in line
+    assert "100 % of lesion-free phantoms called positive" in line
+    figures["phantom_cohort"]["case_called_positive"]["without_lesions"] = 0.0  # type: ignore[index]
+    assert "lesion-free" not in _weakness(figures)
