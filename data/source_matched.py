@@ -26,6 +26,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -255,56 +256,39 @@ def build_source_matched(
         if progress is not None:
             progress(name)
 
+    def slices(volume: Volume, group: str, **truth: Any) -> PreparedSlices:
+        """``volume_slices`` of one study with the run's settings; ``truth``: its labels or lesion masks."""
+        return volume_slices(
+            volume,
+            segment(volume),
+            config,
+            size,
+            group,
+            rng,
+            bank=bank,
+            twins=twins,
+            twin_rng=twin_rng,
+            **truth,
+        )
+
     for patient in CTMD_PATIENTS:
         if patient in exclude:
             continue
         volume = load_study(data_root / "covid-ct-md" / patient, config.ingest)
         infected = ctmd_infection_labels(volume, data_root / "covid-ct-md" / "slice_labels.csv", patient)
-        parts.append(
-            volume_slices(
-                volume,
-                segment(volume),
-                config,
-                size,
-                patient,
-                rng,
-                infected,
-                stride=ctmd_stride,
-                bank=bank,
-                twins=twins,
-                twin_rng=twin_rng,
-            )
-        )
+        parts.append(slices(volume, patient, infected=infected, stride=ctmd_stride))
         note(patient)
     for series in LIDC_SERIES:
         if series in exclude:
             continue
-        volume = load_study(data_root / "dicom" / series, config.ingest)
-        parts.append(
-            volume_slices(
-                volume, segment(volume), config, size, series, rng, bank=bank, twins=twins, twin_rng=twin_rng
-            )
-        )
+        parts.append(slices(load_study(data_root / "dicom" / series, config.ingest), series))
         note(series)
     tcga = data_root / "tcga-slices"
     for patient_dir in sorted(p for p in tcga.iterdir() if p.is_dir()):
         if patient_dir.name in exclude:
             continue
         for dicom in sorted(patient_dir.glob("*.dcm")):
-            volume = single_slice_volume(dicom, config, patient_dir.name)
-            parts.append(
-                volume_slices(
-                    volume,
-                    segment(volume),
-                    config,
-                    size,
-                    patient_dir.name,
-                    rng,
-                    bank=bank,
-                    twins=twins,
-                    twin_rng=twin_rng,
-                )
-            )
+            parts.append(slices(single_slice_volume(dicom, config, patient_dir.name), patient_dir.name))
         note(patient_dir.name)
     for phantom_seed in phantom_seeds:
         name = f"phantom-{phantom_seed}"
@@ -313,12 +297,6 @@ def build_source_matched(
         phantom = make_phantom(
             seed=phantom_seed, lesions="mixed", lesion_volume_ml=float(rng.uniform(40, 250))
         )
-        volume = phantom.to_volume(name)
-        parts.append(
-            volume_slices(
-                volume, segment(volume), config, size, name, rng,
-                lesion_masks=np.asarray(phantom.lesion_mask), bank=bank, twins=twins, twin_rng=twin_rng,
-            )
-        )  # fmt: skip
+        parts.append(slices(phantom.to_volume(name), name, lesion_masks=np.asarray(phantom.lesion_mask)))
         note(name)
     return PreparedSlices.concat(parts)

@@ -39,6 +39,7 @@ from corona_ct.pipeline import __version__
 from corona_ct.pipeline.atomic import atomic_path, sha256_file, write_json
 from corona_ct.pipeline.device import resolve_device
 from corona_ct.pipeline.errors import ModelError
+from corona_ct.pipeline.preprocess import ROI_LUNG_BOX, ROI_LUNG_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +317,7 @@ def input_contract_problems(
     card: Mapping[str, Any],
     window_hu: tuple[float, float],
     segmenter: LoadedModel | None,
-    roi: str = "lung-bbox",
+    roi: str = ROI_LUNG_BOX,
 ) -> tuple[list[str], list[str]]:
     """(errors, warnings) where a run would feed a classifier inputs made unlike its training.
 
@@ -338,8 +339,8 @@ def input_contract_problems(
         )
     trained_roi = contract.get("roi")
     if trained_roi == "lung":  # cards written before the names were fixed
-        trained_roi = "lung-bbox"
-    masked = {"lung-bbox": "false", "lung-bbox-masked": "true"}
+        trained_roi = ROI_LUNG_BOX
+    masked = {ROI_LUNG_BOX: "false", ROI_LUNG_ONLY: "true"}
     if trained_roi is not None and trained_roi != roi:
         if trained_roi in masked:
             errors.append(

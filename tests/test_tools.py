@@ -99,3 +99,12 @@ def test_phantom_cohort_counts_the_case_calls_of_each_group() -> None:
         "without_lesions": 0.5,
     }
     assert case_called_positive(probability[2:], has_lesions[2:], 0.5)["without_lesions"] is None
+
+
+def test_the_classifier_localisation_leaves_the_segmenter_figures_and_optionally_the_rows() -> None:
+    semiseg = {"mean_dice_cam_0.6": 0.1, "per_slice": [{"dice": 0.1}], "infection_in_lungs_unet": 0.9}
+    assert validate_defaults.classifier_localisation(semiseg) == {
+        "mean_dice_cam_0.6": 0.1,
+        "per_slice": [{"dice": 0.1}],
+    }
+    assert validate_defaults.classifier_localisation(semiseg, with_slices=False) == {"mean_dice_cam_0.6": 0.1}

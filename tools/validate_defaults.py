@@ -229,6 +229,16 @@ def validate_lidc(data: Path, models: ModelSet, config: PipelineConfig) -> dict[
     return out
 
 
+def classifier_localisation(semiseg: dict[str, Any], with_slices: bool = True) -> dict[str, Any]:
+    """The classifier's figures of :func:`validate_semiseg` (not the segmenter's ``infection_in_lungs_*``);
+    without its ``per_slice`` rows when not ``with_slices`` (a model card keeps summaries only)."""
+    return {
+        k: v
+        for k, v in semiseg.items()
+        if not k.startswith("infection_in") and (with_slices or k != "per_slice")
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -252,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     lidc = validate_lidc(args.data, models, config)
     report["classifier"] = {
         "validation_split": classifier,
-        "localisation_semiseg_train": {k: v for k, v in semiseg.items() if not k.startswith("infection_in")},
+        "localisation_semiseg_train": classifier_localisation(semiseg),
         "lidc_no_covid": lidc,
     }
     report["segmenter"] = {

@@ -54,7 +54,13 @@ from corona_ct.pipeline.modelset import ModelSet, load_models
 from corona_ct.pipeline.run import analyze_study
 from corona_ct.pipeline.single_slice import explain_slice as explain_one
 from corona_ct.pipeline.stats import roc_analysis
-from tools.validate_defaults import THRESHOLDS, dice, require_assessed, validate_semiseg
+from tools.validate_defaults import (
+    THRESHOLDS,
+    classifier_localisation,
+    dice,
+    require_assessed,
+    validate_semiseg,
+)
 
 
 def auc_with_ci(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64]) -> dict[str, Any] | None:
@@ -279,9 +285,7 @@ def main(argv: list[str] | None = None) -> None:
             results["ucsd_final"] = ucsd(args.data, final, config)
         elif section == "semiseg":
             semiseg = validate_semiseg(args.data, load_models(config, final), config)
-            results["localisation_semiseg_train"] = {
-                k: v for k, v in semiseg.items() if not isinstance(v, list)
-            }
+            results["localisation_semiseg_train"] = classifier_localisation(semiseg, with_slices=False)
         logging.info("%s done in %.0f s", section, time.perf_counter() - started)
         path.write_text(json.dumps(results, indent=1, default=float) + "\n")
     summary = json.loads(json.dumps(results, default=float))
