@@ -115,6 +115,10 @@ class PreparedSlices:
 
     @classmethod
     def load(cls, path: Path) -> PreparedSlices:
+        if not Path(path).is_file():
+            raise InputError(
+                f"{path}: no prepared training set there; write it with `build_defaults prepare`"
+            )
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
             images = handle.get_tensor("images")

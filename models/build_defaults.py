@@ -38,6 +38,7 @@ from corona_ct.models.train_classifier import TrainConfig, predict_probabilities
 from corona_ct.pipeline.atomic import write_json
 from corona_ct.pipeline.config import PipelineConfig
 from corona_ct.pipeline.datamodel import Volume
+from corona_ct.pipeline.errors import CoronaCTError
 from corona_ct.pipeline.modelset import load_models
 from corona_ct.pipeline.preprocess import ROI_LUNG_BOX, ROI_LUNG_ONLY, roi_name
 from corona_ct.pipeline.segment import segment_lungs, slice_lung_labels
@@ -388,7 +389,10 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--prepared", type=Path, required=True, help="the prepared set the run was trained from")
     c.add_argument("--specificity", type=float, default=0.95)
     args = parser.parse_args(argv)
-    {"prepare": prepare, "train": train, "install": install, "calibrate": calibrate}[args.command](args)
+    try:
+        {"prepare": prepare, "train": train, "install": install, "calibrate": calibrate}[args.command](args)
+    except CoronaCTError as error:  # a bad file or setting: its message, not a traceback
+        raise SystemExit(f"build_defaults {args.command}: {error}") from None
 
 
 if __name__ == "__main__":

@@ -136,3 +136,26 @@ def test_the_weakness_line_names_the_held_out_figures_and_the_false_calls() -> N
     assert "100 % of lesion-free phantoms called positive" in line
     figures["phantom_cohort"]["case_called_positive"]["without_lesions"] = 0.0  # type: ignore[index]
     assert "lesion-free" not in _weakness(figures)
+
+
+def test_a_missing_prepared_set_or_a_bad_setting_is_named_not_a_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "prepared.safetensors"
+    with pytest.raises(
+        SystemExit, match=r"build_defaults train: .*prepared\.safetensors: no prepared training set"
+    ):
+        main(["train", "--prepared", str(missing), "--output", str(tmp_path / "run")])
+    import numpy as np
+    import torch
+
+    from corona_ct.data.source_matched import PreparedSlices
+
+    prepared = tmp_path / "small.safetensors"
+    masks = np.zeros((4, 32, 32), dtype=np.uint8)
+    PreparedSlices(
+        torch.zeros(4, 32, 32, dtype=torch.float16), np.array([0, 1, 0, 1]), masks, ["a"] * 4, ["clean"] * 4
+    ).save(prepared)
+    with pytest.raises(
+        SystemExit, match=r"build_defaults train: training config: ema_decay must be in \[0, 1\)"
+    ):
+        main(["train", "--prepared", str(prepared), "--output", str(tmp_path / "run"), "--ema-decay", "1.5"])
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing half-written
