@@ -22,6 +22,8 @@ also gives the steps taken apart over the bare passes run beside them ("interlea
 the tables, the best of the repeats (least analyze_study over least bare passes).
 
 ``--batch-sizes`` additionally compares whole-study times at several classifier batch sizes.
+``--release-freed-memory`` runs with glibc's default malloc (``runtime.hold_freed_memory=false``), the A/B
+of :func:`pipeline.memory.hold_freed_memory`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from corona_ct.pipeline.datamodel import CamStack, LungMask, SliceScores, Volume
 from corona_ct.pipeline.explain import explain_batch
 from corona_ct.pipeline.hu_maps import hu_maps
 from corona_ct.pipeline.ingest import load_study
+from corona_ct.pipeline.memory import hold_freed_memory
 from corona_ct.pipeline.modelset import ModelSet, load_models
 from corona_ct.pipeline.preprocess import (
     evaluable_slices,
@@ -247,11 +250,22 @@ def main() -> None:
     parser.add_argument(
         "--batch-sizes", default="", help="also compare whole runs at these classifier batch sizes, e.g. 1,16"
     )
+    parser.add_argument(
+        "--release-freed-memory",
+        action="store_true",
+        help="runtime.hold_freed_memory=false: glibc's default malloc, freed blocks handed back (the A/B)",
+    )
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = PipelineConfig().replace({"runtime.device": "cpu"})
+    config = PipelineConfig().replace(
+        {"runtime.device": "cpu", "runtime.hold_freed_memory": not args.release_freed_memory}
+    )
+    if (
+        config.runtime.hold_freed_memory
+    ):  # as analyze_study does, but before anything is timed (bare passes too)
+        print(f"freed memory held for reuse (runtime.hold_freed_memory): {hold_freed_memory()}")
     reads: list[dict[str, float]] = [{} for _ in range(args.repeats)]
     for read in reads:
         volume = timed(read, "read study (load_study)", partial(load_study, args.study))

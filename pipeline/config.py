@@ -175,6 +175,9 @@ class RuntimeConfig(_Checked):
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     amp: bool = True  # bf16 autocast and channels_last on CUDA
     seed: int = _num(0, 0, 2**32 - 1)
+    # glibc: keep freed memory in the process for the next array instead of faulting large arrays in
+    # afresh (pipeline.memory.hold_freed_memory; the process keeps its peak memory until it ends)
+    hold_freed_memory: bool = True
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from corona_ct.pipeline.datamodel import (
 )
 from corona_ct.pipeline.device import resolve_device
 from corona_ct.pipeline.errors import CoronaCTError, OutputError, StageError
+from corona_ct.pipeline.memory import hold_freed_memory
 from corona_ct.pipeline.modelset import ModelSet
 from corona_ct.pipeline.preprocess import (
     evaluable_slices,
@@ -80,6 +81,8 @@ def analyze_study(
     timings: dict[str, float] = {}
     study_id = volume.study_id
     device = resolve_device(config.runtime.device)
+    if config.runtime.hold_freed_memory:
+        hold_freed_memory()  # once per process
     warnings = [*volume.warnings, *models.warnings]
     classifier = models.classifier
     spec = models.spec

@@ -87,7 +87,13 @@ INGEST_PROBES = {
     "ingest.min_slices",
 }
 #: Settings that must not change results, checked on what they control.
-CALL_PROBES = {"classify.batch_size", "segment.batch_size", "runtime.amp", "runtime.device"}
+CALL_PROBES = {
+    "classify.batch_size",
+    "segment.batch_size",
+    "runtime.amp",
+    "runtime.device",
+    "runtime.hold_freed_memory",
+}
 
 
 def _all_fields() -> set[str]:
@@ -272,3 +278,14 @@ def test_the_device_setting_decides_where_models_run(phantom_volume: Volume) -> 
     else:
         with pytest.raises(CoronaCTError, match="cuda"):
             analyze_study(phantom_volume, _models("resnet50", 0), config)
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_hold_freed_memory_decides_whether_the_runner_tunes_malloc(
+    hold: bool, phantom_volume: Volume, monkeypatch
+) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr(run_module, "hold_freed_memory", lambda: calls.append(True) or True)
+    config = PipelineConfig().replace({**SMALL, "runtime.hold_freed_memory": hold})
+    analyze_study(phantom_volume, _models("resnet50", 0), config)
+    assert calls == ([True] if hold else [])
