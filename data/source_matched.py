@@ -8,7 +8,9 @@ both classes:
   normal patient): slices the radiologists labelled infected are positives, the clean
   slices of all three patients negatives;
 * TCGA lung-cancer slices and LIDC series: negatives;
-* phantom volumes: slices with lesions positive, the others negative;
+* phantom volumes: slices with lesions positive, the others negative; with ``phantom_lesion_free``
+  every slice with lesions appears once more without them (the same phantom drawn lesion-free,
+  negative), so that a phantom's look says nothing of its label;
 * every clean slice also appears once more (``twins`` times) with counterfactual lesions
   (:mod:`data.lesions`) blended into its lungs: positive, with a known lesion mask.
 
@@ -70,7 +72,7 @@ class PreparedSlices:
     labels: npt.NDArray[np.int64]  # 1 = opacity (infected or pasted lesion), 0 = clean
     masks: npt.NDArray[np.uint8]  # (n, S, S) 1 lesion, 0 none, 255 unknown
     groups: list[str] = field(default_factory=list)  # patient / series
-    kinds: list[str] = field(default_factory=list)  # clean, infected, counterfactual, phantom-lesion
+    kinds: list[str] = field(default_factory=list)  # clean, infected, counterfactual, phantom-lesion(-free)
     roi: str = ROI_LUNG_BOX  # the classifier input made (a card's ``input.roi``): lung box, or lung only
 
     def __len__(self) -> int:
@@ -175,6 +177,7 @@ def volume_slices(
     counterfactual: bool = True,
     twins: int = 1,
     twin_rng: np.random.Generator | None = None,
+    lesion_free_hu: npt.NDArray[Any] | None = None,
 ) -> PreparedSlices:
     """Every ``stride``-th classified slice of one study, cropped to its case-wide lung box (and
     blanked outside the lungs under ``config.roi.mask_outside_lungs``).
@@ -183,6 +186,8 @@ def volume_slices(
     lesion truth (phantoms). Clean slices get ``twins`` counterfactual twins when ``counterfactual``,
     each with lesions of its own: the first drawn from ``rng``, the others from ``twin_rng`` (default
     ``rng``), so that with a separate ``twin_rng`` everything of a one-twin set stays as it was.
+    ``lesion_free_hu``: the same study without its ``lesion_masks`` (HU, same grid); each slice with a
+    lesion then also appears from it, negative, on the same lungs and box ("phantom-lesion-free").
     """
     if twins < 1:
         raise ConfigError(f"{group}: twins must be at least 1, got {twins}")
@@ -215,6 +220,8 @@ def volume_slices(
     for z in chosen:
         if lesion_masks is not None and lesion_masks[z].any():
             add(hu[z], 1, lesion_masks[z], "phantom-lesion", z)
+            if lesion_free_hu is not None:
+                add(lesion_free_hu[z], 0, np.zeros(hu.shape[1:], dtype=bool), "phantom-lesion-free", z)
             continue
         if infected is not None and infected[z]:
             add(hu[z], 1, None, "infected", z)
@@ -248,10 +255,13 @@ def build_source_matched(
     phantom_seeds: Sequence[int] = (1000, 1001, 1002),
     seed: int = 0,
     twins: int = 1,
+    phantom_lesion_free: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> PreparedSlices:
     """All source-matched training slices from ``../shared/data`` (groups in ``exclude`` left out);
-    ``twins`` counterfactual twins per clean slice (the set of ``twins=1`` plus more twins)."""
+    ``twins`` counterfactual twins per clean slice (the set of ``twins=1`` plus more twins);
+    ``phantom_lesion_free``: each phantom slice with lesions also without them, negative (the set
+    without them plus those slices; no random draw changes)."""
     rng = np.random.default_rng(seed)
     twin_rng = np.random.default_rng([seed, 1])  # twins after the first: the one-twin draws stay as they were
     parts: list[PreparedSlices] = []
@@ -301,6 +311,16 @@ def build_source_matched(
         phantom = make_phantom(
             seed=phantom_seed, lesions="mixed", lesion_volume_ml=float(rng.uniform(40, 250))
         )
-        parts.append(slices(phantom.to_volume(name), name, lesion_masks=np.asarray(phantom.lesion_mask)))
+        lesion_free = (
+            make_phantom(seed=phantom_seed).hu if phantom_lesion_free else None
+        )  # same anatomy and noise
+        parts.append(
+            slices(
+                phantom.to_volume(name),
+                name,
+                lesion_masks=np.asarray(phantom.lesion_mask),
+                lesion_free_hu=lesion_free,
+            )
+        )
         note(name)
     return PreparedSlices.concat(parts)

@@ -146,7 +146,7 @@ def prepare(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         prepared = build_source_matched(
             args.data, segment, config, args.size, bank, seed=args.seed, twins=args.twins,  # type: ignore[arg-type]
-            progress=lambda g: log.info("prepared %s", g),
+            phantom_lesion_free=args.phantom_lesion_free, progress=lambda g: log.info("prepared %s", g),
         )  # fmt: skip
         prepared.save(output / f"prepared-{name}.safetensors")
         kinds = {k: prepared.kinds.count(k) for k in sorted(set(prepared.kinds))}
@@ -351,6 +351,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--twins", type=_at_least_one, default=1,
         help="counterfactual twins per clean slice, each with lesions of its own (default 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--phantom-lesion-free", action="store_true",
+        help="each phantom slice with lesions also drawn without them, as a negative (without it phantom "
+        "slices are mostly positive, and a lesion-free phantom reads positive)",
     )  # fmt: skip
     t = sub.add_parser("train", help="train one classifier on a prepared set")
     t.add_argument("--prepared", type=Path, required=True)

@@ -134,3 +134,42 @@ def test_more_twins_give_each_clean_slice_lesions_of_their_own(phantom_volume: t
     assert not np.array_equal(after[0], after[1]) and not np.array_equal(after[1], after[2])
     with pytest.raises(ConfigError, match="twins"):
         volume_slices(volume, lungs, config, SIZE, "ph", np.random.default_rng(0), twins=0)
+
+
+def test_phantom_lesion_slices_get_their_lesion_free_counterpart() -> None:
+    lesioned = make_phantom(
+        seed=5, shape=(12, 96, 96), spacing_mm=(5.0, 3.0, 3.0), lesions="ggo", lesion_volume_ml=40
+    )
+    lesion_free = make_phantom(seed=5, shape=(12, 96, 96), spacing_mm=(5.0, 3.0, 3.0))
+    volume, lungs, lesion = (
+        lesioned.to_volume("ph"),
+        np.asarray(lesioned.lung_labels),
+        np.asarray(lesioned.lesion_mask),
+    )
+    config = PipelineConfig()
+    without = volume_slices(volume, lungs, config, SIZE, "ph", np.random.default_rng(0), lesion_masks=lesion)
+    paired = volume_slices(
+        volume,
+        lungs,
+        config,
+        SIZE,
+        "ph",
+        np.random.default_rng(0),
+        lesion_masks=lesion,
+        lesion_free_hu=lesion_free.hu,
+    )
+    kinds = np.array(paired.kinds)
+    free = kinds == "phantom-lesion-free"
+    # one negative per lesion slice, right after it; everything else as without the option
+    assert free.sum() == (kinds == "phantom-lesion").sum() > 0
+    assert np.array_equal(kinds[np.flatnonzero(free) - 1], ["phantom-lesion"] * int(free.sum()))
+    assert np.array_equal(paired.images[~free], without.images) and np.array_equal(
+        paired.labels[~free], without.labels
+    )
+    assert (paired.labels[free] == 0).all() and not paired.masks[free].any()
+    # the pair differs only where the lesion lies (same lungs, box and window), and differs there
+    positive = paired.images[np.flatnonzero(free) - 1].float()
+    negative = paired.images[free].float()
+    lesion_in_input = paired.masks[np.flatnonzero(free) - 1].astype(bool)
+    difference = (positive - negative).abs().numpy()
+    assert difference[lesion_in_input].mean() > 10 * max(float(difference[~lesion_in_input].mean()), 1e-6)
