@@ -311,9 +311,8 @@ def build_source_matched(
         phantom = make_phantom(
             seed=phantom_seed, lesions="mixed", lesion_volume_ml=float(rng.uniform(40, 250))
         )
-        lesion_free = (
-            make_phantom(seed=phantom_seed).hu if phantom_lesion_free else None
-        )  # same anatomy and noise
+        # the same seed without lesions: the same anatomy and noise
+        lesion_free = make_phantom(seed=phantom_seed).hu if phantom_lesion_free else None
         parts.append(
             slices(
                 phantom.to_volume(name),
