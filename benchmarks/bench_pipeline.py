@@ -262,9 +262,8 @@ def main() -> None:
     config = PipelineConfig().replace(
         {"runtime.device": "cpu", "runtime.hold_freed_memory": not args.release_freed_memory}
     )
-    if (
-        config.runtime.hold_freed_memory
-    ):  # as analyze_study does, but before anything is timed (bare passes too)
+    # as analyze_study does, but before anything is timed (the bare passes too)
+    if config.runtime.hold_freed_memory:
         print(f"freed memory held for reuse (runtime.hold_freed_memory): {hold_freed_memory()}")
     reads: list[dict[str, float]] = [{} for _ in range(args.repeats)]
     for read in reads:

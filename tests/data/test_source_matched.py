@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,12 +18,19 @@ from corona_ct.pipeline.preprocess import evaluable_slices, lung_bounding_box, t
 SIZE = 64
 
 
+#: The test phantom's anatomy and noise; with ``lesions="ggo", lesion_volume_ml=40`` it is ``phantom_volume``.
+small_phantom = partial(make_phantom, seed=5, shape=(12, 96, 96), spacing_mm=(5.0, 3.0, 3.0))
+
+
 @pytest.fixture(scope="module")
 def phantom_volume() -> tuple[object, np.ndarray, np.ndarray]:
-    phantom = make_phantom(
-        seed=5, shape=(12, 96, 96), spacing_mm=(5.0, 3.0, 3.0), lesions="ggo", lesion_volume_ml=40
-    )
+    phantom = small_phantom(lesions="ggo", lesion_volume_ml=40)
     return phantom.to_volume("ph"), np.asarray(phantom.lung_labels), np.asarray(phantom.lesion_mask)
+
+
+def _prepared(volume: Any, lungs: np.ndarray, **options: Any) -> PreparedSlices:
+    """``volume_slices`` of the test phantom with the default config, seed 0 and ``options``."""
+    return volume_slices(volume, lungs, PipelineConfig(), SIZE, "ph", np.random.default_rng(0), **options)
 
 
 def test_clean_slices_get_a_counterfactual_twin_with_a_mask(phantom_volume: tuple) -> None:
@@ -109,18 +118,8 @@ def test_ctmd_labels_match_the_series(shared_data: Path) -> None:
 
 def test_more_twins_give_each_clean_slice_lesions_of_their_own(phantom_volume: tuple) -> None:
     volume, lungs, _ = phantom_volume
-    config = PipelineConfig()
-    one = volume_slices(volume, lungs, config, SIZE, "ph", np.random.default_rng(0))
-    three = volume_slices(
-        volume,
-        lungs,
-        config,
-        SIZE,
-        "ph",
-        np.random.default_rng(0),
-        twins=3,
-        twin_rng=np.random.default_rng(1),
-    )
+    one = _prepared(volume, lungs)
+    three = _prepared(volume, lungs, twins=3, twin_rng=np.random.default_rng(1))
     kinds_one, kinds_three = np.array(one.kinds), np.array(three.kinds)
     assert (kinds_three == "clean").sum() == (kinds_one == "clean").sum()
     assert (kinds_three == "counterfactual").sum() >= 2.5 * (kinds_one == "counterfactual").sum()
@@ -133,31 +132,14 @@ def test_more_twins_give_each_clean_slice_lesions_of_their_own(phantom_volume: t
     after = three.masks[first_clean + 1 : first_clean + 4]
     assert not np.array_equal(after[0], after[1]) and not np.array_equal(after[1], after[2])
     with pytest.raises(ConfigError, match="twins"):
-        volume_slices(volume, lungs, config, SIZE, "ph", np.random.default_rng(0), twins=0)
+        _prepared(volume, lungs, twins=0)
 
 
-def test_phantom_lesion_slices_get_their_lesion_free_counterpart() -> None:
-    lesioned = make_phantom(
-        seed=5, shape=(12, 96, 96), spacing_mm=(5.0, 3.0, 3.0), lesions="ggo", lesion_volume_ml=40
-    )
-    lesion_free = make_phantom(seed=5, shape=(12, 96, 96), spacing_mm=(5.0, 3.0, 3.0))
-    volume, lungs, lesion = (
-        lesioned.to_volume("ph"),
-        np.asarray(lesioned.lung_labels),
-        np.asarray(lesioned.lesion_mask),
-    )
-    config = PipelineConfig()
-    without = volume_slices(volume, lungs, config, SIZE, "ph", np.random.default_rng(0), lesion_masks=lesion)
-    paired = volume_slices(
-        volume,
-        lungs,
-        config,
-        SIZE,
-        "ph",
-        np.random.default_rng(0),
-        lesion_masks=lesion,
-        lesion_free_hu=lesion_free.hu,
-    )
+def test_phantom_lesion_slices_get_their_lesion_free_counterpart(phantom_volume: tuple) -> None:
+    volume, lungs, lesion = phantom_volume
+    lesion_free = small_phantom()  # the same anatomy and noise without lesions
+    without = _prepared(volume, lungs, lesion_masks=lesion)
+    paired = _prepared(volume, lungs, lesion_masks=lesion, lesion_free_hu=lesion_free.hu)
     kinds = np.array(paired.kinds)
     free = kinds == "phantom-lesion-free"
     # one negative per lesion slice, right after it; everything else as without the option
