@@ -54,6 +54,7 @@ from corona_ct.pipeline.morphology import (
     erode_rows,
     fill_holes_in_plane,
     footprint_half_widths,
+    grey_open_rows,
     in_slabs,
 )
 
@@ -309,8 +310,7 @@ def hu_maps(
         # dim thin structures too: small or obliquely cut vessels in partial volume (−600 HU) stand
         # out of their surroundings by more than ``vessel_contrast_hu`` (white top-hat)
         level = np.where(lungs_box, light, _slice_median(light, lungs_box).astype(light.dtype)[:, None, None])
-        opening = partial(ndimage.grey_opening, footprint=_disk(config.vessel_width_mm / 2.0, spacing_yx))
-        tophat = level - in_slabs(opening, level)
+        tophat = level - grey_open_rows(level, width_rows)
         thin |= lungs_box & (tophat > config.vessel_contrast_hu)
     left_out = thin | bright
     near_bright = dilate_rows(left_out, margin_disk) if margin_disk is not None else left_out
