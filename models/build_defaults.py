@@ -22,7 +22,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,7 +211,7 @@ def install(args: argparse.Namespace) -> None:
     if args.figures_only:
         card_path = args.weights_dir / "classifier.json"
         card = read_card(card_path)  # validated; the figures touch only `validation` and `intended_use`
-        _store_figures(card, args.validation, args.cohort)
+        _store_figures(card, args.validation, args.cohort, args.rerun)
         write_json(card_path, card, sort_keys=True)
         print(f"classifier: {card_path} figures {sorted(card['validation'])}; weights unchanged")
         return
@@ -232,21 +232,30 @@ def install(args: argparse.Namespace) -> None:
         "segmenter": {"architecture": segmenter["architecture"], "sha256": segmenter["sha256"]},
     }
     card.pop("validation", None)  # a run's card has none; figures belong to these weights only
-    _store_figures(card, args.validation, args.cohort)
+    _store_figures(card, args.validation, args.cohort, args.rerun)
     path = save_checkpoint(model, args.weights_dir / "classifier.safetensors", card, half=True)
     print(
         f"classifier: {path} ({path.stat().st_size / 1e6:.1f} MB, sha256 {read_card(path)['sha256'][:16]}…)"
     )
 
 
-def _store_figures(card: dict[str, Any], validation: Sequence[Path], cohort: Path | None) -> None:
+def _store_figures(
+    card: dict[str, Any], validation: Sequence[Path], cohort: Path | None, rerun: Path | None = None
+) -> None:
     """Merge the sections of ``validation`` (validation.json files) and the phantom ``cohort`` metrics over
-    the card's ``validation`` figures, and restate its intended use with the weakest of them."""
+    the card's ``validation`` figures, and restate its intended use with the weakest of them. ``rerun``:
+    the validation.json of the same leave-one-patient-out recipe trained again, stored as ``lopo_rerun``."""
     figures: dict[str, Any] = dict(card.get("validation") or {})
     for path in validation:
         figures.update(_figures_file(Path(path), "python -m tools.validate_source_matched"))
-    for row in figures.get("lopo", {}).get("patients", {}).values():
-        row.pop("slices", None)
+    if rerun is not None:
+        again = _figures_file(rerun, "python -m tools.validate_source_matched").get("lopo")
+        if not again:
+            raise SystemExit(f"install: {rerun} holds no 'lopo' section; give a --only lopo validation.json")
+        figures["lopo_rerun"] = again
+    for section in ("lopo", "lopo_rerun"):
+        for row in figures.get(section, {}).get("patients", {}).values():
+            row.pop("slices", None)
     if cohort is not None:
         figures["phantom_cohort"] = _figures_file(cohort, "python -m tools.phantom_cohort")
     if figures:
@@ -305,20 +314,35 @@ def calibrate(args: argparse.Namespace) -> None:
 
 
 def _weakness(figures: dict[str, Any]) -> str:
-    """The held-out figures a report reader must see first, in one line (from the validation run)."""
+    """The held-out figures a report reader must see first, in one line (from the validation run);
+    where the recipe's leave-one-patient-out models were trained again (``lopo_rerun``), that run's
+    figure beside each, so that the reader sees how far one training run is from the next."""
     parts = []
-    patients = figures.get("lopo", {}).get("patients", {})
-    covid = (patients.get("P002") or {}).get("slice_auc") or {}
+    runs = [figures.get("lopo") or {}, figures.get("lopo_rerun") or {}]
+
+    def both(read: Callable[[dict[str, Any]], float | None], form: str) -> str | None:
+        values = [read(run) for run in runs]
+        if values[0] is None:
+            return None
+        again = f" ({form.format(values[1])} when trained again)" if values[1] is not None else ""
+        return form.format(values[0]) + again
+
+    def patient(run: dict[str, Any], name: str) -> dict[str, Any]:
+        return (run.get("patients") or {}).get(name) or {}
+
+    covid = both(lambda run: (patient(run, "P002").get("slice_auc") or {}).get("auc"), "AUC {:.2f}")
     if covid:
-        parts.append(f"infected vs clean slices of a held-out COVID-19 patient: AUC {covid['auc']:.2f}")
-    normal = patients.get("normal001") or {}
-    if normal.get("clean_called_positive") is not None:
-        parts.append(
-            f"{100 * normal['clean_called_positive']:.0f} % of a held-out normal patient's slices positive"
-        )
-    pooled = figures.get("lopo", {}).get("pooled_slice_auc") or {}
+        parts.append(f"infected vs clean slices of a held-out COVID-19 patient: {covid}")
+    normal = both(
+        lambda run: None if (share := patient(run, "normal001").get("clean_called_positive")) is None
+        else 100 * share,
+        "{:.0f} %",
+    )  # fmt: skip
+    if normal:
+        parts.append(f"{normal} of a held-out normal patient's slices positive")
+    pooled = both(lambda run: (run.get("pooled_slice_auc") or {}).get("auc"), "AUC {:.2f}")
     if pooled:
-        parts.append(f"pooled over the held-out patients: AUC {pooled['auc']:.2f}")
+        parts.append(f"pooled over the held-out patients: {pooled}")
     cohort = (figures.get("phantom_cohort") or {}).get("corona_score_cm3") or {}
     if cohort:
         parts.append(f"Corona score vs true lesion volume r {cohort['pearson_r']:.2f}")
@@ -389,6 +413,10 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--weights-dir", type=Path, default=Path(__file__).resolve().parent / "weights")
     i.add_argument("--validation", action="append", default=[], help="validation.json to store in the card")
     i.add_argument("--cohort", type=Path, help="metrics.json of python -m tools.phantom_cohort")
+    i.add_argument(
+        "--rerun", type=Path,
+        help="validation.json (--only lopo) of the same LOPO recipe trained again: stored beside the first",
+    )  # fmt: skip
     c = sub.add_parser("calibrate", help="shift a run's output bias to a specificity on the held-out groups")
     c.add_argument("--run", type=Path, required=True)
     c.add_argument("--prepared", type=Path, required=True, help="the prepared set the run was trained from")

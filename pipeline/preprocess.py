@@ -128,6 +128,16 @@ def evaluable_slices(lungs: np.ndarray, config: RoiConfig) -> npt.NDArray[np.boo
     return np.asarray(counts >= min_lung_pixels_for(lungs.shape[1:], config))
 
 
+def slice_lung_fraction(lungs: np.ndarray) -> npt.NDArray[np.float64]:
+    """(z,) each slice's lung pixels as a share of the study's largest slice's (0 to 1; all 0 without lungs)."""
+    lungs = np.asarray(lungs, dtype=bool)
+    if lungs.ndim != 3:
+        raise GeometryError(f"lung mask must be (z, y, x), got shape {lungs.shape}")
+    counts = np.count_nonzero(lungs.reshape(lungs.shape[0], -1), axis=1).astype(np.float64)
+    largest = counts.max(initial=0.0)
+    return counts / largest if largest > 0 else counts
+
+
 def resize_batch(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize (n, h, w) float images to (n, *size): bilinear, antialiased when shrinking."""
     if tuple(images.shape[-2:]) == tuple(size):

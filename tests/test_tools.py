@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tools import default_models, validate_defaults
+from tools.validate_source_matched import by_lung_fraction
 
 TOOLS = ("default_models", "validate_defaults", "validate_source_matched", "hu_measures", "phantom_cohort")
 
@@ -108,3 +109,20 @@ def test_the_classifier_localisation_leaves_the_segmenter_figures_and_optionally
         "per_slice": [{"dice": 0.1}],
     }
     assert validate_defaults.classifier_localisation(semiseg, with_slices=False) == {"mean_dice_cam_0.6": 0.1}
+
+
+def test_slice_figures_apart_for_small_and_large_lung_cross_sections() -> None:
+    rows = [
+        {"infected": 0, "probability": 0.8, "lung_fraction": 0.1},  # a base slice called positive
+        {"infected": 1, "probability": 0.6, "lung_fraction": 0.2},
+        {"infected": 0, "probability": 0.2, "lung_fraction": 0.9},
+        {"infected": 0, "probability": 0.3, "lung_fraction": 0.3},  # at the cut: large
+        {"infected": 1, "probability": 0.7, "lung_fraction": 1.0},
+        {"infected": 1, "probability": 0.9},  # an older file's row: left out
+    ]
+    split = by_lung_fraction(rows, 0.3, threshold=0.5)
+    assert split["large_lung"]["slices"] == 3 and split["large_lung"]["infected"] == 1
+    assert split["large_lung"]["slice_auc"]["auc"] == 1.0
+    assert split["large_lung"]["clean_called_positive"] == 0.0
+    assert split["small_lung"]["slices"] == 2 and split["small_lung"]["clean_called_positive"] == 1.0
+    assert split["small_lung"]["slice_auc"]["auc"] == 0.0

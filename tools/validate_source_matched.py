@@ -51,6 +51,7 @@ from corona_ct.pipeline.errors import ConfigError
 from corona_ct.pipeline.ingest import load_study
 from corona_ct.pipeline.ingest.slices import read_slice_image
 from corona_ct.pipeline.modelset import ModelSet, load_models
+from corona_ct.pipeline.preprocess import slice_lung_fraction
 from corona_ct.pipeline.run import analyze_study
 from corona_ct.pipeline.single_slice import explain_slice as explain_one
 from corona_ct.pipeline.stats import roc_analysis
@@ -120,6 +121,7 @@ def lopo(
         called = probs >= config.classify.positive_threshold
         sev, case_probability = require_assessed(result, folder)
         positive_maps = np.asarray(result.cams.maps)[evaluated][called]
+        lung_fraction = slice_lung_fraction(result.lung_mask.lungs)
         out["patients"][patient] = {
             "weights": str(weights),
             "evaluated_slices": int(evaluated.sum()),
@@ -135,7 +137,12 @@ def lopo(
             "positive_slices_with_empty_map": int(sum(1 for m in positive_maps if not (m > 0).any())),
             "seconds": round(time.perf_counter() - started, 1),
             "slices": [
-                {"index": int(i), "infected": int(infected[i]), "probability": float(result.scores.probs[i])}
+                {
+                    "index": int(i),
+                    "infected": int(infected[i]),
+                    "probability": float(result.scores.probs[i]),
+                    "lung_fraction": float(lung_fraction[i]),
+                }
                 for i in np.flatnonzero(evaluated)
             ],
         }
@@ -144,11 +151,45 @@ def lopo(
     return out
 
 
-def lopo_summary(patients: dict[str, Any]) -> dict[str, Any]:
-    """Pooled slice AUC over the held-out patients scored so far, and COVID vs normal at case level."""
+#: Slices whose lung cross-section is below this share of the study's largest (apex, bases) are
+#: reported apart: on P002 the held-out model's false calls lay there (docs/validation.md, stop 23).
+SMALL_LUNG_FRACTION = 0.3
+
+
+def by_lung_fraction(slices: list[dict[str, Any]], cut: float, threshold: float) -> dict[str, Any]:
+    """Slice figures apart for slices with at least ``cut`` of the study's largest lung area and for
+    the rest (apex, bases): how many, how many infected, AUC and the share of clean slices called
+    positive (p ≥ ``threshold``). Rows without ``lung_fraction`` (older files) are left out."""
+    rows = [row for row in slices if "lung_fraction" in row]
+    out: dict[str, Any] = {"cut": cut}
+    for name, keep in (("large_lung", lambda f: f >= cut), ("small_lung", lambda f: f < cut)):
+        part = [row for row in rows if keep(row["lung_fraction"])]
+        labels = np.array([row["infected"] for row in part], dtype=np.int64)
+        probs = np.array([row["probability"] for row in part], dtype=np.float64)
+        clean = probs[labels == 0]
+        out[name] = {
+            "slices": len(part),
+            "infected": int(labels.sum()),
+            "slice_auc": auc_with_ci(labels, probs),
+            "clean_called_positive": float(np.mean(clean >= threshold)) if clean.size else None,
+        }
+    return out
+
+
+def lopo_summary(patients: dict[str, Any], threshold: float = 0.5) -> dict[str, Any]:
+    """Pooled slice AUC over the held-out patients scored so far, and COVID vs normal at case level;
+    per patient and pooled, the slice figures apart for small and large lung cross-sections."""
     labels = np.array([row["infected"] for p in patients.values() for row in p["slices"]])
     probs = np.array([row["probability"] for p in patients.values() for row in p["slices"]])
     out: dict[str, Any] = {"patients": patients, "pooled_slice_auc": auc_with_ci(labels, probs)}
+    every_slice = [row for p in patients.values() for row in p["slices"]]
+    out["by_lung_fraction"] = {
+        "pooled": by_lung_fraction(every_slice, SMALL_LUNG_FRACTION, threshold),
+        **{
+            name: by_lung_fraction(p["slices"], SMALL_LUNG_FRACTION, threshold)
+            for name, p in patients.items()
+        },
+    }
     if {"P002", "normal001"} <= set(patients):
         out["covid_above_normal"] = {
             "corona_score": patients["P002"]["corona_score_cm3"] > patients["normal001"]["corona_score_cm3"],
@@ -276,7 +317,9 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         if section == "lopo":
             scored = lopo(args.data, args.runs, config, args.output, args.patient)["patients"]
-            results["lopo"] = lopo_summary({**results.get("lopo", {}).get("patients", {}), **scored})
+            results["lopo"] = lopo_summary(
+                {**results.get("lopo", {}).get("patients", {}), **scored}, config.classify.positive_threshold
+            )
         elif section == "clean":
             results["clean_ct_final"] = clean_ct(args.data, final, config)
         elif section == "localisation":

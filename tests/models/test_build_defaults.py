@@ -42,9 +42,27 @@ def test_figures_only_install_replaces_the_validated_sections_and_keeps_the_rest
     assert after["validation"]["phantom_cohort"] == before["validation"]["phantom_cohort"]
     assert after["sha256"] == before["sha256"]  # the weights are not touched
     use = after["intended_use"]
-    assert use.count("under-trained") == 1 and "AUC 0.78" in use and "2 % of a held-out normal" in use
+    assert use.count("under-trained") == 1 and "AUC 0.78" in use
+    assert "2 % (10 % when trained again) of a held-out normal" in use  # the shipped card's second run stays
     assert use.startswith(training_words([])[0])
     assert logging.getLogger("pydicom").level == pydicom_level  # a caller's logging is left alone
+
+
+def test_a_second_training_run_is_stored_beside_the_first_and_named_in_the_intended_use(
+    tmp_path: Path,
+) -> None:
+    shutil.copyfile(SHIPPED_WEIGHTS_DIR / "classifier.json", tmp_path / "classifier.json")
+    rerun = tmp_path / "rerun.json"
+    rerun.write_text(
+        json.dumps({"lopo": {"patients": {"P002": {"slice_auc": {"auc": 0.591}, "slices": [1]}}}})
+    )
+    main(["install", "--figures-only", "--weights-dir", str(tmp_path), "--rerun", str(rerun)])
+    after = read_card(tmp_path / "classifier.json")
+    assert after["validation"]["lopo_rerun"] == {"patients": {"P002": {"slice_auc": {"auc": 0.591}}}}
+    assert "(AUC 0.59 when trained again)" in after["intended_use"]
+    rerun.write_text(json.dumps({"clean_ct_final": {}}))
+    with pytest.raises(SystemExit, match=r"rerun\.json holds no 'lopo' section"):
+        main(["install", "--figures-only", "--weights-dir", str(tmp_path), "--rerun", str(rerun)])
 
 
 def test_install_without_a_run_says_what_it_needs(tmp_path: Path) -> None:
@@ -136,6 +154,15 @@ def test_the_weakness_line_names_the_held_out_figures_and_the_false_calls() -> N
     assert "100 % of lesion-free phantoms called positive" in line
     figures["phantom_cohort"]["case_called_positive"]["without_lesions"] = 0.0  # type: ignore[index]
     assert "lesion-free" not in _weakness(figures)
+    # the same recipe trained again: each held-out figure with the second run's beside it
+    figures["lopo_rerun"] = {
+        "patients": {"P002": {"slice_auc": {"auc": 0.591}}, "normal001": {"clean_called_positive": 0.096}},
+        "pooled_slice_auc": {"auc": 0.6},
+    }
+    line = _weakness(figures)
+    assert "AUC 0.69 (AUC 0.59 when trained again)" in line
+    assert "0 % (10 % when trained again) of a held-out normal patient's slices" in line
+    assert "pooled over the held-out patients: AUC 0.76 (AUC 0.60 when trained again)" in line
 
 
 def test_a_missing_prepared_set_or_a_bad_setting_is_named_not_a_traceback(tmp_path: Path) -> None:

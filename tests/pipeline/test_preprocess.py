@@ -18,6 +18,7 @@ from corona_ct.pipeline.preprocess import (
     min_lung_pixels_for,
     paste_back,
     roi_name,
+    slice_lung_fraction,
     to_model_input,
     window,
 )
@@ -151,3 +152,12 @@ def test_paste_back_whole_slice_and_tensor_input() -> None:
     out = paste_back(maps, None, (40, 24))
     assert out.shape == (3, 40, 24)
     np.testing.assert_allclose(out, 1.0)
+
+
+def test_slice_lung_fraction_is_each_slices_share_of_the_largest() -> None:
+    lungs = np.zeros((4, 10, 10), dtype=bool)
+    lungs[1, :5, :4] = True  # 20 px
+    lungs[2, :8, :5] = True  # 40 px: the largest
+    lungs[3, 0, :2] = True  # 2 px
+    assert np.allclose(slice_lung_fraction(lungs), [0.0, 0.5, 1.0, 0.05])
+    assert not slice_lung_fraction(np.zeros((3, 4, 4), dtype=bool)).any()
