@@ -254,6 +254,8 @@ def _store_figures(
             raise SystemExit(f"install: {rerun} holds no 'lopo' section; give a --only lopo validation.json")
         figures["lopo_rerun"] = again
     for section in ("lopo", "lopo_rerun"):
+        # per-slice rows and the split by lung area (a cut chosen after looking) stay in validation.json
+        figures.get(section, {}).pop("by_lung_fraction", None)
         for row in figures.get(section, {}).get("patients", {}).values():
             row.pop("slices", None)
     if cohort is not None:

@@ -53,9 +53,8 @@ def test_a_second_training_run_is_stored_beside_the_first_and_named_in_the_inten
 ) -> None:
     shutil.copyfile(SHIPPED_WEIGHTS_DIR / "classifier.json", tmp_path / "classifier.json")
     rerun = tmp_path / "rerun.json"
-    rerun.write_text(
-        json.dumps({"lopo": {"patients": {"P002": {"slice_auc": {"auc": 0.591}, "slices": [1]}}}})
-    )
+    lopo = {"patients": {"P002": {"slice_auc": {"auc": 0.591}, "slices": [1]}}, "by_lung_fraction": {}}
+    rerun.write_text(json.dumps({"lopo": lopo}))  # per-slice rows and the lung-area split stay out
     main(["install", "--figures-only", "--weights-dir", str(tmp_path), "--rerun", str(rerun)])
     after = read_card(tmp_path / "classifier.json")
     assert after["validation"]["lopo_rerun"] == {"patients": {"P002": {"slice_auc": {"auc": 0.591}}}}
