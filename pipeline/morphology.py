@@ -6,9 +6,9 @@ half width ``w``) is a dilation along x, moved by ``dy`` rows, so the cost grows
 height, not its area, and the result is exactly that of ``ndimage.binary_dilation`` with the same
 footprint. :func:`disk_half_widths` gives the disk a distance transform would (``sqrt((dy·sy)² +
 (dx·sx)²) ≤ r``, the same floating-point steps), :func:`footprint_half_widths` the rows of any
-centred footprint. :func:`grey_open_rows` does the same for a grey opening (the 1D minima and
-maxima along x widened one column at a time). Hole filling labels the background once instead of propagating a dilation from
-the border pixel by pixel. :func:`convex_hull_2d` is skimage's ``convex_hull_image`` filled row by
+centred footprint. :func:`grey_open_rows` does the same for a grey opening (running minima, then
+maxima, along x widened one column at a time). Hole filling labels the background once instead of
+propagating a dilation from the border pixel by pixel. :func:`convex_hull_2d` is skimage's ``convex_hull_image`` filled row by
 row from the hull's edges instead of testing every pixel against the polygon.
 
 :func:`in_slabs` runs such a slice-by-slice function on z-slabs on several threads: scipy.ndimage
@@ -208,9 +208,10 @@ def grey_open_rows(stack: np.ndarray, half_widths: np.ndarray) -> np.ndarray:
     """In-plane grey opening of a (z, y, x) ``stack`` by the flat footprint of :func:`dilate_rows`,
     mirrored at the image edges: ``ndimage.grey_opening(footprint=…, mode="reflect")`` value for value.
 
-    Each of the erosion and the dilation is a 1D minimum (maximum) filter along x per distinct half
-    width, moved by each row's ``dy`` and reduced: linear in the footprint's height, not its area
-    (4× faster than ndimage on a 9 × 9 disk).
+    Each of the erosion and the dilation is a running minimum (maximum) along x, widened one column
+    at a time; each footprint row takes it at its half width, moved by its ``dy``. The cost grows with
+    the footprint's height plus width, not its area: on a 300 × 420 crop of P002's 133 slices, with
+    the 9 × 9 disk of :mod:`pipeline.hu_maps`, 0.88 s against ndimage's 1.48 s (one thread).
     """
     return in_slabs(partial(_grey_open_rows, half_widths=np.asarray(half_widths)), np.asarray(stack))
 

@@ -119,21 +119,23 @@ def min_lung_pixels_for(image_shape: tuple[int, int], config: RoiConfig) -> int:
     return max(1, round(config.min_lung_pixels * area / REFERENCE_SLICE_AREA))
 
 
-def evaluable_slices(lungs: np.ndarray, config: RoiConfig) -> npt.NDArray[np.bool_]:
-    """(z,) bool: slices with at least :func:`min_lung_pixels_for` lung pixels."""
+def lung_pixels_per_slice(lungs: np.ndarray) -> npt.NDArray[np.int64]:
+    """(z,) lung pixels of each slice of a (z, y, x) lung mask."""
     lungs = np.asarray(lungs, dtype=bool)
     if lungs.ndim != 3:
         raise GeometryError(f"lung mask must be (z, y, x), got shape {lungs.shape}")
-    counts = lungs.reshape(lungs.shape[0], -1).sum(axis=1)
-    return np.asarray(counts >= min_lung_pixels_for(lungs.shape[1:], config))
+    return np.asarray(np.count_nonzero(lungs.reshape(lungs.shape[0], -1), axis=1), dtype=np.int64)
+
+
+def evaluable_slices(lungs: np.ndarray, config: RoiConfig) -> npt.NDArray[np.bool_]:
+    """(z,) bool: slices with at least :func:`min_lung_pixels_for` lung pixels."""
+    counts = lung_pixels_per_slice(lungs)
+    return np.asarray(counts >= min_lung_pixels_for(np.shape(lungs)[1:], config))
 
 
 def slice_lung_fraction(lungs: np.ndarray) -> npt.NDArray[np.float64]:
     """(z,) each slice's lung pixels as a share of the study's largest slice's (0 to 1; all 0 without lungs)."""
-    lungs = np.asarray(lungs, dtype=bool)
-    if lungs.ndim != 3:
-        raise GeometryError(f"lung mask must be (z, y, x), got shape {lungs.shape}")
-    counts = np.count_nonzero(lungs.reshape(lungs.shape[0], -1), axis=1).astype(np.float64)
+    counts = lung_pixels_per_slice(lungs).astype(np.float64)
     largest = counts.max(initial=0.0)
     return counts / largest if largest > 0 else counts
 

@@ -179,10 +179,10 @@ def by_lung_fraction(slices: list[dict[str, Any]], cut: float, threshold: float)
 def lopo_summary(patients: dict[str, Any], threshold: float = 0.5) -> dict[str, Any]:
     """Pooled slice AUC over the held-out patients scored so far, and COVID vs normal at case level;
     per patient and pooled, the slice figures apart for small and large lung cross-sections."""
-    labels = np.array([row["infected"] for p in patients.values() for row in p["slices"]])
-    probs = np.array([row["probability"] for p in patients.values() for row in p["slices"]])
-    out: dict[str, Any] = {"patients": patients, "pooled_slice_auc": auc_with_ci(labels, probs)}
     every_slice = [row for p in patients.values() for row in p["slices"]]
+    labels = np.array([row["infected"] for row in every_slice])
+    probs = np.array([row["probability"] for row in every_slice])
+    out: dict[str, Any] = {"patients": patients, "pooled_slice_auc": auc_with_ci(labels, probs)}
     out["by_lung_fraction"] = {
         "pooled": by_lung_fraction(every_slice, SMALL_LUNG_FRACTION, threshold),
         **{
